@@ -1,0 +1,82 @@
+"""From a Pyro model call to a kernel projector: choose the Jacobian backend and the solver.
+
+Backends (``backend=``):
+
+* ``"layer_gram"`` — :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`: exact,
+  per-layer Gram of ``nn.Linear``/``nn.Conv2d`` networks (one forward + one backward);
+* ``"per_example"`` — :class:`~pyro_viking.linalg.per_example.PerExampleJacobian`: the dense
+  ``(B, D)`` Jacobian from vectorised per-example gradients;
+* ``"matrix_free"`` — :class:`~pyro_viking.linalg.operators.FunctionalJacobian` with CG;
+* ``"auto"`` — layer Gram when it applies, else dense when ``B·D`` fits in
+  ``DEFAULT_MAX_DENSE_BYTES``, else matrix-free (the rule of
+  :func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`).
+
+The output Jacobian (``jacobian="output"``) rows are not per-layer losses, so ``"auto"`` uses the
+dense or matrix-free routes for it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .linalg import FunctionalJacobian, KernelProjector
+from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, LayerGramJacobian, LayerGramNotApplicable
+from .linalg.per_example import PerExampleJacobian
+from .model_likelihood import LatentLayout, make_rows_fn
+
+__all__ = ["BACKENDS", "build_projector"]
+
+BACKENDS = ("auto", "layer_gram", "per_example", "matrix_free")
+
+
+def build_projector(
+    model: Callable,
+    layout: LatentLayout,
+    args: tuple,
+    kwargs: dict,
+    loc: Tensor,
+    *,
+    jacobian: str = "loss",
+    subsample: Optional[Dict[str, Tensor]] = None,
+    backend: str = "auto",
+    solver: str = "auto",
+    solver_options: Optional[dict] = None,
+    differentiable: bool = True,
+    num_vectors: int = 1,
+) -> KernelProjector:
+    """Projector onto the kernel of the Jacobian of ``model(*args, **kwargs)``'s rows at ``loc``.
+
+    ``projector.operator.backend_name`` records the backend used.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    fn = make_rows_fn(model, layout, args, kwargs, jacobian=jacobian, subsample=subsample)
+    op = None
+    if backend == "layer_gram":
+        op = LayerGramJacobian(fn, loc)
+    elif backend == "per_example":
+        op = PerExampleJacobian(fn, loc)
+    elif backend == "auto":
+        if jacobian == "loss":
+            try:
+                op = LayerGramJacobian(fn, loc)
+            except LayerGramNotApplicable:
+                op = None
+        if op is None:
+            op = _dense_or_none(fn, loc)
+    if op is None:
+        op = FunctionalJacobian(fn, loc)
+        op.backend_name = "matrix_free"
+    return KernelProjector(op, solver=solver, differentiable=differentiable,
+                           **(solver_options or {}))
+
+
+def _dense_or_none(fn, loc: Tensor):
+    with torch.no_grad():
+        B = int(fn(loc.detach()).shape[0])
+    if B * loc.numel() * loc.element_size() <= DEFAULT_MAX_DENSE_BYTES:
+        return PerExampleJacobian(fn, loc)
+    return None

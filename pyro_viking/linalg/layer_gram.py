@@ -1,0 +1,448 @@
+"""Exact loss Jacobians of layered networks from one forward and one backward pass.
+
+The "ghost norm" identity of DP-SGD, used as a full matrix.  Let ``fn: z (D,) -> rows (B,)``
+slice ``z`` into the weights of a network (the weight tensors are *views of z*) and evaluate
+it on B inputs, each row depending only on its own datum.  For a ``nn.Linear`` layer with
+inputs ``A ∈ R^{B×in}`` and output gradients ``G = ∂(Σ_i rows_i)/∂out ∈ R^{B×out}``, row i of
+the Jacobian restricted to the layer is ``vec(g_i a_iᵀ)`` (weight) and ``g_i`` (bias), so
+
+    J Jᵀ  = Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ + 1[bias])  +  J_rest J_restᵀ,
+    V Jᵀ  = Σ_l einsum('bo,koi,bi->kb', G_l, V_W, A_l) + V_b G_lᵀ  +  V_rest J_restᵀ,
+    U J   = [einsum('kb,bo,bi->koi', U, G_l, A_l), U G_l]_l  ⊕  U J_rest.
+
+Only ``A_l``, ``G_l`` (B × width) and the B × B Gram are kept, never a ``(B, D)`` matrix.
+
+``nn.Conv2d`` (any stride / padding / dilation, ``groups=1``) and ``nn.Linear`` applied to
+``(B, …, in)`` inputs are handled by *materialising* their per-example weight gradients,
+``W_i = G_i U_iᵀ`` with ``U = unfold(A) ∈ R^{B×(C·kh·kw)×L}`` and ``G_i ∈ R^{C_out×L}``: an exact
+``(B, C_out·C·kh·kw)`` block, small for LeNet-sized nets, whose Gram costs ``B²·|W|`` (the
+Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²`` memory).
+
+Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
+``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
+``max_rest_columns`` of them is an error.
+
+Everything unsupported raises :class:`LayerGramNotApplicable` (a ``NotImplementedError``), so a
+caller can fall back to :class:`~pyro_viking.linalg.per_example.PerExampleJacobian` or CG;
+:func:`select_jacobian_backend` does exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from .operators import JacobianOperator
+from .per_example import (
+    PerExampleJacobian,
+    autograd_bilinear,
+    evaluate_rows,
+    forward_jacobian_columns,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DENSE_BYTES",
+    "DEFAULT_MAX_REST_COLUMNS",
+    "LayerGramJacobian",
+    "LayerGramNotApplicable",
+    "select_jacobian_backend",
+]
+
+#: Columns of z outside every layer above which :class:`LayerGramJacobian` refuses (each
+#: costs one forward-mode pass and B numbers).
+DEFAULT_MAX_REST_COLUMNS = 64
+#: Largest ``B·D·itemsize`` for which :func:`select_jacobian_backend` builds a dense Jacobian.
+DEFAULT_MAX_DENSE_BYTES = 128 * 2**20
+
+RowFn = Callable[[Tensor], Tensor]
+Cols = Union[slice, Tensor]
+
+
+class LayerGramNotApplicable(NotImplementedError):
+    """The model is outside what :class:`LayerGramJacobian` computes exactly."""
+
+
+@dataclass
+class _Call:
+    """One recorded layer call: detached input, graph-connected output, columns in z."""
+
+    module: nn.Module
+    x: Tensor
+    out: Tensor
+    w_start: Optional[int]
+    b_start: Optional[int]
+    x_version: int
+    w_shape: Tuple[int, ...]
+
+
+@dataclass
+class _Ghost:
+    """Weight of a Linear layer on (B, in) inputs: per-example gradient ``g_i a_iᵀ``."""
+
+    A: Tensor  # (B, in)
+    G: Tensor  # (B, out)
+    cols: slice  # out*in columns, row-major (out, in)
+
+
+@dataclass
+class _Block:
+    """An explicit ``(B, n)`` Jacobian block on columns ``cols`` of z."""
+
+    cols: Cols
+    J: Tensor
+
+
+# --------------------------------------------------------------------------- recording
+def _depends_on(t: Tensor, z: Tensor) -> bool:
+    """Whether the autograd graph of ``t`` reaches the leaf ``z``."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is z:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _z_offset(t: Optional[Tensor], z: Tensor, what: str) -> Optional[int]:
+    """First column of z occupied by ``t`` (a contiguous row-major view of z), or ``None``
+    when ``t`` does not depend on z (a constant)."""
+    if t is None:
+        return None
+    try:
+        shares = t.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError) as e:  # functorch-wrapped tensors
+        raise LayerGramNotApplicable(f"{what} has no storage ({e})") from e
+    start = t.storage_offset() - z.storage_offset()
+    if shares and start < z.numel() and start + t.numel() > 0:  # overlaps z
+        if t.dtype != z.dtype or not t.is_contiguous() or start < 0 \
+                or start + t.numel() > z.numel():
+            raise LayerGramNotApplicable(
+                f"{what} is a non-contiguous or reinterpreted view of z (shape "
+                f"{tuple(t.shape)}, strides {t.stride()}); slice z with z[a:b].view(shape)")
+        return start
+    if t.grad_fn is not None and _depends_on(t, z):
+        raise LayerGramNotApplicable(
+            f"{what} is computed from z (grad_fn {type(t.grad_fn).__name__}) rather than being "
+            "a view of it; pass the weights as z[a:b].view(shape)")
+    return None
+
+
+def _batch_stats(module: nn.Module) -> bool:
+    bn = nn.modules.batchnorm._BatchNorm
+    return isinstance(module, bn) and (module.training or not module.track_running_stats)
+
+
+class _Recorder:
+    """Global forward hook recording every Linear / Conv2d call whose weights live in z."""
+
+    def __init__(self, z: Tensor):
+        self.z, self.calls, self.seen = z, [], set()
+
+    def __call__(self, module: nn.Module, inputs, output):
+        if _batch_stats(module):
+            raise LayerGramNotApplicable(
+                f"{type(module).__name__} uses batch statistics: rows are not independent")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            return None
+        name = type(module).__name__
+        w = _z_offset(module.weight, self.z, f"the weight of {name}")
+        b = _z_offset(module.bias, self.z, f"the bias of {name}")
+        if w is None and b is None:
+            return None
+        if id(module) in self.seen:
+            raise LayerGramNotApplicable(f"{name} is called more than once (weight sharing)")
+        self.seen.add(id(module))
+        if isinstance(module, nn.Conv2d) and (module.groups != 1
+                                              or module.padding_mode != "zeros"):
+            raise LayerGramNotApplicable("Conv2d needs groups=1 and padding_mode='zeros'")
+        x = inputs[0] if inputs else None
+        if not isinstance(x, Tensor) or not isinstance(output, Tensor):
+            raise LayerGramNotApplicable(f"{name} called without a tensor input/output")
+        self.calls.append(_Call(module, x.detach(), output, w, b, x._version,
+                                tuple(module.weight.shape)))
+        # downstream in-place ops (ReLU(inplace=True)) must not overwrite the tensor whose
+        # gradient we take: hand the network a copy
+        return output.clone()
+
+
+def _record_forward(fn: RowFn, z: Tensor) -> Tuple[Tensor, List[_Call]]:
+    rec = _Recorder(z)
+    handle = register_module_forward_hook(rec)
+    try:
+        with torch.enable_grad():
+            rows = evaluate_rows(fn, z)
+    finally:
+        handle.remove()
+    return rows, rec.calls
+
+
+def _validate(calls: List[_Call], B: int) -> None:
+    for c in calls:
+        name = type(c.module).__name__
+        need = 4 if isinstance(c.module, nn.Conv2d) else None
+        if c.x.dim() < 2 or c.x.shape[0] != B or (need and c.x.dim() != need):
+            raise LayerGramNotApplicable(
+                f"{name} input has shape {tuple(c.x.shape)}; expected a leading data "
+                f"dimension of size B={B} (one row per datum)")
+        if c.x._version != c.x_version:
+            raise LayerGramNotApplicable(f"the input of {name} was modified in place")
+
+
+def _output_grads(rows: Tensor, calls: List[_Call], retain: bool) -> List[Tensor]:
+    """``G_l = ∂(Σ_i rows_i)/∂out_l`` for every recorded layer (zeros where unused)."""
+    Gs = [torch.zeros_like(c.out) for c in calls]
+    idx = [i for i, c in enumerate(calls) if c.out.requires_grad]
+    if rows.requires_grad and idx:
+        got = torch.autograd.grad(rows.sum(), [calls[i].out for i in idx], allow_unused=True,
+                                  retain_graph=retain)
+        for i, g in zip(idx, got):
+            if g is not None:
+                Gs[i] = g
+    return [g.detach() for g in Gs]
+
+
+# --------------------------------------------------------------------------- layer blocks
+def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B, C·kh·kw, L)`` patches in the order of ``weight.view(C_out, -1)``."""
+    k, d, s, pad = conv.kernel_size, conv.dilation, conv.stride, conv.padding
+    if isinstance(pad, str):
+        if pad == "same":  # PyTorch puts the odd pixel on the right/bottom
+            tot = [d[i] * (k[i] - 1) for i in range(2)]
+            x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
+        pad = (0, 0)
+    return F.unfold(x, k, dilation=d, padding=pad, stride=s)
+
+
+def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[_Ghost], List[_Block]]:
+    """Jacobian pieces of one layer: a ghost (Linear on 2-D input) or materialised blocks."""
+    out, nw = c.w_shape[0], math.prod(c.w_shape)
+    wcols = None if c.w_start is None else slice(c.w_start, c.w_start + nw)
+    bcols = None if c.b_start is None else slice(c.b_start, c.b_start + out)
+    ghosts, blocks = [], []
+    if isinstance(c.module, nn.Linear) and c.x.dim() == 2:
+        if wcols is not None:
+            ghosts.append(_Ghost(c.x, G, wcols))
+        Gb = G
+    else:
+        if isinstance(c.module, nn.Conv2d):
+            U = _unfold(c.module, c.x)  # (B, C·kh·kw, L)
+            Gr = G.reshape(B, out, -1)  # (B, C_out, L)
+            if U.shape[-1] != Gr.shape[-1]:
+                raise LayerGramNotApplicable("Conv2d: unfold does not match the output size")
+            W = torch.bmm(Gr, U.transpose(1, 2))  # (B, C_out, C·kh·kw)
+            Gb = Gr.sum(-1)
+        else:  # Linear on (B, ..., in): sum over the extra positions
+            A, Gr = c.x.reshape(B, -1, c.x.shape[-1]), G.reshape(B, -1, out)
+            W = torch.bmm(Gr.transpose(1, 2), A)  # (B, out, in)
+            Gb = Gr.sum(1)
+        if wcols is not None:
+            blocks.append(_Block(wcols, W.reshape(B, nw)))
+    if bcols is not None:
+        blocks.append(_Block(bcols, Gb))
+    return ghosts, blocks
+
+
+def _check_overlaps(pieces: List[Tuple[int, int]]) -> None:
+    pieces = sorted(pieces)
+    for (_, a1), (b0, _) in zip(pieces, pieces[1:]):
+        if b0 < a1:
+            raise LayerGramNotApplicable(
+                f"columns [{b0}, {a1}) of z are used by two layers (weight sharing)")
+
+
+def _take(V: Tensor, cols: Cols) -> Tensor:
+    return V[:, cols] if isinstance(cols, slice) else V.index_select(1, cols)
+
+
+def _default_tol(dtype: torch.dtype) -> float:
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+# --------------------------------------------------------------------------- the operator
+class LayerGramJacobian(JacobianOperator):
+    """Exact loss Jacobian of a layered network in factored (per-layer) form.
+
+    :param fn: ``z (D,) -> rows (B,)``; it must evaluate its ``nn.Linear`` / ``nn.Conv2d``
+        modules (through their ``forward``, e.g. ``torch.func.functional_call``) with weights
+        that are contiguous views ``z[a:b].view(shape)``; rows must be independent across
+        data (no BatchNorm in train mode).
+    :param z: the point ``(D,)``; ``params = (z,)``.
+    :param check: compare ``rmv(u)`` with an autograd vector-Jacobian product of ``fn`` for
+        one random ``u`` (one extra backward pass on the retained graph) and raise
+        :class:`LayerGramNotApplicable` when the relative error exceeds ``check_tol``; this
+        catches weights used outside the recorded layers and rows that are not independent.
+        It costs about one more forward+backward; a caller rebuilding the operator on every
+        batch of the same model may check the first build only.
+    :param check_tol: default ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
+    :param max_rest_columns: most columns of z outside every layer (computed by jvp).
+
+    Raises :class:`LayerGramNotApplicable` (a ``NotImplementedError``) for weight sharing,
+    non-view / non-contiguous weights, inputs without a leading B dimension, batch statistics,
+    grouped convolutions and too many rest columns.  Attributes: ``backend_name``,
+    ``num_layers``, ``rest_columns`` (LongTensor), ``check_error``.
+    """
+
+    has_cheap_gram = True
+    backend_name = "layer_gram"
+
+    def __init__(self, fn: RowFn, z: Tensor, *, check: bool = True,
+                 check_tol: Optional[float] = None,
+                 max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS):
+        x = z.detach()
+        x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
+        rows, calls = _record_forward(fn, x)
+        B, D = rows.shape[0], x.shape[0]
+        super().__init__((B, D), z.dtype, z.device)
+        self.fn, self.z = fn, z
+        _validate(calls, B)
+        Gs = _output_grads(rows, calls, retain=check)
+        self._ghosts: List[_Ghost] = []
+        self._blocks: List[_Block] = []
+        for c, G in zip(calls, Gs):
+            ghosts, blocks = _layer_blocks(c, G, B)
+            self._ghosts += ghosts
+            self._blocks += blocks
+        self.num_layers = len(calls)
+        self._add_rest(x, max_rest_columns)
+        self._gram: Optional[Tensor] = None
+        self.check_error: Optional[float] = None
+        if check:
+            self._check(rows, x, _default_tol(z.dtype) if check_tol is None else check_tol)
+
+    def _add_rest(self, x: Tensor, max_rest: int) -> None:
+        ranges = [(p.cols.start, p.cols.stop) for p in self._ghosts + self._blocks]
+        _check_overlaps(ranges)
+        covered = torch.zeros(self.shape[1], dtype=torch.bool, device=x.device)
+        for a, b in ranges:
+            covered[a:b] = True
+        idx = (~covered).nonzero().flatten()
+        self.rest_columns = idx
+        if idx.numel() > max_rest:
+            raise LayerGramNotApplicable(
+                f"{idx.numel()} of the {self.shape[1]} columns of z are used outside "
+                f"nn.Linear/nn.Conv2d layers (limit max_rest_columns={max_rest}); use "
+                "PerExampleJacobian or the matrix-free (CG) projection for this model")
+        if idx.numel():
+            J_rest = forward_jacobian_columns(self.fn, x.detach(), idx, self.shape[0])
+            self._blocks.append(_Block(idx, J_rest))
+
+    def _check(self, rows: Tensor, x: Tensor, tol: float) -> None:
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        u = torch.randn(self.shape[0], generator=gen, dtype=x.dtype, device=x.device)
+        ref = None
+        if rows.requires_grad:
+            (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True)
+        ref = torch.zeros_like(x) if ref is None else ref.detach()
+        got = self.rmv(u[None])[0]
+        err = float((got - ref).norm() / ref.norm().clamp_min(torch.finfo(x.dtype).tiny))
+        self.check_error = err
+        if not err <= tol:
+            raise LayerGramNotApplicable(
+                f"layer-Gram Jacobian does not match autograd (rel. err {err:.2e} > {tol:.1e}): "
+                "the model uses its weights outside nn.Linear/nn.Conv2d, or its rows are not "
+                "independent across data; use PerExampleJacobian or the CG projection")
+
+    @property
+    def params(self) -> Tuple[Tensor, ...]:
+        return (self.z,)
+
+    def mv(self, V: Tensor) -> Tensor:
+        """``V Jᵀ``: ``(K, D) -> (K, B)``, one or two matmuls per layer."""
+        K, B = V.shape[0], self.shape[0]
+        out = V.new_zeros(K, B)
+        for g in self._ghosts:
+            o, i = g.G.shape[1], g.A.shape[1]
+            VW = V[:, g.cols].reshape(K, o, i)
+            if i <= o:  # (K, B, in) intermediate
+                out = out + (torch.matmul(g.G, VW) * g.A).sum(-1)
+            else:  # (K, out, B) intermediate
+                out = out + (torch.matmul(VW, g.A.T) * g.G.T).sum(-2)
+        for b in self._blocks:
+            out = out + _take(V, b.cols) @ b.J.T
+        return out
+
+    def rmv(self, U: Tensor) -> Tensor:
+        """``U J``: ``(K, B) -> (K, D)``, written layer by layer into the columns of z."""
+        K = U.shape[0]
+        out = U.new_zeros(K, self.shape[1])
+        for g in self._ghosts:
+            UG = U[:, None, :] * g.G.T  # (K, out, B)
+            out[:, g.cols] = torch.matmul(UG, g.A).reshape(K, -1)
+        for b in self._blocks:
+            out[:, b.cols] = U @ b.J
+        return out
+
+    def gram(self) -> Tensor:
+        """``J Jᵀ = Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ) + Σ_blocks J_b J_bᵀ`` in float64 ``(B, B)``."""
+        if self._gram is None:
+            B = self.shape[0]
+            K = torch.zeros(B, B, dtype=torch.float64, device=self.device)
+            for g in self._ghosts:
+                G, A = g.G.to(torch.float64), g.A.to(torch.float64)
+                K += (G @ G.T) * (A @ A.T)
+            for b in self._blocks:
+                J = b.J.to(torch.float64)
+                K += J @ J.T
+            self._gram = K
+        return self._gram
+
+    def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
+        """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z`` (double backward through ``fn``)."""
+        if not self.z.requires_grad:
+            return (U * self.mv(V)).sum()
+        return autograd_bilinear(self.fn, self.z, U, V)
+
+
+# --------------------------------------------------------------------------- selection
+def select_jacobian_backend(
+    fn: RowFn,
+    z: Tensor,
+    *,
+    batch_size: int,
+    num_vectors: int,
+    prefer: Optional[str] = None,
+    max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+) -> Optional[JacobianOperator]:
+    """Pick an exact Jacobian operator for ``fn`` at ``z``, or ``None`` for matrix-free CG.
+
+    Rule (``prefer=None``):
+
+    1. :class:`LayerGramJacobian` (with ``check=True``) — when it applies, i.e. does not raise
+       :class:`LayerGramNotApplicable`; it costs about one forward and two backward passes
+       and memory ``O(B·width)`` regardless of D;
+    2. else :class:`PerExampleJacobian` when ``batch_size · D · itemsize ≤ max_dense_bytes``;
+    3. else ``None``: the caller uses the matrix-free (CG) projection.
+
+    ``num_vectors`` (K) is validated but does not change the order: both exact routes are
+    built once per batch and then serve any K, and CG is slower per vector and inexact at a
+    fixed iteration count (design §3).
+
+    :param prefer: ``"layer_gram"`` or ``"per_example"`` forces that backend (its errors
+        propagate); ``None`` applies the rule.
+    """
+    if prefer not in (None, "layer_gram", "per_example"):
+        raise ValueError(f"prefer must be None, 'layer_gram' or 'per_example', got {prefer!r}")
+    if batch_size < 1 or num_vectors < 1:
+        raise ValueError(f"batch_size and num_vectors must be positive, got {batch_size}, "
+                         f"{num_vectors}")
+    if prefer == "layer_gram":
+        return LayerGramJacobian(fn, z)
+    if prefer == "per_example":
+        return PerExampleJacobian(fn, z)
+    try:
+        return LayerGramJacobian(fn, z)
+    except LayerGramNotApplicable:
+        pass
+    if batch_size * z.numel() * z.element_size() <= max_dense_bytes:
+        return PerExampleJacobian(fn, z)
+    return None

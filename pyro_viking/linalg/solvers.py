@@ -1,0 +1,185 @@
+"""Solvers for the small Gram system ``(J Jᵀ) Λ = R`` with K right-hand sides at once.
+
+Right-hand sides and solutions are stored as rows: ``R`` and ``Λ`` are ``(K, B)`` and the
+system reads ``Λ G = R`` with ``G = J Jᵀ`` symmetric positive semi-definite. ``G`` is singular
+whenever two rows of J are dependent (duplicated data, saturated outputs); since
+``R = V Jᵀ`` always lies in the range of ``G``, the minimum-norm solution ``Λ = R G⁺`` is the one
+that yields the orthogonal projection, and every solver here returns it (never a NaN).
+
+Every solver returns ``(Λ, SolveInfo)``; a solver that stops short of its tolerance warns with
+its residual and a remedy (:class:`ConvergenceWarning`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConvergenceWarning", "SolveInfo", "cg_solve", "eigh_solve", "cholesky_solve"]
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped before reaching its tolerance."""
+
+
+@dataclass
+class SolveInfo:
+    """Diagnostics of one solve.
+
+    :ivar method: ``"cg"``, ``"eigh"`` or ``"cholesky"`` (``"cholesky->eigh"`` on fallback).
+    :ivar iterations: iterations run (0 for direct solvers).
+    :ivar residual: largest relative residual ``‖r_k − Λ_k G‖ / ‖r_k‖`` over the K columns.
+        For ``R = V Jᵀ`` this equals the projection accuracy ``‖J P v‖ / ‖J v‖``.
+    :ivar converged: whether every column met the tolerance.
+    :ivar rank: numerical rank of G (direct solvers), else ``None``.
+    """
+
+    method: str
+    iterations: int
+    residual: float
+    converged: bool
+    rank: Optional[int] = None
+
+
+def _relative_residual(R: Tensor, Lam: Tensor, matvec: Callable[[Tensor], Tensor]) -> float:
+    res = (R - matvec(Lam)).norm(dim=-1)
+    scale = R.norm(dim=-1)
+    rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(R.dtype).tiny), res)
+    return float(rel.max()) if rel.numel() else 0.0
+
+
+def cg_solve(
+    matvec: Callable[[Tensor], Tensor],
+    R: Tensor,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: Optional[int] = None,
+    reorthogonalize: bool = True,
+    warn: bool = True,
+) -> Tuple[Tensor, SolveInfo]:
+    """Conjugate gradients for ``Λ G = R``, all K columns in lock-step.
+
+    :param matvec: ``(K, B) -> (K, B)``, ``X ↦ X G`` (G symmetric PSD).
+    :param R: right-hand sides, ``(K, B)``.
+    :param rtol, atol: column k stops when ``‖r_k‖ ≤ max(rtol ‖R_k‖, atol)``; stopped columns
+        are frozen while the others continue.
+    :param maxiter: iteration cap (default ``B``; exact arithmetic needs at most ``rank G``).
+    :param reorthogonalize: Gram–Schmidt every new residual against all previous (normalised)
+        residuals. Keeps Krylov vectors orthogonal in floating point, which plain CG loses on the
+        ill-conditioned Gram matrices of trained networks.
+    :returns: ``(Λ, info)``. A column whose curvature ``pᵀGp/‖p‖²`` vanishes relative to the
+        largest seen (breakdown: the residual left lies in the null space of G) is frozen, not
+        divided by (almost) zero.
+    """
+    K, B = R.shape
+    maxiter = B if maxiter is None else int(maxiter)
+    X = torch.zeros_like(R)
+    r = R.clone()
+    p = r.clone()
+    rs = (r * r).sum(-1)
+    bnorm = R.norm(dim=-1)
+    tol = torch.clamp(rtol * bnorm, min=atol)
+    done = r.norm(dim=-1) <= tol
+    tiny = torch.finfo(R.dtype).tiny
+    # Curvature pᵀGp/‖p‖² below 10·B·eps × the largest seen (any column) is rounding noise: p lies
+    # in the null space of G (what is left of R there is noise), and dividing by it would blow
+    # the iterate up along null directions, whose rounding error then spoils Λ J.
+    noise_curv = 10.0 * B * torch.finfo(R.dtype).eps
+    max_curv = torch.zeros((), dtype=R.dtype, device=R.device)
+    basis = [] if reorthogonalize else None
+    if reorthogonalize:
+        basis.append(r / r.norm(dim=-1, keepdim=True).clamp_min(tiny))
+    it = 0
+    while it < maxiter and not bool(done.all()):
+        it += 1
+        Gp = matvec(p)
+        pGp = (p * Gp).sum(-1)
+        curv = pGp / (p * p).sum(-1).clamp_min(tiny)
+        max_curv = torch.maximum(max_curv, torch.where(done, 0.0, curv).max())
+        active = ~done & (pGp > tiny * 1e4) & (curv > noise_curv * max_curv)
+        alpha = torch.where(active, rs / torch.where(active, pGp, torch.ones_like(pGp)), 0.0)
+        X = X + alpha[:, None] * p
+        r = r - alpha[:, None] * Gp
+        if reorthogonalize:
+            Q = torch.stack(basis, dim=1)  # (K, it, B)
+            coef = torch.einsum("kib,kb->ki", Q, r)
+            r = r - torch.einsum("kib,ki->kb", Q, coef) * active[:, None]
+            basis.append(r / r.norm(dim=-1, keepdim=True).clamp_min(tiny))
+        rs_new = (r * r).sum(-1)
+        done = done | ~active | (rs_new.sqrt() <= tol)
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(tiny), 0.0)
+        p = torch.where(active[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+    residual = _relative_residual(R, X, matvec)
+    converged = bool((residual <= rtol) or (R - matvec(X)).norm(dim=-1).max() <= atol)
+    if warn and not converged:
+        warnings.warn(
+            f"CG stopped after {it} iterations with relative residual {residual:.2e} "
+            f"> rtol={rtol:.1e}; the projection is inaccurate (‖JPv‖/‖Jv‖ ≈ residual). "
+            "Increase maxiter, loosen rtol, or use a direct solver (solver='eigh').",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return X, SolveInfo("cg", it, residual, converged)
+
+
+def default_rcond(B: int, dtype: torch.dtype) -> float:
+    """Relative eigenvalue threshold of the pseudo-inverse: ``10 · B · eps(dtype of J)``."""
+    return 10.0 * B * torch.finfo(dtype).eps
+
+
+def eigh_solve(
+    G: Tensor, R: Tensor, *, rcond: Optional[float] = None, jac_dtype: Optional[torch.dtype] = None
+) -> Tuple[Tensor, SolveInfo]:
+    """Pseudo-inverse solve ``Λ = R G⁺`` through ``G = U diag(λ) Uᵀ``.
+
+    Eigenvalues ``λ_j ≤ rcond · max λ`` are treated as zero, so a singular G (dependent rows
+    of J) gives the minimum-norm solution. ``rank`` in the diagnostics counts the others.
+
+    :param G: ``(B, B)`` symmetric PSD (float64 recommended).
+    :param R: ``(K, B)``; the solution is returned in R's dtype.
+    :param rcond: relative threshold; default :func:`default_rcond` for ``jac_dtype``
+        (the precision in which J was computed, default R's dtype).
+    """
+    B = G.shape[-1]
+    rcond = default_rcond(B, jac_dtype or R.dtype) if rcond is None else rcond
+    evals, U = torch.linalg.eigh(G)
+    keep = evals > rcond * evals.max().clamp_min(0.0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
+    R64 = R.to(G.dtype)
+    Lam = ((R64 @ U) * inv) @ U.T
+    info = SolveInfo("eigh", 0, _relative_residual(R64, Lam, lambda X: X @ G), True,
+                     int(keep.sum()))
+    return Lam.to(R.dtype), info
+
+
+def cholesky_solve(
+    G: Tensor, R: Tensor, *, rcond: Optional[float] = None, jac_dtype: Optional[torch.dtype] = None
+) -> Tuple[Tensor, SolveInfo]:
+    """Solve ``Λ G = R`` by Cholesky of G (full rank: ``rank = B``).
+
+    A Cholesky factorisation that fails (G singular or numerically indefinite) falls back to
+    :func:`eigh_solve` and reports ``method="cholesky->eigh"``.
+    """
+    L, status = torch.linalg.cholesky_ex(G)
+    B = G.shape[-1]
+    if int(status) == 0:
+        # A numerically singular G often factorises anyway, with rounding-noise pivots (seen up
+        # to ~1e-11 · max G_ii), and would report rank B: treat a pivot below
+        # max(rcond, √eps) · max G_ii as singular too (a false alarm only costs an eigh).
+        rc = default_rcond(B, jac_dtype or R.dtype) if rcond is None else rcond
+        tol = max(rc, torch.finfo(G.dtype).eps ** 0.5) * G.diagonal().max()
+        status = int(L.diagonal().pow(2).min() <= tol)
+    if int(status) != 0:
+        Lam, info = eigh_solve(G, R, rcond=rcond, jac_dtype=jac_dtype)
+        info.method = "cholesky->eigh"
+        return Lam, info
+    R64 = R.to(G.dtype)
+    Lam = torch.cholesky_solve(R64.T, L).T
+    info = SolveInfo("cholesky", 0, _relative_residual(R64, Lam, lambda X: X @ G), True, B)
+    return Lam.to(R.dtype), info

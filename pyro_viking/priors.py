@@ -1,0 +1,88 @@
+"""Reading the Gaussian prior over the flat latent vector from a model trace."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from torch import Tensor
+from torch.distributions import Independent, Normal, constraints
+
+__all__ = ["unwrap_normal", "isotropic_prior_scale", "gaussian_prior_blocks"]
+
+
+def unwrap_normal(fn) -> Optional[Normal]:
+    """The ``Normal`` inside ``Independent``/``Expanded`` wrappers, or ``None``."""
+    while isinstance(fn, (Independent, ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn if isinstance(fn, Normal) else None
+
+
+def _is_gaussian_site(site) -> bool:
+    fn = site["fn"]
+    return (unwrap_normal(fn) is not None and fn.support is not None
+            and _real(fn.support) and not site.get("is_observed", False))
+
+
+def _real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def isotropic_prior_scale(trace, names: Iterable[str], current: bool = False) -> Optional[Tensor]:
+    """The common scale ``s`` when every named latent has a ``Normal(μ, s)`` prior with one
+    shared scalar ``s`` (broadcast or expanded), else ``None``. Keeps the autograd graph."""
+    scale = None
+    for name in names:
+        site = trace.nodes[name]
+        if not _is_gaussian_site(site):
+            return None
+        s = unwrap_normal(site["fn"]).scale
+        first = s.reshape(-1)[:1]
+        if not bool((s == first).all()):
+            return None
+        if scale is None:
+            scale = first[0]
+        elif not bool(torch.isclose(scale.detach(), first[0].detach())):
+            return None
+    return scale
+
+
+def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[str]]:
+    """Flat prior ``(loc, scale, mask)`` of shape ``(..., D)`` over the latent vector.
+
+    ``mask`` marks coordinates whose site has a ``Normal`` prior on the real line and no plate
+    scaling (closed-form KL); the remaining sites' names are returned for a Monte Carlo KL.
+    Broadcasting leading dims (e.g. vectorised particles) are kept.
+    """
+    locs, scales, masks, others = [], [], [], []
+    for s in layout.sites:
+        site = trace.nodes[s.name]
+        scale_factor = site.get("scale", 1.0)
+        ok = _is_gaussian_site(site) and (not torch.is_tensor(scale_factor)
+                                          and scale_factor == 1.0)
+        event_shape = tuple(s.shape)
+        n = len(event_shape)
+        if ok:
+            base = unwrap_normal(site["fn"])
+            loc = base.loc.expand(site["fn"].batch_shape + site["fn"].event_shape)
+            scl = base.scale.expand(loc.shape)
+            batch = loc.shape[: loc.dim() - n]
+            locs.append(loc.reshape(batch + (-1,)))
+            scales.append(scl.reshape(batch + (-1,)))
+            masks.append(torch.ones(s.numel, dtype=torch.bool))
+        else:
+            others.append(s.name)
+            z = torch.zeros(s.numel)
+            locs.append(z)
+            scales.append(torch.ones(s.numel))
+            masks.append(torch.zeros(s.numel, dtype=torch.bool))
+    ref = next((t for t in scales if t.dim() > 1 or t.requires_grad), scales[0])
+    batch = torch.broadcast_shapes(*[t.shape[:-1] for t in locs + scales])
+
+    def cat(parts):
+        return torch.cat([p.to(ref).expand(batch + p.shape[-1:]) for p in parts], -1)
+
+    return cat(locs), cat(scales), torch.cat(masks).to(ref.device), others

@@ -1,0 +1,201 @@
+"""Kernel projectors: projection identities, singular and tall Jacobians, matrix-free CG on an
+ill-conditioned problem, and gradients (implicit differentiation) against dense autograd."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from problems import dense_projector, jacobian_with_rank
+
+from pyro_viking.linalg import (
+    ConvergenceWarning,
+    DenseJacobian,
+    DenseProjector,
+    FunctionalJacobian,
+    KernelProjector,
+    MatrixFreeProjector,
+)
+
+SOLVERS = [dict(solver="eigh"), dict(solver="cholesky"), dict(solver="cg", rtol=1e-13)]
+SOLVER_IDS = ["eigh", "cholesky", "cg"]
+
+
+def _rel_jpv(J, X, V):
+    return float(((X @ J.T).norm(dim=-1) / (V @ J.T).norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+@pytest.mark.parametrize("B, D, r, dup", [(6, 20, 6, 0), (10, 40, 6, 3), (30, 120, 20, 8)])
+def test_projection_identities(kw, B, D, r, dup):
+    J = jacobian_with_rank(B, D, r, cond=10.0, duplicates=dup)
+    P = DenseProjector(J, **kw)
+    V = torch.randn(5, D)
+    X = P(V)
+    assert X.shape == V.shape and P.info is not None and P.info.method.startswith(kw["solver"])
+    assert _rel_jpv(J, X, V) <= 1e-10  # J P v = 0
+    with warnings.catch_warnings():  # CG: ‖X Jᵀ‖ is rounding noise, no relative accuracy
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        torch.testing.assert_close(P(X), X, rtol=0, atol=1e-10)  # P² = P
+    assert float(((X * P.image(V)).sum(-1).abs() / V.norm(dim=-1) ** 2).max()) <= 1e-10
+    torch.testing.assert_close(X, V @ dense_projector(J), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(P(V[0]), X[0])  # a single (D,) vector
+    if kw["solver"] == "cg":
+        assert P.rank is None and P.kernel_dim is None
+    else:
+        assert P.rank == r and P.kernel_dim == D - r
+    torch.testing.assert_close(P.diag(), dense_projector(J).diagonal(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+def test_zero_vector_projects_to_zero(kw):
+    P = DenseProjector(jacobian_with_rank(5, 12, 3, duplicates=2), **kw)
+    X = P(torch.zeros(2, 12))
+    assert torch.equal(X, torch.zeros(2, 12))
+    z = torch.zeros(12, requires_grad=True)
+    (g,) = torch.autograd.grad(P(z).sum(), z)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+def test_tall_full_column_rank_jacobian_has_trivial_kernel(kw):
+    J = torch.randn(12, 5)  # B > D: J has full column rank, ker J = {0}
+    P = DenseProjector(J, **kw)
+    V = torch.randn(3, 5)
+    torch.testing.assert_close(P(V), torch.zeros_like(V), rtol=0, atol=1e-10)
+    torch.testing.assert_close(P.diag(), torch.zeros(5), rtol=0, atol=1e-10)
+    if kw["solver"] != "cg":
+        assert P.rank == 5 and P.kernel_dim == 0
+
+
+def test_matrix_free_cg_on_ill_conditioned_jacobian():
+    J = jacobian_with_rank(128, 256, 128, cond=1e6)
+    V = torch.randn(4, 256)
+    for P in (KernelProjector(DenseJacobian(J), solver="cg", rtol=1e-7),
+              MatrixFreeProjector(lambda W: W @ J.T, lambda U: U @ J, (128, 256), rtol=1e-7)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            X = P(V)
+        assert _rel_jpv(J, X, V) <= 1e-5
+        assert P.info.converged and P.info.iterations <= 128
+        assert P.info.residual == pytest.approx(_rel_jpv(J, X, V), rel=1e-3)
+    P = KernelProjector(DenseJacobian(J), solver="cg", rtol=1e-7, maxiter=10)
+    with pytest.warns(ConvergenceWarning, match=r"after 10 iterations"):
+        P(V)
+    assert not P.info.converged and P.info.residual > 1e-5
+
+
+def test_bad_arguments():
+    P = DenseProjector(torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"last dimension D=7"):
+        P(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="solver must be one of"):
+        DenseProjector(torch.randn(3, 7), solver="qr")
+    with pytest.raises(ValueError, match=r"J must be a 2-D tensor of shape \(B, D\)"):
+        DenseProjector(torch.randn(7))
+    with pytest.raises(ValueError, match="J contains non-finite"):
+        DenseProjector(torch.tensor([[1.0, float("nan")]]))
+    J = torch.tensor([[1.0, float("inf")]])
+    P = MatrixFreeProjector(lambda W: W @ J.T, lambda U: U @ J, (1, 2), solver="eigh")
+    with pytest.raises(ValueError, match="J contains non-finite"):
+        P(torch.ones(2))
+
+
+# -- gradients ---------------------------------------------------------------------------------
+def _grads(out, C, inputs):
+    return torch.autograd.grad((out * C).sum(), inputs)
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+def test_gradient_matches_dense_autograd(kw):
+    J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
+    E = torch.randn(3, 9, requires_grad=True)
+    C = torch.randn(3, 9)  # random cotangent
+    got = _grads(DenseProjector(J, **kw)(E), C, (E, J))
+    ref = _grads(E @ dense_projector(J), C, (E, J))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+def test_gradcheck(kw):
+    J = jacobian_with_rank(3, 6, 3, cond=3.0).requires_grad_()
+    E = torch.randn(2, 6, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, j: DenseProjector(j, **kw)(e), (E, J))
+
+
+def test_gradient_wrt_vectors_with_rank_deficient_jacobian():
+    J = jacobian_with_rank(8, 15, 4, duplicates=3)
+    E = torch.randn(2, 15, requires_grad=True)
+    C = torch.randn(2, 15)
+    for kw in SOLVERS:
+        (g,) = _grads(DenseProjector(J, **kw)(E), C, (E,))
+        torch.testing.assert_close(g, C @ dense_projector(J), rtol=1e-8, atol=1e-10)
+
+
+def test_non_differentiable_projection_keeps_vector_gradient():
+    J = jacobian_with_rank(4, 9, 4).requires_grad_()
+    E = torch.randn(3, 9, requires_grad=True)
+    C = torch.randn(3, 9)
+    out = DenseProjector(J, differentiable=False)(E)
+    gE, gJ = torch.autograd.grad((out * C).sum(), (E, J), allow_unused=True)
+    assert gJ is None
+    torch.testing.assert_close(gE, C @ dense_projector(J.detach()), rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_through_matrix_free_operator_params():
+    J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
+    E, C = torch.randn(3, 9, requires_grad=True), torch.randn(3, 9)
+    P = MatrixFreeProjector(lambda W: W @ J.T, lambda U: U @ J, (4, 9), params=(J,), rtol=1e-13)
+    got = _grads(P(E), C, (E, J))
+    ref = _grads(E @ dense_projector(J), C, (E, J))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "cg"])
+def test_gradient_through_functional_jacobian(solver):
+    A = torch.randn(3, 7)
+
+    def fn(theta):
+        return torch.tanh(A @ theta) + 0.1 * (A @ theta) ** 2
+
+    theta = torch.randn(7, requires_grad=True)
+    E, C = torch.randn(2, 7, requires_grad=True), torch.randn(2, 7)
+    P = KernelProjector(FunctionalJacobian(fn, theta), solver=solver, rtol=1e-13)
+    got = _grads(P(E), C, (E, theta))
+    J = torch.autograd.functional.jacobian(fn, theta, create_graph=True)
+    ref = _grads(E @ dense_projector(J), C, (E, theta))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda e, t: KernelProjector(FunctionalJacobian(fn, t), solver=solver, rtol=1e-13)(e),
+        (E.detach()[:1].requires_grad_(), theta))
+
+
+# -- properties --------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 8), D=st.integers(1, 12), r=st.integers(0, 8), dup=st.integers(0, 3),
+       K=st.integers(1, 3), solver=st.sampled_from(["eigh", "cholesky", "cg"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_projector_invariants(B, D, r, dup, K, solver, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = min(r, B, D)
+    dup = min(dup, B - max(r, 1))
+    J = jacobian_with_rank(B, D, r, duplicates=dup, generator=g)
+    P = DenseProjector(J, solver=solver, rtol=1e-12)
+    V = torch.randn(K, D, generator=g)
+    X = P(V)
+    assert X.shape == (K, D) and P(V[0]).shape == (D,)
+    assert torch.isfinite(X).all()
+    assert float((X @ J.T).norm()) <= 1e-9 * float(V.norm())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        torch.testing.assert_close(P(X), X, rtol=0, atol=1e-9)
+    assert float((X * (V - X)).sum(-1).abs().max()) <= 1e-9 * float(V.norm()) ** 2
+    d = P.diag()
+    assert d.shape == (D,) and bool((d > -1e-9).all() and (d < 1 + 1e-9).all())
+    assert float(d.sum()) == pytest.approx(D - r, abs=1e-8)
+    if solver != "cg":
+        assert P.kernel_dim == D - r
