@@ -168,8 +168,9 @@ class AutoViking(AutoContinuous):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         self.layout = LatentLayout.from_trace(self.prototype_trace)
-        self._data_frames = observed_data_frames(self.prototype_trace)
-        check_observations(self._raw_model[0], args, kwargs)
+        # The prototype trace hides observed sites; the data plates come from a full trace.
+        full_trace = check_observations(self._raw_model[0], args, kwargs)
+        self._data_frames = observed_data_frames(full_trace)
         init_loc = self._init_loc()
         self.loc = PyroParam(init_loc)
         self.image_scale = PyroParam(
@@ -193,6 +194,8 @@ class AutoViking(AutoContinuous):
         self._prior_scale_is_param = prior is not None and prior.requires_grad
 
     def _create_plates(self, *args, **kwargs):
+        if getattr(self, "_plates_ready", False):
+            return self.plates  # already created by this call's forward
         plates = super()._create_plates(*args, **kwargs)
         if self.master is None:
             for name, frame in sorted(getattr(self, "_data_frames", {}).items()):
@@ -240,11 +243,21 @@ class AutoViking(AutoContinuous):
         return out
 
     def _projector(self, loc: Tensor, args, kwargs, subsample, *, differentiable: bool):
-        return build_projector(
+        # The first projection picks (and verifies) the backend; later ones reuse the choice.
+        backend = getattr(self, "_resolved_backend", None) or self.backend
+        proj = build_projector(
             self._raw_model[0], self.layout, args, kwargs, loc,
-            jacobian=self.jacobian, subsample=subsample, backend=self.backend,
+            jacobian=self.jacobian, subsample=subsample, backend=backend,
             solver=self.solver, solver_options=self.solver_options,
-            differentiable=differentiable)
+            differentiable=differentiable, check=backend != "layer_gram" or
+            getattr(self, "_resolved_backend", None) is None)
+        self._resolved_backend = proj.operator.backend_name
+        return proj
+
+    @property
+    def backend_used(self) -> Optional[str]:
+        """The Jacobian backend chosen at the first projection (``None`` before)."""
+        return getattr(self, "_resolved_backend", None)
 
     def get_posterior(self, *args, **kwargs) -> KernelImageNormal:
         predicting = poutine.get_mask() is False
@@ -264,7 +277,11 @@ class AutoViking(AutoContinuous):
         # Plates first: the data plates' subsample indices are drawn here, replayed by the
         # model, and used by the projection of this call.
         self._create_plates(*args, **kwargs)
-        return super().forward(*args, **kwargs)
+        self._plates_ready = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._plates_ready = False
 
     # -- sampling scheme ------------------------------------------------------------------------
     def _draw(self, q: KernelImageNormal, n: int) -> Tuple[Tensor, Tensor]:
@@ -318,7 +335,7 @@ class AutoViking(AutoContinuous):
         return k, e[idx].to(self.loc.dtype) - k
 
     # -- full passes over the training data -----------------------------------------------------
-    def _iter_batches(self, args, kwargs, batches, batch_size):
+    def _iter_batches(self, args, kwargs, batches):
         if batches is not None:
             for item in batches:
                 if isinstance(item, dict):
@@ -336,18 +353,18 @@ class AutoViking(AutoContinuous):
         if len(frames) > 1:
             raise ValueError(f"the model subsamples several data plates {sorted(frames)}; pass "
                              "batches=[...] explicitly")
-        (name, frame), = frames.items()
-        size = batch_size or frame.size
-        for start in range(0, frame.full_size, size):
-            idx = torch.arange(start, min(start + size, frame.full_size), device=self.loc.device)
+        ((name, frame),) = frames.items()
+        # The model's plate fixes the batch size; the last chunk wraps around to the start
+        # (repeated data only repeat rows of J, which leaves the kernel unchanged).
+        size, full = frame.size, frame.full_size
+        for start in range(0, full, size):
+            idx = torch.arange(start, start + size, device=self.loc.device) % full
             yield args, kwargs, {name: idx}
 
-    @torch.no_grad()
     def project_training_data(
         self,
         *args,
         batches: Optional[Iterable] = None,
-        batch_size: Optional[int] = None,
         num_samples: int = 100,
         num_passes: int = 1,
         progress: bool = False,
@@ -363,7 +380,7 @@ class AutoViking(AutoContinuous):
 
         :param args, kwargs: the model's training arguments. If the model subsamples its data
             plate (``pyro.plate(name, N, subsample_size=B)``), the pass walks that plate in
-            order in chunks of ``batch_size`` (default: the plate's subsample size).
+            order in chunks of B (the last chunk wraps around to the start).
         :param batches: alternatively, an iterable of argument tuples (or ``(args, kwargs)``
             pairs, or kwargs dicts), e.g. a ``DataLoader`` yielding ``(x, y)``.
         :param num_samples: S, the number of cached samples.
@@ -380,15 +397,15 @@ class AutoViking(AutoContinuous):
         loc = self.loc.detach()
         e = torch.randn(num_samples, self.latent_dim, dtype=loc.dtype, device=loc.device)
         k = e.clone()
-        work = [b for _ in range(num_passes) for b in self._iter_batches(args, kwargs, batches,
-                                                                        batch_size)]
+        work = [b for _ in range(num_passes) for b in self._iter_batches(args, kwargs, batches)]
         if progress:
             from tqdm.auto import tqdm
 
             work = tqdm(work, desc="projecting on training data", unit="batch")
         for a, kw, sub in work:
             proj = self._projector(loc, a, kw, sub, differentiable=False)
-            k = proj(k)
+            with torch.no_grad():
+                k = proj(k)
         self._pred_noise, self._pred_kernel, self._pred_counter = e, k, 0
         if refresh_training_state:
             self._carry = {num_samples: deque([k.clone()])}

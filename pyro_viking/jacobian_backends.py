@@ -45,24 +45,26 @@ def build_projector(
     solver: str = "auto",
     solver_options: Optional[dict] = None,
     differentiable: bool = True,
-    num_vectors: int = 1,
+    check: bool = True,
 ) -> KernelProjector:
     """Projector onto the kernel of the Jacobian of ``model(*args, **kwargs)``'s rows at ``loc``.
 
-    ``projector.operator.backend_name`` records the backend used.
+    ``projector.operator.backend_name`` records the backend used. ``check`` verifies a
+    layer-Gram Jacobian against autograd once (one extra backward pass); a caller that has
+    already verified the same model structure can skip it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fn = make_rows_fn(model, layout, args, kwargs, jacobian=jacobian, subsample=subsample)
     op = None
     if backend == "layer_gram":
-        op = LayerGramJacobian(fn, loc)
+        op = LayerGramJacobian(fn, loc, check=check)
     elif backend == "per_example":
         op = PerExampleJacobian(fn, loc)
     elif backend == "auto":
         if jacobian == "loss":
             try:
-                op = LayerGramJacobian(fn, loc)
+                op = LayerGramJacobian(fn, loc, check=check)
             except LayerGramNotApplicable:
                 op = None
         if op is None:

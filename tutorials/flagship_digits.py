@@ -36,6 +36,7 @@
 # (ECE), Brier score, and how well two uncertainty scores flag OOD inputs (AUROC).
 
 # %%
+import math
 import os
 import sys
 import time
@@ -155,20 +156,23 @@ plt.close(fig)
 # ## The model, and one convention for training and prediction
 #
 # A multilayer perceptron 64 → 64 → 64 → 8 with tanh activations, written as a `PyroModule`
-# whose weights and biases are `PyroSample` sites with prior N(0, 0.5²) each (D = 8,840
-# parameters). The model is `model(x, y=None, subsample=None)`:
+# whose weights and biases are `PyroSample` sites with prior N(0, PRIOR_SCALE²) each
+# (D = 8,840 parameters). The model is `model(x, y=None, batch_size=None)`:
 #
-# * **training** passes the *full* training tensors and a minibatch of indices,
-#   `model(x_train, y_train, idx)`. The `"data"` plate has size N_train and uses `idx` as its
-#   subsample, so Pyro scales the minibatch log-likelihood by N_train / len(idx): every
-#   method's loss is an unbiased estimate of the full-data loss.
-# * **prediction** passes only test inputs, `model(x)`: with `subsample=None` the plate covers
-#   all of `x` without subsampling, and the class probabilities are recorded by
+# * **training** passes the *full* training tensors and a batch size,
+#   `model(x_train, y_train, BATCH_SIZE)`. The `"data"` plate has size N_train and draws a
+#   random minibatch of `BATCH_SIZE` indices (`subsample_size`); Pyro scales its
+#   log-likelihood by N_train / BATCH_SIZE, so every method's loss is an unbiased estimate of
+#   the full-data loss. When a guide has the same plate (as `AutoViking` does, to know which
+#   data its projection is about), the model reuses the guide's indices.
+# * **prediction** passes only inputs, `model(x)`: with `batch_size=None` the plate covers all
+#   of `x` without subsampling, and the class probabilities are recorded by
 #   `pyro.deterministic("probs", ...)` so `Predictive(..., return_sites=["probs"])` returns
 #   them with shape (S, N, C).
 #
-# The weights are sampled *outside* the plate (they are shared by all data), then the network
-# is applied to the selected rows.
+# The plate is created first, so that its indices `data.indices` select the minibatch; the
+# weights are then sampled *outside* the plate (they are shared by all data), the network is
+# applied to the selected rows only, and the likelihood is declared inside the plate.
 
 # %%
 def bayesian_linear(n_in, n_out, prior_scale):
@@ -185,22 +189,16 @@ class BayesianMLP(PyroModule):
         self.fc2 = bayesian_linear(hidden, hidden, prior_scale)
         self.fc3 = bayesian_linear(hidden, n_out, prior_scale)
 
-    def forward(self, x, y=None, subsample=None):
-        idx = torch.arange(x.shape[0]) if subsample is None else subsample
+    def forward(self, x, y=None, batch_size=None):
+        data = pyro.plate("data", x.shape[0], subsample_size=batch_size)
+        idx = data.indices  # the minibatch (all of x when batch_size is None)
         h = torch.tanh(self.fc1(x[idx]))  # weights are sampled here, outside the data plate
         logits = self.fc3(torch.tanh(self.fc2(h)))
-        with pyro.plate("data", x.shape[0], subsample=idx):
+        with data:
             pyro.deterministic("probs", logits.softmax(-1), event_dim=1)
             pyro.sample("obs", dist.Categorical(logits=logits),
                         obs=None if y is None else y[idx])
         return logits
-
-
-def train_batches(seed=None):
-    """Index minibatches for one epoch: shuffled when a seed is given, in order otherwise."""
-    order = torch.arange(N_TRAIN) if seed is None else torch.randperm(
-        N_TRAIN, generator=torch.Generator().manual_seed(seed))
-    return order.split(BATCH_SIZE)
 
 
 # %% [markdown]
@@ -214,33 +212,33 @@ def train_batches(seed=None):
 # comparable. For MAP the "KL" reduces to −log p(θ̂), i.e. weight decay.
 
 # %%
-def run_svi(model, guide, loss, epochs, desc, seed, lr=LR, optim=None):
+def run_svi(model, guide, loss, epochs, desc, optim=None):
     """Run SVI for `epochs` passes over the training set; returns (losses, seconds/epoch)."""
-    svi = SVI(model, guide, optim or pyro.optim.Adam({"lr": lr}), loss)
+    svi = SVI(model, guide, optim or pyro.optim.Adam({"lr": LR}), loss)
+    steps = math.ceil(N_TRAIN / BATCH_SIZE)  # one "epoch" = N_train / BATCH_SIZE minibatches
     losses = []
     start = time.perf_counter()
-    for epoch in (bar := tqdm(range(epochs), desc=desc, leave=False)):
-        total = sum(svi.step(x_train, y_train, idx) for idx in train_batches(seed * 10_000 + epoch))
-        losses.append(total / len(train_batches()))
+    for _ in (bar := tqdm(range(epochs), desc=desc, leave=False)):
+        losses.append(sum(svi.step(x_train, y_train, BATCH_SIZE) for _ in range(steps)) / steps)
         bar.set_postfix(loss=f"{losses[-1]:.1f}")
     return losses, (time.perf_counter() - start) / max(epochs, 1)
 
 
 def fit_map(model, seed):
     guide = AutoDelta(model)
-    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"MAP seed {seed}", seed)
+    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"MAP seed {seed}")
     return guide, losses, spe
 
 
 def fit_mean_field(model, seed):
     guide = AutoNormal(model, init_scale=1e-2)
-    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"AutoNormal seed {seed}", seed)
+    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"AutoNormal seed {seed}")
     return guide, losses, spe
 
 
 def fit_low_rank(model, seed):
     guide = AutoLowRankMultivariateNormal(model, rank=10, init_scale=1e-2)
-    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"LowRank seed {seed}", seed)
+    losses, spe = run_svi(model, guide, Trace_ELBO(), EPOCHS, f"LowRank seed {seed}")
     return guide, losses, spe
 
 
@@ -274,26 +272,33 @@ def _scales_only(param_name):
     return {"lr": 0.0 if param_name.endswith("loc") else LR}
 
 
-def fit_viking(model, seed):
+def fit_viking(model, seed, warmup=None, scales_only=None, **viking_options):
+    """MAP warm-up, then AutoViking at the MAP: scales only, then the full ELBO.
+
+    `viking_options` override the AutoViking arguments below."""
+    warmup = VIKING_WARMUP if warmup is None else warmup
+    scales_only = VIKING_SCALES_ONLY if scales_only is None else scales_only
     start = time.perf_counter()
     map_guide = AutoDelta(model)
-    losses, _ = run_svi(model, map_guide, Trace_ELBO(), VIKING_WARMUP,
-                        f"VIKING MAP warm-up seed {seed}", seed)
+    losses, _ = run_svi(model, map_guide, Trace_ELBO(), warmup, f"VIKING MAP warm-up {seed}")
     map_median = {k: v.detach().clone() for k, v in map_guide.median(x_train, y_train).items()}
-    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_median),
-                       init_image_scale=1e-2, kernel_scale="prior", gamma=0.5,
-                       jacobian="loss", grad_through_projection=False)
+    options = dict(init_image_scale=1e-2, kernel_scale="prior", gamma=0.5, jacobian="loss",
+                   grad_through_projection=False)
+    options.update(viking_options)
+    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_median), **options)
     loss = TraceViking_ELBO(beta=BETA)
-    if VIKING_SCALES_ONLY:
-        more, _ = run_svi(model, guide, loss, VIKING_SCALES_ONLY, f"VIKING scales seed {seed}",
-                          seed + 100, optim=pyro.optim.Adam(_scales_only))
+    if scales_only:
+        more, _ = run_svi(model, guide, loss, scales_only, f"VIKING scales {seed}",
+                          optim=pyro.optim.Adam(_scales_only))
         losses += more
-    more, _ = run_svi(model, guide, loss, EPOCHS - VIKING_WARMUP - VIKING_SCALES_ONLY,
-                      f"VIKING seed {seed}", seed + 200)
+    more, _ = run_svi(model, guide, loss, EPOCHS - warmup - scales_only, f"VIKING seed {seed}")
     losses += more
     spe = (time.perf_counter() - start) / EPOCHS
-    batches = [(x_train, y_train, idx) for idx in train_batches()]
-    guide.project_training_data(batches=batches, num_samples=NUM_SAMPLES, progress=True)
+    # S fresh samples, projected chunk by chunk on the kernel of the training data's Jacobian.
+    # Each chunk is passed as its own (x, y) with batch_size=None: the plate then covers the
+    # chunk without subsampling (the chunk's scale does not change the kernel).
+    chunks = list(zip(x_train.split(BATCH_SIZE), y_train.split(BATCH_SIZE)))
+    guide.project_training_data(batches=chunks, num_samples=NUM_SAMPLES, progress=True)
     return guide, losses, spe
 
 

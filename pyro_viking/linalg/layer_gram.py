@@ -298,6 +298,12 @@ class LayerGramJacobian(JacobianOperator):
     def __init__(self, fn: RowFn, z: Tensor, *, check: bool = True,
                  check_tol: Optional[float] = None,
                  max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS):
+        # Building needs autograd whatever the caller's mode (e.g. prediction under no_grad).
+        with torch.enable_grad():
+            self._build(fn, z, check, check_tol, max_rest_columns)
+
+    def _build(self, fn: RowFn, z: Tensor, check: bool, check_tol: Optional[float],
+               max_rest_columns: int) -> None:
         x = z.detach()
         x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
         rows, calls = _record_forward(fn, x)
