@@ -32,7 +32,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor
-from torch.distributions import constraints
+from torch.distributions import biject_to, constraints
 
 from .distributions import KernelImageNormal
 from .jacobian_backends import build_projector
@@ -214,7 +214,9 @@ class AutoViking(AutoContinuous):
                                 device=self.loc.device)
         if self._prior_scale_is_param:
             trace = self._blocked_model_trace(self.loc, args, kwargs)
-            return isotropic_prior_scale(trace, self.layout.names)
+            scale = isotropic_prior_scale(trace, self.layout.names)
+            self._last_prior_scale = scale.detach()
+            return scale
         return isotropic_prior_scale(self.prototype_trace, self.layout.names).detach()
 
     @property
@@ -222,8 +224,11 @@ class AutoViking(AutoContinuous):
         """``σ_ker`` (detached; for a tied ``pyro.param`` prior scale, its current value)."""
         with torch.no_grad():
             if self._kernel_mode == "prior" and self._prior_scale_is_param:
-                return isotropic_prior_scale(self.prototype_trace, self.layout.names,
-                                             current=True).detach()
+                # A learned prior scale is read from the model at each call; report the last.
+                last = getattr(self, "_last_prior_scale", None)
+                if last is None:
+                    last = isotropic_prior_scale(self.prototype_trace, self.layout.names)
+                return last.detach()
             return self._current_kernel_scale().detach()
 
     def _blocked_model_trace(self, z: Tensor, args, kwargs):
@@ -412,6 +417,14 @@ class AutoViking(AutoContinuous):
         return k
 
     # -- Pyro's Gaussian-guide interface -----------------------------------------------------------
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> Dict[str, Tensor]:
+        """Posterior median (= mean ``θ̂``) of each latent, in constrained space."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return {site["name"]: biject_to(site["fn"].support)(value)
+                for site, value in self._unpack_latent(self.loc.detach())}
+
     def _loc_scale(self, *args, **kwargs):
         """``(loc, marginal std)``: ``std² = σ_im² + (σ_ker² − σ_im²) diag P`` with ``diag P`` of
         the given call's data (exact), or estimated from the cached training-data samples."""

@@ -31,7 +31,7 @@ def _real(support) -> bool:
     return support is constraints.real
 
 
-def isotropic_prior_scale(trace, names: Iterable[str], current: bool = False) -> Optional[Tensor]:
+def isotropic_prior_scale(trace, names: Iterable[str]) -> Optional[Tensor]:
     """The common scale ``s`` when every named latent has a ``Normal(μ, s)`` prior with one
     shared scalar ``s`` (broadcast or expanded), else ``None``. Keeps the autograd graph."""
     scale = None

@@ -21,7 +21,7 @@
 # |---|---|
 # | MAP | a point mass at θ̂ (`AutoDelta`): no uncertainty at all |
 # | mean field | a diagonal Gaussian (`AutoNormal`) |
-# | low rank | a Gaussian with a rank-10 plus diagonal covariance (`AutoLowRankMultivariateNormal`) |
+# | low rank | rank-10 plus diagonal covariance (`AutoLowRankMultivariateNormal`) |
 # | VIKING | N(θ̂, σ_ker² P + σ_im² (I − P)) (`AutoViking`) |
 #
 # In VIKING (Fadel et al., NeurIPS 2025), P projects onto the **kernel of the Jacobian of the
@@ -88,9 +88,9 @@ except ImportError as err:
 # %%
 SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"
 SEEDS = [0] if SMOKE_TEST else [0, 1, 2]
-EPOCHS = 2 if SMOKE_TEST else 60  # the same budget (passes over the training set) for every method
+EPOCHS = 3 if SMOKE_TEST else 60  # the same budget (passes over the training set) for every method
 NUM_SAMPLES = 8 if SMOKE_TEST else 100  # posterior samples for prediction
-BATCH_SIZE = 32
+BATCH_SIZE = 64
 HIDDEN = 64
 PRIOR_SCALE = 0.5  # p(θ) = N(0, PRIOR_SCALE² I) for every weight and bias
 LR = 3e-3
@@ -103,7 +103,9 @@ else:  # inside a notebook
     _default_figures = Path("figures")
 FIGURES = Path(os.environ.get("PYRO_VIKING_FIGURES", _default_figures))
 FIGURES.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(int(os.environ.get("NT", "1")))
+# The matrices here are tiny (64 × 64): extra threads only add synchronisation, and on a busy
+# 2-core machine they make every step several times slower.
+torch.set_num_threads(1)
 
 # %% [markdown]
 # ## Data: digits 0–7 in distribution, digits 8 and 9 out of distribution
@@ -204,12 +206,14 @@ class BayesianMLP(PyroModule):
 # %% [markdown]
 # ## Training
 #
-# Every method runs Adam (learning rate 3·10⁻³, batches of 32) for the same number of epochs,
-# minimising the negative ELBO `E_q[−log p(y | x, θ)] + β KL(q ‖ p)`. Because the plate already
-# scales the minibatch likelihood by N/B, **β = 1 is the exact ELBO**; the VIKING paper's
-# β = 10⁻² multiplies a KL added to an *unscaled* batch sum, which is a much larger relative
-# weight (≈ 19 on Fashion-MNIST). We keep β = 1 for every method so the objectives are
-# comparable. For MAP the "KL" reduces to −log p(θ̂), i.e. weight decay.
+# Every method runs Adam (learning rate 3·10⁻³, minibatches of 64) for the same number of
+# epochs (60; one epoch = N_train / 64 steps), minimising the negative ELBO
+# `E_q[−log p(y | x, θ)] + β KL(q ‖ p)`. Because the plate already scales the minibatch
+# likelihood by N/B, **β = 1 is the exact ELBO**; the VIKING paper's β = 10⁻² multiplies a KL
+# added to an *unscaled* batch sum, which is a much larger relative weight (≈ 19 on
+# Fashion-MNIST). We keep β = 1 for every method so the objectives are comparable. For MAP the
+# "KL" reduces to −log p(θ̂), i.e. weight decay. The Gaussian guides start with standard
+# deviations of 10⁻² (`init_scale`), small enough not to wreck the random initial network.
 
 # %%
 def run_svi(model, guide, loss, epochs, desc, optim=None):
@@ -245,26 +249,36 @@ def fit_low_rank(model, seed):
 # %% [markdown]
 # ### The VIKING recipe
 #
-# Following the paper's image experiments, the epoch budget is split in three phases:
+# Following the paper's image experiments, the 60 epochs are split into three phases, 5 + 5 + 50:
 #
 # 1. **MAP warm-up** (`AutoDelta`): VIKING's kernel is only meaningful near a good fit, so θ̂
 #    starts at a (briefly trained) MAP estimate.
 # 2. **scales only**: `AutoViking` is initialised at the MAP (`init_to_value`), and a few epochs
-#    train only σ_im with θ̂ frozen, so the noise level settles before it moves the mean.
-#    σ_im starts at 10⁻² (tight across the data-constrained directions, so the warm-up fit is
-#    kept); σ_ker is tied to the prior scale (`kernel_scale="prior"`) because the data carry no
-#    information along the kernel.
+#    train only the scales with θ̂ frozen, so the noise level settles before it moves the mean.
+#    σ_im starts at 10⁻²: tight across the data-constrained directions, so the warm-up fit is
+#    kept.
 # 3. **full ELBO** with `TraceViking_ELBO(beta=BETA)` (closed-form KL). The kernel is tracked
 #    by stochastic alternating projections over minibatches with memory γ = 0.5, the paper's
 #    best value; only the loss Jacobian (one row per datum) is used, and gradients are not
 #    propagated through the projection (cheaper; see the design notes).
+#
+# **The kernel scale.** Along the kernel the data say nothing, so the natural choice is the
+# prior's spread, σ_ker = 0.5 (`kernel_scale="prior"`; the paper *learns* the prior precision
+# jointly, which then shrinks it). But "the data say nothing" holds only to first order: a
+# step of 0.5 in each of the ~7,800 kernel directions is far outside the region where the
+# network is linear, and with it the individual sampled networks classify only ~84 % of the
+# *training* digits correctly. We therefore fix σ_ker = 0.1, the largest of the values we
+# tried (0.02, 0.05, 0.1, 0.5) at which the sampled networks still fit the training data
+# nearly as well as the MAP (training NLL per datum ≈ 0.08 vs 0.04). `kernel_scale=` accepts
+# `"prior"`, `"learned"` or a number; try them.
 #
 # Before predicting, `project_training_data` runs one alternating-projection pass over the whole
 # training set for each of the S posterior samples, so predictions use the kernel of the
 # *full-data* Jacobian and never of the test inputs.
 
 # %%
-VIKING_WARMUP, VIKING_SCALES_ONLY = (1, 0) if SMOKE_TEST else (5, 5)
+VIKING_WARMUP, VIKING_SCALES_ONLY = (1, 1) if SMOKE_TEST else (5, 5)
+VIKING_KERNEL_SCALE = 0.1
 
 
 def _scales_only(param_name):
@@ -282,7 +296,7 @@ def fit_viking(model, seed, warmup=None, scales_only=None, **viking_options):
     map_guide = AutoDelta(model)
     losses, _ = run_svi(model, map_guide, Trace_ELBO(), warmup, f"VIKING MAP warm-up {seed}")
     map_median = {k: v.detach().clone() for k, v in map_guide.median(x_train, y_train).items()}
-    options = dict(init_image_scale=1e-2, kernel_scale="prior", gamma=0.5, jacobian="loss",
+    options = dict(init_image_scale=1e-2, kernel_scale=VIKING_KERNEL_SCALE, gamma=0.5, jacobian="loss",
                    grad_through_projection=False)
     options.update(viking_options)
     guide = AutoViking(model, init_loc_fn=init_to_value(values=map_median), **options)
