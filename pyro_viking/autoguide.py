@@ -35,14 +35,34 @@ from torch import Tensor
 from torch.distributions import biject_to, constraints
 
 from .distributions import KernelImageNormal
-from .jacobian_backends import build_projector
+from .distributions.kernel_image_normal import RANK_ESTIMATORS
+from .jacobian_backends import BACKENDS, build_projector
 from .linalg import DenseJacobian, KernelProjector
-from .model_likelihood import LatentLayout, check_observations, observed_data_frames
+from .linalg.projectors import _SOLVERS as SOLVERS
+from .model_likelihood import (
+    LatentLayout,
+    _trace_model,
+    check_observations,
+    observed_data_frames,
+)
 from .priors import isotropic_prior_scale
 
 __all__ = ["AutoViking"]
 
 _KERNEL_SCALES = ("auto", "prior", "learned")
+
+
+def _shape_signature(args, kwargs) -> tuple:
+    """Hashable summary of the arguments: tensor shapes, plain scalar values, type names."""
+
+    def sig(v):
+        if torch.is_tensor(v):
+            return tuple(v.shape)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return type(v).__name__
+
+    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
 
 
 class _TrainingDataProjector(KernelProjector):
@@ -139,6 +159,10 @@ class AutoViking(AutoContinuous):
                              f"got {kernel_scale!r}")
         if isinstance(kernel_scale, (int, float)) and kernel_scale <= 0:
             raise ValueError(f"kernel_scale must be positive, got {kernel_scale}")
+        for name, value, allowed in (("backend", backend, BACKENDS), ("solver", solver, SOLVERS),
+                                     ("rank_estimator", rank_estimator, RANK_ESTIMATORS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if init_image_scale <= 0 or init_kernel_scale <= 0:
             raise ValueError("init_image_scale and init_kernel_scale must be positive, got "
                              f"{init_image_scale} and {init_kernel_scale}")
@@ -171,6 +195,7 @@ class AutoViking(AutoContinuous):
         # The prototype trace hides observed sites; the data plates come from a full trace.
         full_trace = check_observations(self._raw_model[0], args, kwargs)
         self._data_frames = observed_data_frames(full_trace)
+        self._checked_signatures = {_shape_signature(args, kwargs)}
         init_loc = self._init_loc()
         self.loc = PyroParam(init_loc)
         self.image_scale = PyroParam(
@@ -235,7 +260,11 @@ class AutoViking(AutoContinuous):
         values = self.layout.unpack(z)
         model = poutine.condition(self._raw_model[0], data=values)
         with poutine.block():
-            return poutine.trace(model).get_trace(*args, **kwargs)
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        # Conditioning marks the latents observed; they are still latents (priors read them).
+        for name in values:
+            trace.nodes[name]["is_observed"] = False
+        return trace
 
     # -- the posterior --------------------------------------------------------------------------
     def _subsample_indices(self) -> Dict[str, Tensor]:
@@ -279,6 +308,8 @@ class AutoViking(AutoContinuous):
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        else:
+            self._check_latent_shapes(args, kwargs)
         # Plates first: the data plates' subsample indices are drawn here, replayed by the
         # model, and used by the projection of this call.
         self._create_plates(*args, **kwargs)
@@ -287,6 +318,29 @@ class AutoViking(AutoContinuous):
             return super().forward(*args, **kwargs)
         finally:
             self._plates_ready = False
+
+    def _check_latent_shapes(self, args, kwargs) -> None:
+        """Raise a clear ``ValueError`` if the model's latent shapes differ from the set-up ones.
+
+        Runs the model once (blocked, RNG state restored) for each new signature of argument
+        shapes, so that the usual calls cost nothing.
+        """
+        sig = _shape_signature(args, kwargs)
+        checked = self.__dict__.setdefault("_checked_signatures", set())
+        model = (self._raw_model or (None,))[0]
+        if sig in checked or model is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            trace = _trace_model(model, args, kwargs, {})
+        for s in self.layout.sites:
+            node = trace.nodes.get(s.name)
+            if node is not None and node["type"] == "sample" \
+                    and tuple(node["value"].shape) != tuple(s.shape):
+                raise ValueError(
+                    f"AutoViking was set up with latent '{s.name}' of shape {tuple(s.shape)}, "
+                    f"but the model now samples it with shape {tuple(node['value'].shape)}; "
+                    "latent shapes must not change between calls (create a new guide).")
+        checked.add(sig)
 
     # -- sampling scheme ------------------------------------------------------------------------
     def _draw(self, q: KernelImageNormal, n: int) -> Tuple[Tensor, Tensor]:
@@ -441,6 +495,10 @@ class AutoViking(AutoContinuous):
 
     def __getstate__(self):
         # Pyro's AutoGuide.__getstate__ clears the model on the live object; copy instead.
+        # PyroModule.__getstate__'s job is still needed: drop the weakrefs that constrained
+        # parameter values (here the identity-constrained loc itself) keep to their parameter.
+        for param in self.parameters(recurse=True):
+            param.__dict__.pop("unconstrained", None)
         state = self.__dict__.copy()
         state["_model"] = None
         state["_raw_model"] = None

@@ -144,7 +144,7 @@ def reliability_diagram(ax, probs, y, n_bins: int = 15, title: str | None = None
 
     Bars show the accuracy of each non-empty confidence bin (same bins as
     :func:`expected_calibration_error`), the dashed diagonal is perfect calibration, red
-    segments show the gap to each bin's mean confidence. The ECE is printed in the legend.
+    segments show the gap to each bin's mean confidence. The ECE is appended to the title.
     Returns ``ax``.
     """
     pbar = bayesian_model_average(probs)
@@ -155,16 +155,15 @@ def reliability_diagram(ax, probs, y, n_bins: int = 15, title: str | None = None
     left = torch.arange(n_bins, dtype=torch.float64) * width
     nonempty = count > 0
     ax.bar(left[nonempty].numpy(), acc[nonempty].numpy(), width=width, align="edge",
-           edgecolor="black", color="tab:blue", alpha=0.8, label=f"accuracy (ECE = {ece:.3f})")
+           edgecolor="black", color="tab:blue", alpha=0.8, label="accuracy")
     ax.vlines(conf[nonempty].numpy(), conf[nonempty].numpy(), acc[nonempty].numpy(),
-              colors="tab:red", linewidth=2, label="gap to mean confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+              colors="tab:red", linewidth=2, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="ideal")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-label BMA probability)")
     ax.set_ylabel("accuracy")
-    if title is not None:
-        ax.set_title(title)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(f"ECE = {ece:.3f}" if title is None else f"{title} (ECE = {ece:.3f})")
+    ax.legend(loc="upper left", fontsize="x-small")
     return ax
 

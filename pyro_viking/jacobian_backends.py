@@ -7,9 +7,10 @@ Backends (``backend=``):
 * ``"per_example"`` — :class:`~pyro_viking.linalg.per_example.PerExampleJacobian`: the dense
   ``(B, D)`` Jacobian from vectorised per-example gradients;
 * ``"matrix_free"`` — :class:`~pyro_viking.linalg.operators.FunctionalJacobian` with CG;
-* ``"auto"`` — layer Gram when it applies, else dense when ``B·D`` fits in
-  ``DEFAULT_MAX_DENSE_BYTES``, else matrix-free (the rule of
-  :func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`).
+* ``"auto"`` — layer Gram when it applies, else dense when ``B·D·itemsize`` fits in
+  ``max_dense_bytes`` (default :data:`DEFAULT_MAX_DENSE_BYTES` of this module, read at call
+  time, so it can be changed for callers such as the guide that do not pass it), else
+  matrix-free (the rule of :func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`).
 
 The output Jacobian (``jacobian="output"``) rows are not per-layer losses, so ``"auto"`` uses the
 dense or matrix-free routes for it.
@@ -27,7 +28,7 @@ from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, LayerGramJacobian, Layer
 from .linalg.per_example import PerExampleJacobian
 from .model_likelihood import LatentLayout, make_rows_fn
 
-__all__ = ["BACKENDS", "build_projector"]
+__all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "build_projector"]
 
 BACKENDS = ("auto", "layer_gram", "per_example", "matrix_free")
 
@@ -46,12 +47,14 @@ def build_projector(
     solver_options: Optional[dict] = None,
     differentiable: bool = True,
     check: bool = True,
+    max_dense_bytes: Optional[int] = None,
 ) -> KernelProjector:
     """Projector onto the kernel of the Jacobian of ``model(*args, **kwargs)``'s rows at ``loc``.
 
     ``projector.operator.backend_name`` records the backend used. ``check`` verifies a
     layer-Gram Jacobian against autograd once (one extra backward pass); a caller that has
-    already verified the same model structure can skip it.
+    already verified the same model structure can skip it. ``max_dense_bytes`` bounds the
+    dense Jacobian of ``backend="auto"`` (default :data:`DEFAULT_MAX_DENSE_BYTES`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -68,7 +71,8 @@ def build_projector(
             except LayerGramNotApplicable:
                 op = None
         if op is None:
-            op = _dense_or_none(fn, loc)
+            op = _dense_or_none(fn, loc, DEFAULT_MAX_DENSE_BYTES if max_dense_bytes is None
+                                else max_dense_bytes)
     if op is None:
         op = FunctionalJacobian(fn, loc)
         op.backend_name = "matrix_free"
@@ -76,9 +80,9 @@ def build_projector(
                            **(solver_options or {}))
 
 
-def _dense_or_none(fn, loc: Tensor):
+def _dense_or_none(fn, loc: Tensor, max_bytes: int):
     with torch.no_grad():
         B = int(fn(loc.detach()).shape[0])
-    if B * loc.numel() * loc.element_size() <= DEFAULT_MAX_DENSE_BYTES:
+    if B * loc.numel() * loc.element_size() <= max_bytes:
         return PerExampleJacobian(fn, loc)
     return None

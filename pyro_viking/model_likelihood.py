@@ -351,11 +351,24 @@ def _check_observed_site(site) -> None:
 
 
 def observed_data_frames(trace) -> dict[str, CondIndepStackFrame]:
-    """Vectorised, subsampled (``size < full_size``) plate frames enclosing observed sites."""
+    """Vectorised plate frames enclosing observed sites whose subsample indices are drawn at
+    random (``pyro.plate(name, N, subsample_size=B)`` with ``B < N``).
+
+    A plate given explicit indices (``subsample=idx``) is left out: the model itself fixes its
+    data, and a guide must not replay other indices over them.
+    """
     frames = {}
     for site in _observed_sites(trace):
         for frame in site["cond_indep_stack"]:
             full = frame.full_size
-            if frame.vectorized and full is not None and frame.size < full:
+            if frame.vectorized and full is not None and frame.size < full \
+                    and _draws_random_indices(trace, frame.name):
                 frames.setdefault(frame.name, frame)
     return frames
+
+
+def _draws_random_indices(trace, name: str) -> bool:
+    node = trace.nodes.get(name)
+    if node is None or not site_is_subsample(node):
+        return True
+    return getattr(node["fn"], "subsample_size", None) is not None

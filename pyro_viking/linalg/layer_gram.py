@@ -16,7 +16,8 @@ Only ``A_l``, ``G_l`` (B × width) and the B × B Gram are kept, never a ``(B, D
 ``(B, …, in)`` inputs are handled by *materialising* their per-example weight gradients,
 ``W_i = G_i U_iᵀ`` with ``U = unfold(A) ∈ R^{B×(C·kh·kw)×L}`` and ``G_i ∈ R^{C_out×L}``: an exact
 ``(B, C_out·C·kh·kw)`` block, small for LeNet-sized nets, whose Gram costs ``B²·|W|`` (the
-Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²`` memory).
+Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²`` memory). For convolutions the
+block is one weight-gradient convolution with the batch folded into the groups (no unfold).
 
 Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
@@ -83,11 +84,14 @@ class _Call:
 
 @dataclass
 class _Ghost:
-    """Weight of a Linear layer on (B, in) inputs: per-example gradient ``g_i a_iᵀ``."""
+    """Weight of a Linear layer on (B, in) inputs: per-example gradient ``g_i a_iᵀ``, and its
+    bias (per-example gradient ``g_i``) when ``bias_cols`` is set, so that the layer's Gram is
+    the one Hadamard product ``(G Gᵀ) ⊙ (A Aᵀ + 1)``."""
 
     A: Tensor  # (B, in)
     G: Tensor  # (B, out)
     cols: slice  # out*in columns, row-major (out, in)
+    bias_cols: Optional[slice] = None  # out columns
 
 
 @dataclass
@@ -143,10 +147,11 @@ def _batch_stats(module: nn.Module) -> bool:
 
 
 class _Recorder:
-    """Global forward hook recording every Linear / Conv2d call whose weights live in z."""
+    """Global forward hook recording every Linear / Conv2d call whose weights live in z
+    (inputs detached, unless ``keep_graph``)."""
 
-    def __init__(self, z: Tensor):
-        self.z, self.calls, self.seen = z, [], set()
+    def __init__(self, z: Tensor, keep_graph: bool = False):
+        self.z, self.calls, self.seen, self.keep_graph = z, [], set(), keep_graph
 
     def __call__(self, module: nn.Module, inputs, output):
         if _batch_stats(module):
@@ -168,15 +173,16 @@ class _Recorder:
         x = inputs[0] if inputs else None
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
             raise LayerGramNotApplicable(f"{name} called without a tensor input/output")
-        self.calls.append(_Call(module, x.detach(), output, w, b, x._version,
-                                tuple(module.weight.shape)))
+        self.calls.append(_Call(module, x if self.keep_graph else x.detach(), output, w, b,
+                                x._version, tuple(module.weight.shape)))
         # downstream in-place ops (ReLU(inplace=True)) must not overwrite the tensor whose
         # gradient we take: hand the network a copy
         return output.clone()
 
 
-def _record_forward(fn: RowFn, z: Tensor) -> Tuple[Tensor, List[_Call]]:
-    rec = _Recorder(z)
+def _record_forward(fn: RowFn, z: Tensor, keep_graph: bool = False
+                    ) -> Tuple[Tensor, List[_Call]]:
+    rec = _Recorder(z, keep_graph)
     handle = register_module_forward_hook(rec)
     try:
         with torch.enable_grad():
@@ -198,29 +204,44 @@ def _validate(calls: List[_Call], B: int) -> None:
             raise LayerGramNotApplicable(f"the input of {name} was modified in place")
 
 
-def _output_grads(rows: Tensor, calls: List[_Call], retain: bool) -> List[Tensor]:
-    """``G_l = ∂(Σ_i rows_i)/∂out_l`` for every recorded layer (zeros where unused)."""
-    Gs = [torch.zeros_like(c.out) for c in calls]
+def _output_grads(rows: Tensor, calls: List[_Call], retain: bool,
+                  create_graph: bool = False) -> List[Tensor]:
+    """``G_l = ∂(Σ_i rows_i)/∂out_l`` for every recorded layer (zeros where unused); detached
+    unless ``create_graph``."""
+    Gs: List[Optional[Tensor]] = [None] * len(calls)
     idx = [i for i, c in enumerate(calls) if c.out.requires_grad]
     if rows.requires_grad and idx:
         got = torch.autograd.grad(rows.sum(), [calls[i].out for i in idx], allow_unused=True,
-                                  retain_graph=retain)
+                                  retain_graph=retain or create_graph,
+                                  create_graph=create_graph)
         for i, g in zip(idx, got):
-            if g is not None:
-                Gs[i] = g
-    return [g.detach() for g in Gs]
+            Gs[i] = g
+    return [torch.zeros_like(c.out) if g is None else g if create_graph else g.detach()
+            for c, g in zip(calls, Gs)]
 
 
 # --------------------------------------------------------------------------- layer blocks
-def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``(B, C, H, W) -> (B, C·kh·kw, L)`` patches in the order of ``weight.view(C_out, -1)``."""
+def _conv_weight_grads(conv: nn.Conv2d, x: Tensor, G: Tensor) -> Tensor:
+    """Per-example weight gradients ``(B, C_out, C·kh·kw)`` of a Conv2d with input ``x``
+    ``(B, C, H, W)`` and output gradient ``G`` ``(B, C_out, H', W')``.
+
+    One weight-gradient convolution with the batch folded into the groups (input
+    ``(1, B·C, H, W)``, ``B`` groups): ``B·|W|·L`` work like ``bmm(G, unfold(x)ᵀ)``, without
+    materialising the ``(B, C·kh·kw, L)`` patches.
+    """
     k, d, s, pad = conv.kernel_size, conv.dilation, conv.stride, conv.padding
     if isinstance(pad, str):
         if pad == "same":  # PyTorch puts the odd pixel on the right/bottom
             tot = [d[i] * (k[i] - 1) for i in range(2)]
             x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
         pad = (0, 0)
-    return F.unfold(x, k, dilation=d, padding=pad, stride=s)
+    B, C = x.shape[:2]
+    c_out = G.shape[1]
+    weight = G.new_empty(1).expand(B * c_out, C, *k)
+    W = torch.ops.aten.convolution_backward(
+        G.reshape(1, B * c_out, *G.shape[2:]), x.reshape(1, B * C, *x.shape[2:]), weight, None,
+        s, pad, d, False, [0, 0], B, (False, True, False))[1]
+    return W.reshape(B, c_out, -1)
 
 
 def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[_Ghost], List[_Block]]:
@@ -231,16 +252,15 @@ def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[_Ghost], List[_Bloc
     ghosts, blocks = [], []
     if isinstance(c.module, nn.Linear) and c.x.dim() == 2:
         if wcols is not None:
-            ghosts.append(_Ghost(c.x, G, wcols))
+            ghosts.append(_Ghost(c.x, G, wcols, bcols))
+            return ghosts, blocks
         Gb = G
     else:
         if isinstance(c.module, nn.Conv2d):
-            U = _unfold(c.module, c.x)  # (B, C·kh·kw, L)
-            Gr = G.reshape(B, out, -1)  # (B, C_out, L)
-            if U.shape[-1] != Gr.shape[-1]:
-                raise LayerGramNotApplicable("Conv2d: unfold does not match the output size")
-            W = torch.bmm(Gr, U.transpose(1, 2))  # (B, C_out, C·kh·kw)
-            Gb = Gr.sum(-1)
+            if G.dim() != 4:
+                raise LayerGramNotApplicable("Conv2d output is not (B, C_out, H, W)")
+            W = _conv_weight_grads(c.module, c.x, G)  # (B, C_out, C·kh·kw)
+            Gb = G.sum((-2, -1))
         else:  # Linear on (B, ..., in): sum over the extra positions
             A, Gr = c.x.reshape(B, -1, c.x.shape[-1]), G.reshape(B, -1, out)
             W = torch.bmm(Gr.transpose(1, 2), A)  # (B, out, in)
@@ -250,6 +270,34 @@ def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[_Ghost], List[_Bloc
     if bcols is not None:
         blocks.append(_Block(bcols, Gb))
     return ghosts, blocks
+
+
+def _pieces(calls: List[_Call], Gs: List[Tensor], B: int
+            ) -> Tuple[List[_Ghost], List[_Block]]:
+    ghosts, blocks = [], []
+    for c, G in zip(calls, Gs):
+        g, b = _layer_blocks(c, G, B)
+        ghosts += g
+        blocks += b
+    return ghosts, blocks
+
+
+def _mv(ghosts: List[_Ghost], blocks: List[_Block], V: Tensor, B: int) -> Tensor:
+    """``V Jᵀ`` ``(K, B)`` from the factored pieces, one or two matmuls per layer."""
+    K = V.shape[0]
+    out = V.new_zeros(K, B)
+    for g in ghosts:
+        o, i = g.G.shape[1], g.A.shape[1]
+        VW = V[:, g.cols].reshape(K, o, i)
+        if i <= o:  # (K, B, in) intermediate
+            out = out + (torch.matmul(g.G, VW) * g.A).sum(-1)
+        else:  # (K, out, B) intermediate
+            out = out + (torch.matmul(VW, g.A.T) * g.G.T).sum(-2)
+        if g.bias_cols is not None:
+            out = out + V[:, g.bias_cols] @ g.G.T
+    for b in blocks:
+        out = out + _take(V, b.cols) @ b.J.T
+    return out
 
 
 def _check_overlaps(pieces: List[Tuple[int, int]]) -> None:
@@ -312,12 +360,7 @@ class LayerGramJacobian(JacobianOperator):
         self.fn, self.z = fn, z
         _validate(calls, B)
         Gs = _output_grads(rows, calls, retain=check)
-        self._ghosts: List[_Ghost] = []
-        self._blocks: List[_Block] = []
-        for c, G in zip(calls, Gs):
-            ghosts, blocks = _layer_blocks(c, G, B)
-            self._ghosts += ghosts
-            self._blocks += blocks
+        self._ghosts, self._blocks = _pieces(calls, Gs, B)
         self.num_layers = len(calls)
         self._add_rest(x, max_rest_columns)
         self._gram: Optional[Tensor] = None
@@ -327,11 +370,16 @@ class LayerGramJacobian(JacobianOperator):
 
     def _add_rest(self, x: Tensor, max_rest: int) -> None:
         ranges = [(p.cols.start, p.cols.stop) for p in self._ghosts + self._blocks]
+        ranges += [(g.bias_cols.start, g.bias_cols.stop) for g in self._ghosts
+                   if g.bias_cols is not None]
         _check_overlaps(ranges)
-        covered = torch.zeros(self.shape[1], dtype=torch.bool, device=x.device)
-        for a, b in ranges:
-            covered[a:b] = True
-        idx = (~covered).nonzero().flatten()
+        # the columns outside every range (no D-sized mask: D may be large)
+        gaps, end = [], 0
+        for a, b in sorted(ranges) + [(self.shape[1], self.shape[1])]:
+            if a > end:
+                gaps.append(torch.arange(end, a, device=x.device))
+            end = max(end, b)
+        idx = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.long, device=x.device)
         self.rest_columns = idx
         if idx.numel() > max_rest:
             raise LayerGramNotApplicable(
@@ -343,8 +391,13 @@ class LayerGramJacobian(JacobianOperator):
             self._blocks.append(_Block(idx, J_rest))
 
     def _check(self, rows: Tensor, x: Tensor, tol: float) -> None:
+        # Random signs, not Gaussian weights: backpropagating ±1 instead of 1 from a row negates
+        # every intermediate exactly, so autograd and the factored form round identically row
+        # by row and agree to the final reductions, even where the per-row gradients are
+        # themselves inaccurate (float32 log-softmax of saturated, memorised data: ~1e-2).
         gen = torch.Generator(device=x.device).manual_seed(0)
-        u = torch.randn(self.shape[0], generator=gen, dtype=x.dtype, device=x.device)
+        u = torch.randint(0, 2, (self.shape[0],), generator=gen, device=x.device)
+        u = (2 * u - 1).to(x.dtype)
         ref = None
         if rows.requires_grad:
             (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True)
@@ -364,38 +417,33 @@ class LayerGramJacobian(JacobianOperator):
 
     def mv(self, V: Tensor) -> Tensor:
         """``V Jᵀ``: ``(K, D) -> (K, B)``, one or two matmuls per layer."""
-        K, B = V.shape[0], self.shape[0]
-        out = V.new_zeros(K, B)
-        for g in self._ghosts:
-            o, i = g.G.shape[1], g.A.shape[1]
-            VW = V[:, g.cols].reshape(K, o, i)
-            if i <= o:  # (K, B, in) intermediate
-                out = out + (torch.matmul(g.G, VW) * g.A).sum(-1)
-            else:  # (K, out, B) intermediate
-                out = out + (torch.matmul(VW, g.A.T) * g.G.T).sum(-2)
-        for b in self._blocks:
-            out = out + _take(V, b.cols) @ b.J.T
-        return out
+        return _mv(self._ghosts, self._blocks, V, self.shape[0])
 
     def rmv(self, U: Tensor) -> Tensor:
         """``U J``: ``(K, B) -> (K, D)``, written layer by layer into the columns of z."""
         K = U.shape[0]
-        out = U.new_zeros(K, self.shape[1])
+        out = U.new_empty(K, self.shape[1])  # every column belongs to a ghost or a block
         for g in self._ghosts:
             UG = U[:, None, :] * g.G.T  # (K, out, B)
             out[:, g.cols] = torch.matmul(UG, g.A).reshape(K, -1)
+            if g.bias_cols is not None:
+                out[:, g.bias_cols] = U @ g.G
         for b in self._blocks:
             out[:, b.cols] = U @ b.J
         return out
 
     def gram(self) -> Tensor:
-        """``J Jᵀ = Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ) + Σ_blocks J_b J_bᵀ`` in float64 ``(B, B)``."""
+        """``J Jᵀ = Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ [+ 1]) + Σ_blocks J_b J_bᵀ`` in float64
+        ``(B, B)`` (``+ 1``: the layer's bias)."""
         if self._gram is None:
             B = self.shape[0]
             K = torch.zeros(B, B, dtype=torch.float64, device=self.device)
             for g in self._ghosts:
                 G, A = g.G.to(torch.float64), g.A.to(torch.float64)
-                K += (G @ G.T) * (A @ A.T)
+                AA = A @ A.T
+                if g.bias_cols is not None:
+                    AA += 1.0
+                K += (G @ G.T) * AA
             for b in self._blocks:
                 J = b.J.to(torch.float64)
                 K += J @ J.T
@@ -403,9 +451,27 @@ class LayerGramJacobian(JacobianOperator):
         return self._gram
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
-        """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z`` (double backward through ``fn``)."""
+        """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z``.
+
+        The factored form with the layer inputs ``A_l(z)`` and output gradients ``G_l(z)``
+        kept differentiable: one forward and one ``create_graph`` backward of ``fn`` whatever
+        K, where :func:`~pyro_viking.linalg.per_example.autograd_bilinear` needs K of them (the
+        implicit gradient of the projection calls this with 2K rows). Columns outside the
+        layers (``rest_columns``) use ``autograd_bilinear``.
+        """
         if not self.z.requires_grad:
             return (U * self.mv(V)).sum()
+        if self.rest_columns.numel() == 0:
+            try:
+                with torch.enable_grad():
+                    rows, calls = _record_forward(self.fn, self.z, keep_graph=True)
+                    if len(calls) == self.num_layers and rows.shape[0] == self.shape[0]:
+                        _validate(calls, self.shape[0])
+                        Gs = _output_grads(rows, calls, retain=True, create_graph=True)
+                        ghosts, blocks = _pieces(calls, Gs, self.shape[0])
+                        return (U * _mv(ghosts, blocks, V, self.shape[0])).sum()
+            except LayerGramNotApplicable:
+                pass  # e.g. a non-contiguous z: the generic route below
         return autograd_bilinear(self.fn, self.z, U, V)
 
 

@@ -1,10 +1,13 @@
 """Dense per-example Jacobians of a row function ``fn: z (D,) -> rows (B,)``.
 
-``J[i] = ∇_z rows_i(z)`` is built once with vectorised per-sample gradients
-(``torch.func.vmap`` over ``torch.func.vjp`` with the B unit cotangents); when the model
-cannot be vmapped (data-dependent control flow, random ops, unsupported operators) it falls
-back to B reverse passes written into a preallocated ``(B, D)`` tensor (allocating once
-avoids the page-fault cost of growing a large matrix, design §3).
+``J[i] = ∇_z rows_i(z)`` is built once, either with vectorised per-sample gradients
+(``torch.func.vmap`` over ``torch.func.vjp`` with the B unit cotangents) or with B reverse
+passes written into a preallocated ``(B, D)`` tensor (allocating once avoids the page-fault
+cost of growing a large matrix, design §3). The vmapped pass is B reverse passes *batched*:
+every data-parallel layer then works on B × B rows, and every slice ``z[a:b]`` taken by the
+model materialises a ``(B, D)`` gradient buffer; it wins for small ``B·D`` only (see
+:data:`DEFAULT_VMAP_MAX_ELEMENTS`). The loop is also the fallback when the model cannot be
+vmapped (data-dependent control flow, random ops, unsupported operators).
 
 Memory is ``B·D`` numbers: use it when that is small (LeNet-sized models at B ≈ 128), else
 :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian` or a matrix-free route.
@@ -19,9 +22,23 @@ from torch import Tensor
 
 from .operators import JacobianOperator
 
-__all__ = ["PerExampleJacobian", "autograd_bilinear", "evaluate_rows", "forward_jacobian_columns"]
+__all__ = [
+    "DEFAULT_VMAP_MAX_ELEMENTS",
+    "PerExampleJacobian",
+    "autograd_bilinear",
+    "evaluate_rows",
+    "forward_jacobian_columns",
+]
 
 RowFn = Callable[[Tensor], Tensor]
+
+#: Largest ``B·D`` for which ``PerExampleJacobian(vectorize=None)`` uses vmap. Measured on one
+#: CPU thread, Pyro BNNs at B = 128 (benchmarks/bench_step.py): vmap 4.5x faster than the loop
+#: for D = 2.8k (B·D = 3.5e5), but 2.3x / 3.4x slower for D = 44k / 269k (B·D = 5.7e6 / 3.4e7),
+#: where it also peaks at about 4·B·D floats against B·D for the loop.
+DEFAULT_VMAP_MAX_ELEMENTS = 2**21
+#: Float64 elements per column chunk of :meth:`PerExampleJacobian.gram` (32 MiB).
+_GRAM_CHUNK_ELEMENTS = 2**22
 
 
 def evaluate_rows(fn: RowFn, z: Tensor) -> Tensor:
@@ -104,7 +121,8 @@ class PerExampleJacobian(JacobianOperator):
     :param fn: ``z (D,) -> rows (B,)``, the per-datum log-likelihoods.
     :param z: the point ``(D,)``; ``params = (z,)`` and :meth:`bilinear` is differentiable
         w.r.t. it (re-evaluating ``fn`` with double backward).
-    :param vectorize: try ``vmap`` over ``vjp`` first (default); ``False`` forces the loop.
+    :param vectorize: ``True``: try ``vmap`` over ``vjp`` first; ``False``: the loop of B
+        reverse passes; ``None`` (default): vmap when ``B·D ≤`` :data:`DEFAULT_VMAP_MAX_ELEMENTS`.
     :param chunk_size: passed to ``torch.func.vmap`` to bound the memory of the vectorised
         reverse pass (``None``: all B cotangents at once).
 
@@ -115,7 +133,7 @@ class PerExampleJacobian(JacobianOperator):
     has_cheap_gram = True
     backend_name = "per_example"
 
-    def __init__(self, fn: RowFn, z: Tensor, *, vectorize: bool = True,
+    def __init__(self, fn: RowFn, z: Tensor, *, vectorize: Optional[bool] = None,
                  chunk_size: Optional[int] = None):
         x = z.detach()
         with torch.enable_grad():
@@ -126,6 +144,8 @@ class PerExampleJacobian(JacobianOperator):
         self.fn, self.z = fn, z
         self.vectorized = False
         J = None
+        if vectorize is None:
+            vectorize = B * D <= DEFAULT_VMAP_MAX_ELEMENTS
         if vectorize:
             try:
                 J = _jacobian_vmap(fn, z.detach(), B, chunk_size)
@@ -155,9 +175,16 @@ class PerExampleJacobian(JacobianOperator):
         return self.J
 
     def gram(self) -> Tensor:
+        """``J Jᵀ`` in float64, accumulated over column chunks of J: a float64 copy of the
+        whole ``(B, D)`` J would double the memory of this route."""
         if self._gram is None:
-            J = self.J.to(torch.float64)
-            self._gram = J @ J.T
+            B, D = self.shape
+            step = max(1, _GRAM_CHUNK_ELEMENTS // max(B, 1))
+            G = torch.zeros(B, B, dtype=torch.float64, device=self.device)
+            for s in range(0, D, step):
+                Jc = self.J[:, s:s + step].to(torch.float64)
+                G.addmm_(Jc, Jc.T)
+            self._gram = G
         return self._gram
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
