@@ -470,6 +470,15 @@ class AutoViking(AutoContinuous):
             self._carry = {num_samples: deque([k.clone()])}
         return k
 
+    @property
+    def projected_samples(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(ε, Pε)`` of the last :meth:`project_training_data`: the cached noise ``(S, D)``
+        and its kernel part on the training data (``None`` before). A posterior sample is
+        ``loc + σ_ker Pε + σ_im (ε − Pε)``; its kernel-only / image-only parts drop one term."""
+        if self._pred_noise is None:
+            return None
+        return self._pred_noise, self._pred_kernel
+
     # -- Pyro's Gaussian-guide interface -----------------------------------------------------------
     @torch.no_grad()
     def median(self, *args, **kwargs) -> Dict[str, Tensor]:
@@ -484,6 +493,11 @@ class AutoViking(AutoContinuous):
         the given call's data (exact), or estimated from the cached training-data samples."""
         sk, si = self.kernel_scale, self.image_scale.detach()
         if args or kwargs:
+            if getattr(self, "_data_frames", None):
+                raise ValueError(
+                    f"the model subsamples its data plate(s) {sorted(self._data_frames)}, so one "
+                    "call's data are a random minibatch; call guide.project_training_data(...) "
+                    "and then guide.quantiles(q) without model arguments")
             proj = self._projector(self.loc.detach(), args, kwargs, None, differentiable=False)
             dP = proj.diag()
         elif self._pred_noise is not None:
