@@ -96,7 +96,22 @@ class _VikingPosterior(KernelImageNormal):
         shape = self._extended_shape(sample_shape)
         n = math.prod(shape[:-1])
         k, img = self._guide._draw(self, n)
-        return self.compose(k.reshape(shape), img.reshape(shape))
+        k, img = k.reshape(shape), img.reshape(shape)
+        value = self.compose(k, img)
+        self._draw_cache = (value, k, img)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """As :meth:`KernelImageNormal.log_prob`; for this distribution's own last draw
+        ``z = loc + σ_ker k + σ_im i`` (k in the kernel, i in the image) the Mahalanobis term
+        is ``‖k‖² + ‖i‖²`` — the same function of the parameters, without projecting again."""
+        cache = getattr(self, "_draw_cache", None)
+        if cache is None or value is not cache[0]:
+            return super().log_prob(value)
+        _, k, img = cache
+        D = self.event_shape[0]
+        maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
+        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
 
 
 class AutoViking(AutoContinuous):

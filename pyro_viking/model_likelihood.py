@@ -120,8 +120,11 @@ class LatentLayout:
         if z.shape[-1] != self.latent_dim:
             raise ValueError(f"expected z of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
         batch, values = z.shape[:-1], {}
-        for s in self.sites:
-            u = z[..., s.offset : s.offset + s.numel].reshape(batch + s.unconstrained_shape)
+        # One split (not per-site slices): under vmap each slice's backward would allocate a
+        # full (B, D) buffer.
+        parts = z.split([s.numel for s in self.sites], dim=-1)
+        for s, part in zip(self.sites, parts):
+            u = part.reshape(batch + s.unconstrained_shape)
             values[s.name] = u if s.is_identity else s.transform(u)
         return values
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from problems import jacobian_with_rank, spd_matrix
 
 from pyro_viking.linalg import ConvergenceWarning, SolveInfo, cg_solve, cholesky_solve, eigh_solve
+from pyro_viking.linalg.solvers import default_rcond
 
 
 def _rows(G):
@@ -141,11 +142,14 @@ def test_direct_solver_precision_and_rcond():
     # an rcond above the smallest relative eigenvalue drops it (rank 7)
     _, info = eigh_solve(G, R.double(), rcond=2e-3)
     assert info.rank == 7
-    # float32 J: the threshold follows the precision of J, 10·B·eps32 ≈ 9.5e-6, and drops the
-    # eigenvalues 1e-6 and 1e-7 of G7 (kept at the float64 threshold 1.8e-14)
-    G7 = spd_matrix(8, cond=1e7)
-    assert eigh_solve(G7, R.double())[1].rank == 8
-    assert eigh_solve(G7, R.double(), jac_dtype=torch.float32)[1].rank == 6
+    # The threshold is on λ = σ²: float32 J resolves λ down to (B·eps32)² ≈ 9.1e-13, float64 down
+    # to the Gram's floor 10·B·eps64 ≈ 1.8e-14. G15's eigenvalues are 1, 7.2e-3, …, 1.4e-13, 1e-15.
+    assert default_rcond(8, torch.float32) == pytest.approx((8 * torch.finfo(torch.float32).eps)
+                                                            ** 2)
+    assert default_rcond(8, torch.float64) == pytest.approx(80 * torch.finfo(torch.float64).eps)
+    G15 = spd_matrix(8, cond=1e15)
+    assert eigh_solve(G15, R.double())[1].rank == 7
+    assert eigh_solve(G15, R.double(), jac_dtype=torch.float32)[1].rank == 6
 
 
 @settings(max_examples=25, deadline=None)

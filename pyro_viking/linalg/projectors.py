@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from .operators import CallableJacobian, DenseJacobian, JacobianOperator
-from .solvers import SolveInfo, cg_solve, cholesky_solve, default_rcond, eigh_solve
+from .solvers import (
+    SolveInfo,
+    cg_solve,
+    cholesky_solve,
+    default_rcond,
+    eigh_factor,
+    eigh_solve,
+)
 
 __all__ = ["KernelProjector", "DenseProjector", "MatrixFreeProjector"]
 
@@ -68,6 +75,7 @@ class KernelProjector:
         self.differentiable = differentiable
         self.info: Optional[SolveInfo] = None
         self._gram: Optional[Tensor] = None
+        self._eig: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -97,8 +105,18 @@ class KernelProjector:
         if self.solver == "cg":
             op = self.operator
             return cg_solve(lambda X: op.mv(op.rmv(X)), R, **self.cg_options)
-        fn = eigh_solve if self.solver == "eigh" else cholesky_solve
-        return fn(self.gram(), R, rcond=self.rcond, jac_dtype=self.operator.dtype)
+        if self.solver == "eigh":
+            return eigh_solve(self.gram(), R, factor=self._eigh())
+        return cholesky_solve(self.gram(), R, rcond=self.rcond, jac_dtype=self.operator.dtype)
+
+    def _eigh(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The eigendecomposition of the Gram, computed once per projector."""
+        if self._eig is None:
+            rcond = self.rcond
+            if rcond is None:
+                rcond = default_rcond(self.num_rows, self.operator.dtype)
+            self._eig = eigh_factor(self.gram(), rcond)
+        return self._eig
 
     def _project_nograd(self, E: Tensor) -> Tuple[Tensor, Tensor, SolveInfo]:
         with torch.no_grad():
@@ -148,12 +166,7 @@ class KernelProjector:
         Costs one batched ``rmv`` with B right-hand sides (or a dense Jacobian for CG).
         """
         with torch.no_grad():
-            G = self.gram()
-            evals, U = torch.linalg.eigh(G)
-            rcond = self.rcond
-            if rcond is None:
-                rcond = default_rcond(self.num_rows, self.operator.dtype)
-            keep = evals > rcond * evals.max().clamp_min(0.0)
+            evals, U, keep = self._eigh()
             half = torch.where(keep, evals.clamp_min(0).rsqrt(), torch.zeros_like(evals))
             W = self.operator.rmv((U * half).T.to(self.operator.dtype))  # (B, D)
             return 1.0 - (W.to(torch.float64) ** 2).sum(0).to(self.operator.dtype)

@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Cost of one AutoViking SVI step against its peers, and the Jacobian backends' projections.
+
+    python benchmarks/bench_step.py            # full run: < 10 min on 2 CPU cores
+    python benchmarks/bench_step.py --quick    # tiny sizes, a smoke test (< 30 s)
+
+Three sections (``--sections``):
+
+``step``
+    One SVI step (``svi.step``) on one fixed minibatch of B data (the data plate covers the
+    whole batch, so every method does the same work every step) for AutoViking +
+    TraceViking_ELBO (backend ``auto``, ``grad_through_projection`` False and True), relative to
+    MAP (AutoDelta + Trace_ELBO, one particle) and to a plain PyTorch forward/backward/Adam step
+    of the same network, and to AutoNormal and AutoLowRankMultivariateNormal(rank=10) with
+    Trace_ELBO and the same number of particles K. K > 1 uses ``vectorize_particles=True`` (the
+    models' layers accept particle-batched weights, see ``bench_models.py``).
+``accuracy``
+    For each Jacobian backend: time of ``build_projector`` + projecting 2 vectors (what one
+    AutoViking K=1 step does), and the accuracy ``‖J Pε‖ / ‖J ε‖`` measured with a float64
+    Jacobian-vector product of the model's rows function (backend-independent reference).
+``memory``
+    Peak memory added by building the projector and projecting 2 vectors, per route and batch
+    size, each in a fresh subprocess (Linux: peak RSS reset through ``/proc/self/clear_refs``;
+    CUDA: ``torch.cuda.max_memory_allocated``).
+
+Timing protocol: every method is warmed up (2 steps), then ``--repeats`` rounds, interleaved
+(the order rotates each round), each round timing several consecutive steps; the tables give
+the median over rounds. One intra-op thread by default (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoLowRankMultivariateNormal,
+    AutoNormal,
+    init_to_value,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import PROBLEMS, dense_bytes, layer_widths_bytes, make_problem  # noqa: E402
+
+from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
+from pyro_viking.jacobian_backends import build_projector  # noqa: E402
+from pyro_viking.model_likelihood import LatentLayout, make_rows_fn  # noqa: E402
+
+
+class AutoVikingStopGrad(AutoViking):
+    """AutoViking under its own parameter names (two AutoVikings share one param store)."""
+
+
+class AutoVikingImplicit(AutoViking):
+    """Likewise, for the ``grad_through_projection=True`` variant."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _sync(device: str) -> Callable[[], None]:
+    if device == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_interleaved(steppers: Dict[str, Callable[[], object]], *, repeats: int,
+                     target_s: float, sync: Callable[[], None], max_steps: int = 50):
+    """Median seconds per call of each stepper over ``repeats`` interleaved rounds."""
+    counts = {}
+    for name, f in steppers.items():
+        f()
+        sync()
+        t0 = time.perf_counter()
+        f()
+        sync()
+        dt = time.perf_counter() - t0
+        counts[name] = max(1, min(max_steps, round(target_s / max(dt, 1e-6))))
+    times: Dict[str, List[float]] = {k: [] for k in steppers}
+    names = list(steppers)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            f, n = steppers[name], counts[name]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            sync()
+            times[name].append((time.perf_counter() - t0) / n)
+    return {k: statistics.median(v) for k, v in times.items()}, counts
+
+
+def print_table(title: str, header: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
+    print(f"\n{title}\n")
+    print(fmt(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(fmt(r))
+    sys.stdout.flush()
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x" if v < 100 else f"{v:.0f}x"
+
+
+def torch_stepper(prob) -> Callable[[], None]:
+    opt = torch.optim.Adam(prob.torch_net.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        prob.torch_loss().backward()
+        opt.step()
+
+    return step
+
+
+def svi_stepper(prob, guide, elbo) -> Callable[[], float]:
+    svi = SVI(prob.model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    return lambda: svi.step(prob.x, prob.y)
+
+
+# --------------------------------------------------------------------------- step section
+def step_section(args) -> None:
+    sync = _sync(args.device)
+    for name in args.problems:
+        prob = make_problem(name, args.batch_size, quick=args.quick, device=args.device,
+                            map_steps=args.map_steps)
+        init = init_to_value(values=prob.init_values)
+        for K in args.particles:
+            pyro.clear_param_store()
+            elbo_kw = dict(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=1)
+            vik = dict(init_loc_fn=init)
+            guides = {
+                "AutoNormal": (AutoNormal(prob.model, init_loc_fn=init), Trace_ELBO),
+                "AutoLowRankMVN(rank=10)": (AutoLowRankMultivariateNormal(
+                    prob.model, init_loc_fn=init, rank=10), Trace_ELBO),
+                "AutoViking, stop-grad P": (AutoVikingStopGrad(
+                    prob.model, grad_through_projection=False, **vik), TraceViking_ELBO),
+                "AutoViking, grad through P": (AutoVikingImplicit(
+                    prob.model, grad_through_projection=True, **vik), TraceViking_ELBO),
+            }
+            steppers = {
+                "torch MAP step": torch_stepper(prob),
+                "MAP (AutoDelta)": svi_stepper(prob, AutoDelta(prob.model, init_loc_fn=init),
+                                               Trace_ELBO(max_plate_nesting=1)),
+            }
+            for label, (guide, elbo_cls) in guides.items():
+                steppers[label] = svi_stepper(prob, guide, elbo_cls(**elbo_kw))
+            med, counts = time_interleaved(steppers, repeats=args.repeats,
+                                           target_s=args.target_seconds, sync=sync)
+            rows = []
+            for label, t in med.items():
+                guide = guides.get(label, (None,))[0]
+                backend = getattr(guide, "backend_used", None)
+                k = 1 if label in ("torch MAP step", "MAP (AutoDelta)") else K
+                rows.append([label + (f" [{backend}]" if backend else ""), k,
+                             f"{t * 1e3:.2f}", counts[label],
+                             _x(t / med["torch MAP step"]), _x(t / med["MAP (AutoDelta)"]),
+                             _x(t / med["AutoNormal"]), _x(t / med["AutoLowRankMVN(rank=10)"])])
+            print_table(
+                f"SVI step, {PROBLEMS[name]}{' (quick)' if args.quick else ''}, "
+                f"D={prob.num_params}, B={args.batch_size}, K={K} "
+                f"({'vectorised' if K > 1 else 'one'} particle{'s' if K > 1 else ''}); "
+                f"median of {args.repeats} interleaved rounds",
+                ["method", "K", "ms/step", "steps/round", "x torch MAP", "x MAP (AutoDelta)",
+                 "x AutoNormal", "x LowRank(10)"], rows)
+
+
+# --------------------------------------------------------------------------- accuracy section
+def _backends(args, B: int, D: int, dtype: torch.dtype):
+    """(label, backend, solver options, projection passes)."""
+    tight = {"rcond": (B * torch.finfo(dtype).eps) ** 2}
+    out = [("layer_gram", "layer_gram", {}, 1),
+           ("layer_gram, rcond=(B eps)^2", "layer_gram", tight, 1),
+           ("layer_gram, rcond=(B eps)^2, P applied twice", "layer_gram", tight, 2)]
+    if dense_bytes(B, D) <= args.max_dense_mb * 2**20:
+        out.append(("per_example", "per_example", {}, 1))
+    out.append(("matrix_free, CG rtol=1e-6 (default)", "matrix_free", {}, 1))
+    out.append(("matrix_free, CG maxiter=10", "matrix_free", {"maxiter": 10}, 1))
+    return out
+
+
+def accuracy_section(args) -> None:
+    for name in args.problems:
+        _accuracy_problem(args, name)
+
+
+def _accuracy_problem(args, name: str) -> None:
+    """One table: every backend's time and accuracy on one problem."""
+    sync = _sync(args.device)
+    prob = make_problem(name, args.batch_size, quick=args.quick, device=args.device,
+                        map_steps=args.map_steps)
+    model, x, y = prob.model, prob.x, prob.y
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(x, y))
+    loc = layout.pack(prob.init_values).detach()
+    B, D = x.shape[0], loc.numel()
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    E = torch.randn(2, D, generator=gen).to(loc)
+    y64 = y if prob.classification else y.double()
+    fn64 = make_rows_fn(model, layout, (x.double(), y64))
+    z64 = loc.double()
+
+    def jv(v):
+        return torch.func.jvp(fn64, (z64,), (v.double(),))[1]
+
+    JE64 = torch.stack([jv(e) for e in E])
+    JE = JE64.norm(dim=-1)
+    # what float32 itself allows: a route exact for the float32 J still leaves about
+    # ‖(J32 − J64) ε‖ / ‖J64 ε‖ (J32 by a float32 jvp)
+    fn32 = make_rows_fn(model, layout, (x, y))
+    JE32 = torch.stack([torch.func.jvp(fn32, (loc,), (e,))[1] for e in E]).double()
+    floor = float(((JE32 - JE64).norm(dim=-1) / JE).max())
+    results, steppers = {}, {"torch MAP step": torch_stepper(prob)}
+    for label, backend, opts, passes in _backends(args, B, D, loc.dtype):
+        def run(backend=backend, opts=opts, label=label, passes=passes):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # CG's ConvergenceWarning: reported below
+                proj = build_projector(model, layout, (x, y), {}, loc, backend=backend,
+                                       solver_options=opts, differentiable=False,
+                                       check=False)
+                PE = E
+                for _ in range(passes):
+                    PE = proj(PE)
+                results[label] = (proj, PE)
+
+        steppers[label] = run
+    med, counts = time_interleaved(steppers, repeats=max(3, args.repeats // 2),
+                                   target_s=args.target_seconds, sync=sync, max_steps=10)
+    rows = []
+    for label, *_ in _backends(args, B, D, loc.dtype):
+        proj, PE = results[label]
+        acc = float((torch.stack([jv(v) for v in PE]).norm(dim=-1) / JE).max())
+        info = proj.info
+        detail = (f"CG {info.iterations} it" if info.method == "cg"
+                  else f"{info.method}, rank {info.rank}")
+        rows.append([label, proj.operator.backend_name, f"{acc:.1e}", detail,
+                     f"{med[label] * 1e3:.1f}", _x(med[label] / med["torch MAP step"])])
+    print_table(
+        f"Projection accuracy and cost, {PROBLEMS[name]}{' (quick)' if args.quick else ''},"
+        f" D={D}, B={B}, float32 (reference: float64 jvp; float32 floor {floor:.1e}; "
+        f"build + project 2 vectors; torch MAP step {med['torch MAP step'] * 1e3:.2f} ms)",
+        ["backend", "operator", "max |JPe|/|Je|", "solver", "ms", "x torch MAP"], rows)
+
+
+# --------------------------------------------------------------------------- memory section
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _project_once(prob, route: str):
+    model, x, y = prob.model, prob.x, prob.y
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(x, y))
+    loc = layout.pack(prob.init_values).detach()
+    proj = build_projector(model, layout, (x, y), {}, loc, backend=route,
+                           differentiable=False, check=False)
+    out = proj(torch.randn(2, loc.numel(), dtype=loc.dtype, device=loc.device))
+    return proj, out
+
+
+def memory_child(cfg: dict) -> None:
+    """Run in a fresh process: peak memory added by one projection, printed as JSON."""
+    torch.set_num_threads(cfg["threads"])
+    kw = dict(quick=cfg["quick"], device=cfg["device"])
+    _project_once(make_problem(cfg["problem"], 4, **kw), cfg["route"])  # load kernels
+    prob = make_problem(cfg["problem"], cfg["B"], **kw)
+    gc.collect()
+    method = "cuda"
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+            method = "VmHWM after clear_refs"
+        except OSError:
+            method = "ru_maxrss (upper bound)"
+    _project_once(prob, cfg["route"])
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    elif method.startswith("VmHWM"):
+        peak = _status_kb("VmHWM") * 1024
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"delta": peak - base, "method": method, "D": prob.num_params}))
+
+
+def memory_section(args) -> None:
+    name = "mlp_784_256_256_10"
+    ref = make_problem(name, 4, quick=args.quick)
+    D = ref.num_params
+    rows, method = [], ""
+    for B in args.memory_batch_sizes:
+        got = {}
+        for route in ("layer_gram", "per_example"):
+            cfg = dict(problem=name, route=route, B=B, quick=args.quick, device=args.device,
+                       threads=args.threads)
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
+                                  json.dumps(cfg)], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory child failed:\n{res.stderr[-3000:]}")
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            got[route], method = out["delta"], out["method"]
+        mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+        rows.append([B, mb(got["layer_gram"]), mb(layer_widths_bytes(ref, B)),
+                     mb(got["per_example"]), mb(dense_bytes(B, D)),
+                     f"{got['per_example'] / max(got['layer_gram'], 1):.0f}x"])
+    print_table(
+        f"Peak memory added by build + project 2 vectors, {PROBLEMS[name]}"
+        f"{' (quick)' if args.quick else ''}, D={D}, float32, fresh process per cell "
+        f"({method}); MB",
+        ["B", "layer_gram", "B*sum(in+out)*4 + B^2*8", "per_example", "B*D*4",
+         "per_example / layer_gram"], rows)
+
+
+# --------------------------------------------------------------------------- main
+def _ints(s: str) -> List[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (≥ 5)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--sections", default="step,accuracy,memory")
+    p.add_argument("--problems", default=",".join(PROBLEMS))
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 8)")
+    p.add_argument("--particles", type=_ints, default=None, help="default 1,8 (quick: 1,2)")
+    p.add_argument("--memory-batch-sizes", type=_ints, default=None,
+                   help="default 32,64,128,256 (quick: 16)")
+    p.add_argument("--map-steps", type=int, default=None,
+                   help="plain MAP Adam steps giving θ̂ (default 100; quick: 5)")
+    p.add_argument("--target-seconds", type=float, default=None,
+                   help="time per method per round (default 0.3; quick: 0.01)")
+    p.add_argument("--max-dense-mb", type=float, default=1024,
+                   help="largest dense (B, D) Jacobian the accuracy section builds")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = dict(batch_size=8 if q else 128, particles=[1, 2] if q else [1, 8],
+                    memory_batch_sizes=[16] if q else [32, 64, 128, 256],
+                    map_steps=5 if q else 100, target_seconds=0.01 if q else 0.3)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if q and "--repeats" not in " ".join(argv if argv is not None else sys.argv):
+        args.repeats = 2
+    args.problems = [s for s in args.problems.split(",") if s]
+    args.sections = [s for s in args.sections.split(",") if s]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        memory_child(json.loads(args.memory_child))
+        return
+    pyro.set_rng_seed(0)
+    t0 = time.perf_counter()
+    print(f"bench_step: torch {torch.__version__}, pyro {pyro.__version__}, device "
+          f"{args.device}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
+          f"repeats {args.repeats}{', quick' if args.quick else ''}")
+    for section in args.sections:
+        {"step": step_section, "accuracy": accuracy_section,
+         "memory": memory_section}[section](args)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
