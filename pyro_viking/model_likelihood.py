@@ -190,6 +190,7 @@ def _observed_sites(trace, latent_names=()):
         if site["type"] == "sample"
         and site["is_observed"]
         and not site_is_subsample(site)
+        and not site["infer"].get("_deterministic", False)  # pyro.deterministic records
         and name not in latent_names
     ]
 

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -162,4 +163,9 @@ def test_flagship_tutorial_smoke(tmp_path):
         png = tmp_path / f"{name}.png"
         assert png.exists() and png.stat().st_size > 1000, name
     assert "AUROC" in proc.stdout
+    # VIKING's prior scale is a pyro.param tied to σ_ker: it must receive gradients and move
+    # away from its initial value e^-2 even in the 3-epoch smoke run.
+    learned = re.findall(r"s = σ_ker = ([0-9.]+)", proc.stdout)
+    assert learned, proc.stdout[-3000:]
+    assert all(abs(float(s) - math.exp(-2)) > 1e-4 for s in learned), learned
     print(f"smoke run: {elapsed:.1f} s")

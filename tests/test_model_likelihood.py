@@ -286,3 +286,19 @@ def test_validation_outside_and_inside_transforms():
         f(z)  # plain call: Pyro/torch validation is active
     assert vmap(f)(torch.randn(2, 1)).shape == (2, 3)  # no obscure vmap .item() error
     assert dist.is_validation_enabled()
+
+
+def test_deterministic_sites_are_not_rows():
+    X = torch.randn(6, 3)
+    y = torch.randn(6)
+
+    def model(X, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", 6):
+            pyro.deterministic("mu", X @ w)
+            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, y))
+    for kind in ("loss", "output"):
+        rows = make_rows_fn(model, layout, (X, y), jacobian=kind)(torch.zeros(3))
+        assert rows.shape == (6,)

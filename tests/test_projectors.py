@@ -199,3 +199,15 @@ def test_projector_invariants(B, D, r, dup, K, solver, seed):
     assert float(d.sum()) == pytest.approx(D - r, abs=1e-8)
     if solver != "cg":
         assert P.kernel_dim == D - r
+
+
+def test_gradient_through_constant_jacobian_is_zero_not_an_error():
+    # J that does not depend on theta (a model linear in theta, output Jacobian)
+    A = torch.randn(3, 7)
+    theta = torch.randn(7, requires_grad=True)
+    proj = KernelProjector(FunctionalJacobian(lambda z: A @ z, theta))
+    E = torch.randn(2, 7, requires_grad=True)
+    proj(E).pow(2).sum().backward()
+    assert theta.grad is None or torch.all(theta.grad == 0)
+    P = torch.eye(7) - torch.linalg.pinv(A) @ A
+    torch.testing.assert_close(E.grad, 2 * (E.detach() @ P) @ P)

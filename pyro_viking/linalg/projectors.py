@@ -209,7 +209,9 @@ class _ProjectFunction(torch.autograd.Function):
             params = tuple(p for p in proj.operator.params if p.requires_grad)
             with torch.enable_grad():
                 b = proj.operator.bilinear(torch.cat([Lam, Xi_lam]), torch.cat([Xi_x, X]))
-                grads = torch.autograd.grad(-b, params, allow_unused=True)
+                # b is constant when J does not depend on its params (a model linear in θ)
+                if b.requires_grad:
+                    grads = torch.autograd.grad(-b, params, allow_unused=True)
         return (None, Xi_x, *grads)
 
 
