@@ -12,20 +12,19 @@ Backends (``backend=``):
   time, so it can be changed for callers such as the guide that do not pass it), else
   matrix-free (the rule of :func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`).
 
-The output Jacobian (``jacobian="output"``) rows are not per-layer losses, so ``"auto"`` uses the
-dense or matrix-free routes for it.
+The output Jacobian (``jacobian="output"``) has several rows per datum, which the layer-Gram
+backend refuses (its rows must match the layers' batch), so ``"auto"`` then falls back to the
+dense or matrix-free routes.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
 
-import torch
 from torch import Tensor
 
 from .linalg import FunctionalJacobian, KernelProjector
-from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, LayerGramJacobian, LayerGramNotApplicable
-from .linalg.per_example import PerExampleJacobian
+from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, select_jacobian_backend
 from .model_likelihood import LatentLayout, make_rows_fn
 
 __all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "build_projector"]
@@ -60,29 +59,13 @@ def build_projector(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fn = make_rows_fn(model, layout, args, kwargs, jacobian=jacobian, subsample=subsample)
     op = None
-    if backend == "layer_gram":
-        op = LayerGramJacobian(fn, loc, check=check)
-    elif backend == "per_example":
-        op = PerExampleJacobian(fn, loc)
-    elif backend == "auto":
-        if jacobian == "loss":
-            try:
-                op = LayerGramJacobian(fn, loc, check=check)
-            except LayerGramNotApplicable:
-                op = None
-        if op is None:
-            op = _dense_or_none(fn, loc, DEFAULT_MAX_DENSE_BYTES if max_dense_bytes is None
-                                else max_dense_bytes)
+    if backend != "matrix_free":
+        op = select_jacobian_backend(
+            fn, loc, prefer=None if backend == "auto" else backend, check=check,
+            max_dense_bytes=DEFAULT_MAX_DENSE_BYTES if max_dense_bytes is None
+            else max_dense_bytes)
     if op is None:
         op = FunctionalJacobian(fn, loc)
         op.backend_name = "matrix_free"
     return KernelProjector(op, solver=solver, differentiable=differentiable,
                            **(solver_options or {}))
-
-
-def _dense_or_none(fn, loc: Tensor, max_bytes: int):
-    with torch.no_grad():
-        B = int(fn(loc.detach()).shape[0])
-    if B * loc.numel() * loc.element_size() <= max_bytes:
-        return PerExampleJacobian(fn, loc)
-    return None

@@ -480,41 +480,47 @@ def select_jacobian_backend(
     fn: RowFn,
     z: Tensor,
     *,
-    batch_size: int,
-    num_vectors: int,
+    batch_size: Optional[int] = None,
+    num_vectors: int = 1,
     prefer: Optional[str] = None,
     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+    check: bool = True,
 ) -> Optional[JacobianOperator]:
     """Pick an exact Jacobian operator for ``fn`` at ``z``, or ``None`` for matrix-free CG.
 
     Rule (``prefer=None``):
 
-    1. :class:`LayerGramJacobian` (with ``check=True``) — when it applies, i.e. does not raise
+    1. :class:`LayerGramJacobian` — when it applies, i.e. does not raise
        :class:`LayerGramNotApplicable`; it costs about one forward and two backward passes
        and memory ``O(B·width)`` regardless of D;
-    2. else :class:`PerExampleJacobian` when ``batch_size · D · itemsize ≤ max_dense_bytes``;
+    2. else :class:`PerExampleJacobian` when ``B · D · itemsize ≤ max_dense_bytes``;
     3. else ``None``: the caller uses the matrix-free (CG) projection.
 
     ``num_vectors`` (K) is validated but does not change the order: both exact routes are
     built once per batch and then serve any K, and CG is slower per vector and inexact at a
     fixed iteration count (design §3).
 
+    :param batch_size: B, the number of rows of ``fn`` (evaluated from ``fn`` when needed).
     :param prefer: ``"layer_gram"`` or ``"per_example"`` forces that backend (its errors
         propagate); ``None`` applies the rule.
+    :param check: passed to :class:`LayerGramJacobian` (verify it against autograd).
     """
     if prefer not in (None, "layer_gram", "per_example"):
         raise ValueError(f"prefer must be None, 'layer_gram' or 'per_example', got {prefer!r}")
-    if batch_size < 1 or num_vectors < 1:
+    if (batch_size is not None and batch_size < 1) or num_vectors < 1:
         raise ValueError(f"batch_size and num_vectors must be positive, got {batch_size}, "
                          f"{num_vectors}")
     if prefer == "layer_gram":
-        return LayerGramJacobian(fn, z)
+        return LayerGramJacobian(fn, z, check=check)
     if prefer == "per_example":
         return PerExampleJacobian(fn, z)
     try:
-        return LayerGramJacobian(fn, z)
+        return LayerGramJacobian(fn, z, check=check)
     except LayerGramNotApplicable:
         pass
+    if batch_size is None:
+        with torch.no_grad():
+            batch_size = int(evaluate_rows(fn, z.detach()).shape[0])
     if batch_size * z.numel() * z.element_size() <= max_dense_bytes:
         return PerExampleJacobian(fn, z)
     return None
