@@ -124,7 +124,8 @@ class AutoViking(AutoContinuous):
         ``Normal`` scale on every latent with real support; a ``pyro.param`` prior scale is
         followed and gets gradients), ``"learned"`` makes ``σ_ker`` a free parameter, ``"auto"``
         ties when possible, else learns. A float fixes ``σ_ker``.
-    :param init_kernel_scale: initial ``σ_ker`` when learned.
+    :param init_kernel_scale: initial ``σ_ker`` when learned (default: the common prior scale
+        when the latents share one, else 1).
     :param gamma: memory ``γ ∈ [0, 1]`` of the stochastic alternating projections.
     :param jacobian: ``"loss"`` (per-datum log-likelihoods) or ``"output"``.
     :param backend: Jacobian backend, ``"auto"``, ``"layer_gram"``, ``"per_example"`` or
@@ -152,7 +153,7 @@ class AutoViking(AutoContinuous):
         init_loc_fn: Callable = init_to_median,
         init_image_scale: float = 0.1,
         kernel_scale="auto",
-        init_kernel_scale: float = 1.0,
+        init_kernel_scale: Optional[float] = None,
         gamma: float = 0.5,
         jacobian: str = "loss",
         backend: str = "auto",
@@ -178,12 +179,12 @@ class AutoViking(AutoContinuous):
                                      ("rank_estimator", rank_estimator, RANK_ESTIMATORS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if init_image_scale <= 0 or init_kernel_scale <= 0:
+        if init_image_scale <= 0 or (init_kernel_scale is not None and init_kernel_scale <= 0):
             raise ValueError("init_image_scale and init_kernel_scale must be positive, got "
                              f"{init_image_scale} and {init_kernel_scale}")
         self._raw_model = (model,)
         self.init_image_scale = float(init_image_scale)
-        self.init_kernel_scale = float(init_kernel_scale)
+        self.init_kernel_scale = None if init_kernel_scale is None else float(init_kernel_scale)
         self.kernel_scale_mode = kernel_scale
         self.gamma = float(gamma)
         self.jacobian = jacobian
@@ -227,9 +228,12 @@ class AutoViking(AutoContinuous):
                 "kernel_scale='learned' (or a float).")
         self._kernel_mode = mode if isinstance(mode, str) else "fixed"
         if self._kernel_mode == "learned":
+            init = self.init_kernel_scale
+            if init is None:
+                init = 1.0 if prior is None else float(prior.detach())
             self.kernel_scale_unconstrained = PyroParam(
-                torch.tensor(self.init_kernel_scale, dtype=init_loc.dtype,
-                             device=init_loc.device), constraints.positive)
+                torch.tensor(init, dtype=init_loc.dtype, device=init_loc.device),
+                constraints.positive)
         # A constant prior scale is cached; a pyro.param one is re-read from the model each call.
         self._prior_scale_is_param = prior is not None and prior.requires_grad
 

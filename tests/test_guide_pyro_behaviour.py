@@ -355,3 +355,19 @@ def test_bad_guide_arguments(kwargs):
     name = next(iter(kwargs)).replace("init_", "")
     with pytest.raises(ValueError, match=name):
         AutoViking(linreg, **kwargs)
+
+
+def test_learned_kernel_scale_starts_at_the_common_prior_scale():
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 0.3).expand([4]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+    x, y = torch.randn(3, 4), torch.randn(3)
+    guide = AutoViking(model, kernel_scale="learned")
+    guide(x, y)
+    assert float(guide.kernel_scale) == pytest.approx(0.3)
+    pyro.clear_param_store()  # parameters are shared by name across guides of one class
+    guide = AutoViking(model, kernel_scale="learned", init_kernel_scale=2.0)
+    guide(x, y)
+    assert float(guide.kernel_scale) == pytest.approx(2.0)
