@@ -302,8 +302,8 @@ class AutoViking(AutoContinuous):
             self._raw_model[0], self.layout, args, kwargs, loc,
             jacobian=self.jacobian, subsample=subsample, backend=backend,
             solver=self.solver, solver_options=self.solver_options,
-            differentiable=differentiable, check=backend != "layer_gram" or
-            getattr(self, "_resolved_backend", None) is None)
+            differentiable=differentiable,
+            check=getattr(self, "_resolved_backend", None) is None)
         self._resolved_backend = proj.operator.backend_name
         return proj
 

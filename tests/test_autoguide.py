@@ -292,7 +292,7 @@ def test_bnn_two_moons_minibatches_and_predictive():
     z = guide.layout.pack({s.name: pred[s.name].reshape((20,) + tuple(s.shape))
                            for s in guide.layout.sites})
     sk, si = guide.kernel_scale, guide.image_scale.detach()
-    cached = guide.loc.detach() + sk * k_train + si * (guide._pred_noise - k_train)
+    cached = guide.loc.detach() + sk * k_train + si * (guide.projected_samples[0] - k_train)
     gap = (z[:, None] - cached[None]).norm(dim=-1).min(1).values
     assert gap.max() < 1e-8, gap.max()
     # ... and not a projection on the test inputs: J_train z − J_train loc is image noise only.

@@ -218,7 +218,7 @@ with torch.no_grad():
 # ### Kernel-only and image-only samples
 #
 # To see what each part of the covariance does we build the samples ourselves from the cached
-# noise (`guide._pred_noise`, `guide._pred_kernel`):
+# noise (`guide.projected_samples`):
 #
 # * full posterior: θ = θ̂ + σ_ker k + σ_im (ε − k);
 # * kernel component only: θ = θ̂ + σ_ker k;
@@ -232,7 +232,7 @@ with torch.no_grad():
 
 def component_deltas(guide):
     sk, si = guide.kernel_scale, guide.image_scale.detach()
-    eps, ker = guide._pred_noise, guide._pred_kernel
+    eps, ker = guide.projected_samples
     return {
         "full posterior": sk * ker + si * (eps - ker),
         "kernel component only": sk * ker,

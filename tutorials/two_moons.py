@@ -237,14 +237,14 @@ with torch.no_grad():
 
 # %% [markdown]
 # For the kernel-only and image-only columns we build the weight samples ourselves from the
-# cached noise ε and its kernel part k (`guide._pred_noise`, `guide._pred_kernel`):
+# cached noise ε and its kernel part k (`guide.projected_samples`):
 # θ = θ̂ + σ_ker k (kernel only) and θ = θ̂ + σ_im (ε − k) (image only), and run the model
 # conditioned on each θ (`guide.layout.unpack` turns the flat vector into named latents).
 
 # %%
 loc = guide.loc.detach()
 sk, si = guide.kernel_scale, guide.image_scale.detach()
-eps, ker = guide._pred_noise, guide._pred_kernel
+eps, ker = guide.projected_samples
 deltas = {
     "full posterior": sk * ker + si * (eps - ker),
     "kernel component only": sk * ker,
