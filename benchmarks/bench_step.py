@@ -15,11 +15,12 @@ Three sections (``--sections``):
     Trace_ELBO and the same number of particles K. K > 1 uses ``vectorize_particles=True`` (the
     models' layers accept particle-batched weights, see ``bench_models.py``).
 ``accuracy``
-    For each Jacobian backend: time of ``build_projector`` + projecting 2 vectors (what one
-    AutoViking K=1 step does), and the accuracy ``‖J Pε‖ / ‖J ε‖`` measured with a float64
+    For each Jacobian backend and solver: time of ``build_projector`` +
+    ``kernel_and_image`` of 2 vectors (the kernel parts of 2 vectors and 2 image draws: what
+    a step with 2 particles does), and the accuracy ``‖J Pε‖ / ‖J ε‖`` measured with a float64
     Jacobian-vector product of the model's rows function (backend-independent reference).
 ``memory``
-    Peak memory added by building the projector and projecting 2 vectors, per route and batch
+    Peak memory added by building the projector and drawing 2 vectors so, per route and batch
     size, each in a fresh subprocess (Linux: peak RSS reset through ``/proc/self/clear_refs``;
     CUDA: ``torch.cuda.max_memory_allocated``).
 
@@ -182,8 +183,9 @@ def step_section(args) -> None:
 # --------------------------------------------------------------------------- accuracy section
 def _backends(args, B: int, D: int, dtype: torch.dtype):
     """(label, backend, solver options, projection passes)."""
-    out = [("layer_gram (default: eigh + 1 refinement)", "layer_gram", {}, 1),
-           ("layer_gram, no refinement", "layer_gram", {"refine": 0}, 1)]
+    out = [("layer_gram (default: cholesky, refined if > 1e-6)", "layer_gram", {}, 1),
+           ("layer_gram, no refinement", "layer_gram", {"refine": 0}, 1),
+           ("layer_gram, eigh", "layer_gram", {"solver": "eigh"}, 1)]
     if dense_bytes(B, D) <= args.max_dense_mb * 2**20:
         out.append(("per_example", "per_example", {}, 1))
     out.append(("matrix_free, CG rtol=1e-6 (default)", "matrix_free", {}, 1))
@@ -226,12 +228,14 @@ def _accuracy_problem(args, name: str) -> None:
         def run(backend=backend, opts=opts, label=label, passes=passes):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # CG's ConvergenceWarning: reported below
+                opts = dict(opts)
+                solver = opts.pop("solver", "auto")
                 proj = build_projector(model, layout, (x, y), {}, loc, backend=backend,
-                                       solver_options=opts, differentiable=False,
-                                       check=False)
+                                       solver=solver, solver_options=opts,
+                                       differentiable=False, check=False)
                 PE = E
                 for _ in range(passes):
-                    PE = proj(PE)
+                    PE, _ = proj.kernel_and_image(PE)
                 results[label] = (proj, PE)
 
         steppers[label] = run
@@ -243,13 +247,15 @@ def _accuracy_problem(args, name: str) -> None:
         acc = float((torch.stack([jv(v) for v in PE]).norm(dim=-1) / JE).max())
         info = proj.info
         detail = (f"CG {info.iterations} it" if info.method == "cg"
-                  else f"{info.method}, rank {info.rank}")
+                  else f"{info.method}, rank {info.rank}, {info.refinements} refinement"
+                       f"{'' if info.refinements == 1 else 's'}")
         rows.append([label, proj.operator.backend_name, f"{acc:.1e}", detail,
                      f"{med[label] * 1e3:.1f}", _x(med[label] / med["torch MAP step"])])
     print_table(
         f"Projection accuracy and cost, {PROBLEMS[name]}{' (quick)' if args.quick else ''},"
         f" D={D}, B={B}, float32 (reference: float64 jvp; float32 floor {floor:.1e}; "
-        f"build + project 2 vectors; torch MAP step {med['torch MAP step'] * 1e3:.2f} ms)",
+        f"build + kernel parts of 2 vectors and 2 image draws; torch MAP step "
+        f"{med['torch MAP step'] * 1e3:.2f} ms)",
         ["backend", "operator", "max |JPe|/|Je|", "solver", "ms", "x torch MAP"], rows)
 
 
@@ -268,7 +274,7 @@ def _project_once(prob, route: str):
     loc = layout.pack(prob.init_values).detach()
     proj = build_projector(model, layout, (x, y), {}, loc, backend=route,
                            differentiable=False, check=False)
-    out = proj(torch.randn(2, loc.numel(), dtype=loc.dtype, device=loc.device))
+    out = proj.kernel_and_image(torch.randn(2, loc.numel(), dtype=loc.dtype, device=loc.device))
     return proj, out
 
 
@@ -326,7 +332,8 @@ def memory_section(args) -> None:
                      mb(got["per_example"]), mb(dense_bytes(B, D)),
                      f"{got['per_example'] / max(got['layer_gram'], 1):.0f}x"])
     print_table(
-        f"Peak memory added by build + project 2 vectors, {PROBLEMS[name]}"
+        f"Peak memory added by build + kernel parts of 2 vectors and 2 image draws, "
+        f"{PROBLEMS[name]}"
         f"{' (quick)' if args.quick else ''}, D={D}, float32, fresh process per cell "
         f"({method}); MB",
         ["B", "layer_gram", "B*sum(in+out)*4 + B^2*8", "per_example", "B*D*4",

@@ -9,9 +9,10 @@ with ``P`` the projector onto the kernel of the Jacobian of the per-datum log-li
 (or outputs) of the *current call's data* at ``θ̂``. Between training calls it carries one
 kernel sample per particle and applies the stochastic alternating-projection update
 
-    e = √γ k + √(1−γ) η,  k ← P_t e,  z = θ̂ + σ_ker k + σ_im (η − P_t η),
+    e = √γ k + √(1−γ) η,  k ← P_t e,  z = θ̂ + σ_ker k + σ_im i,  i ~ N(0, I − P_t),
 
-(the paper's image part ``e − P_t e`` is available as ``image_noise="carried"``).
+with ``i`` drawn independently of ``k`` (the paper's image part ``e − P_t e`` is available as
+``image_noise="carried"``).
 
 Prediction (``poutine.get_mask() is False``, as under :class:`~pyro.infer.Predictive`) never
 projects on the prediction inputs: it uses samples projected on the *training* data by
@@ -136,9 +137,11 @@ class AutoViking(AutoContinuous):
         differentiation; the paper's default). ``False`` stops that gradient (cheaper).
     :param rank_estimator: how ``dim ker`` enters the KL: ``"auto"``, ``"exact"``,
         ``"hutchinson"`` or ``"image"`` (see :data:`~pyro_viking.distributions.RANK_ESTIMATORS`).
-    :param image_noise: ``"fresh"`` (default): the image part is ``(I − P_t) η`` of the fresh
-        noise alone, so its covariance is exactly ``σ_im² (I − P_t)`` as the KL assumes (one
-        extra batch of vectors through the same factorisation). ``"carried"``: the paper's
+    :param image_noise: ``"fresh"`` (default): the image part is a fresh draw of
+        ``N(0, I − P_t)``, so its covariance is exactly ``σ_im² (I − P_t)`` as the KL assumes.
+        With a direct solver, the exact rank and ``grad_through_projection=False`` it is
+        ``c J`` with ``c ~ N(0, (J Jᵀ)⁻¹)`` from the Gram's factorisation (it shares the kernel
+        part's ``rmv``); otherwise ``η − P_t η`` for fresh noise η. ``"carried"``: the paper's
         ``e − P_t e``, whose image variance is only ``(1 − γ) σ_im²`` when consecutive batches
         have similar kernels, so the learned ``σ_im`` then overstates the spread by up to
         ``1/√(1 − γ)``.
@@ -236,6 +239,7 @@ class AutoViking(AutoContinuous):
                 constraints.positive)
         # A constant prior scale is cached; a pyro.param one is re-read from the model each call.
         self._prior_scale_is_param = prior is not None and prior.requires_grad
+        self._constant_prior_scale = None if prior is None else prior.detach()
 
     def _create_plates(self, *args, **kwargs):
         if getattr(self, "_plates_ready", False):
@@ -261,7 +265,10 @@ class AutoViking(AutoContinuous):
             scale = isotropic_prior_scale(trace, self.layout.names)
             self._last_prior_scale = scale.detach()
             return scale
-        return isotropic_prior_scale(self.prototype_trace, self.layout.names).detach()
+        cached = getattr(self, "_constant_prior_scale", None)
+        if cached is None:
+            cached = isotropic_prior_scale(self.prototype_trace, self.layout.names).detach()
+        return cached
 
     @property
     def kernel_scale(self) -> Tensor:
@@ -295,17 +302,42 @@ class AutoViking(AutoContinuous):
                 out[name] = idx
         return out
 
-    def _projector(self, loc: Tensor, args, kwargs, subsample, *, differentiable: bool):
+    def _projector(self, loc: Tensor, args, kwargs, subsample, *, differentiable: bool,
+                   training: bool = False):
         # The first projection picks (and verifies) the backend; later ones reuse the choice.
         backend = getattr(self, "_resolved_backend", None) or self.backend
+        options = self.solver_options
+        if training and self._skip_refinement_check():
+            options = {**options, "refine": 0}
         proj = build_projector(
             self._raw_model[0], self.layout, args, kwargs, loc,
             jacobian=self.jacobian, subsample=subsample, backend=backend,
-            solver=self.solver, solver_options=self.solver_options,
+            solver=self.solver, solver_options=options,
             differentiable=differentiable,
             check=getattr(self, "_resolved_backend", None) is None)
         self._resolved_backend = proj.operator.backend_name
         return proj
+
+    #: training projections between two residual checks once a check found refinement useless
+    REFINE_CHECK_INTERVAL = 16
+
+    def _skip_refinement_check(self) -> bool:
+        """Whether this training projection skips iterative refinement and its residual check
+        (one ``mv``): yes while the last check, fewer than :attr:`REFINE_CHECK_INTERVAL`
+        projections ago, found the first pass already within ``refine_tol``."""
+        if self.solver_options.get("refine", 1) == 0 \
+                or self.solver_options.get("refine_tol", 1.0) == 0:
+            return False
+        state = self.__dict__.setdefault("_refine_state", {"clean": False, "since": 0})
+        state["since"] += 1
+        return state["clean"] and state["since"] < self.REFINE_CHECK_INTERVAL
+
+    def _note_refinement(self, proj) -> None:
+        state = self.__dict__.get("_refine_state")
+        info = proj.info
+        if state is None or info is None or proj.refine == 0 or proj.solver == "cg":
+            return  # not a checked projection
+        state["clean"], state["since"] = info.refinements == 0, 0
 
     @property
     def backend_used(self) -> Optional[str]:
@@ -318,7 +350,8 @@ class AutoViking(AutoContinuous):
             projector = _TrainingDataProjector(self.latent_dim, self.loc)
         else:
             projector = self._projector(self.loc, args, kwargs, self._subsample_indices(),
-                                        differentiable=self.grad_through_projection)
+                                        differentiable=self.grad_through_projection,
+                                        training=True)
             self.last_projector = projector
         sk = self._current_kernel_scale(*args, **kwargs)
         return _VikingPosterior(self.loc, sk, self.image_scale, projector, guide=self,
@@ -370,9 +403,20 @@ class AutoViking(AutoContinuous):
         chain = self._carry.setdefault(n, deque())
         k_prev = chain.popleft() if len(chain) >= max(1, self.num_chains) else None
         g = self.gamma
-        if k_prev is None or g == 0:
-            k, img = q.split_noise(eta)
+        proj = q.projector
+        restart = k_prev is None or g == 0
+        # Fresh image noise straight from the Gram's factorisation: one mv + one rmv per step
+        # instead of two of each (the image part is independent of the kernel part either way;
+        # needs the exact rank, as the probes of the rank estimators come from projected noise).
+        if (self.image_noise == "fresh" and proj.samples_image_directly
+                and not proj.differentiable and q.kernel_dim_source == "exact"):
+            # (η is not used again: scale it in place)
+            e = eta if restart else torch.add(eta.mul_(math.sqrt(1 - g)), k_prev,
+                                               alpha=math.sqrt(g))
+            k, img = proj.kernel_and_image(e)
+        elif restart:
             e = eta
+            k, img = q.split_noise(eta)
         else:
             e = math.sqrt(g) * k_prev + math.sqrt(1 - g) * eta
             if self.image_noise == "carried":
@@ -380,10 +424,11 @@ class AutoViking(AutoContinuous):
                 k, img = q.split_noise(e, probe=eta if g < 1 else None,
                                        probe_weight=w if g < 1 else 1.0)
             else:
-                both = q.projector(torch.cat([e, eta]))
+                both = proj(torch.cat([e, eta]))
                 k, p_eta = both[:n], both[n:]
                 img = eta - p_eta
                 q.record_probes(eta, p_eta)
+        self._note_refinement(proj)
         chain.append(k.detach())
         self._last_draw[n] = (e.detach(), k.detach())
         return k, img

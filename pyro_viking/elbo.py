@@ -13,19 +13,28 @@ guides (e.g. in an :class:`~pyro.infer.autoguide.AutoGuideList`) keep the usual 
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import sys
+from typing import List, Set, Tuple
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuideList
-from pyro.infer.util import is_identically_zero, torch_item
-from pyro.util import warn_if_nan
+from pyro.infer.util import is_identically_zero, is_validation_enabled, torch_item
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import (
+    check_if_enumerated,
+    check_model_guide_match,
+    check_site_shape,
+    warn_if_nan,
+)
 from torch import Tensor
 from torch.distributions import Independent, Normal, kl_divergence
 
 from .distributions import KernelImageNormal
-from .distributions.kl import cross_entropy_diag_normal
-from .priors import gaussian_prior_blocks
+from .distributions.kl import cross_entropy_diag_normal, kl_kernel_image_normal_isotropic
+from .priors import closed_form_prior, gaussian_prior_blocks, isotropic_prior_blocks
 
 __all__ = ["TraceViking_ELBO"]
 
@@ -50,6 +59,31 @@ class TraceViking_ELBO(Trace_ELBO):
         for part in _viking_parts(guide):
             part.num_chains = chains
         return super()._get_traces(model, guide, args, kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """As :meth:`Trace_ELBO._get_trace`, but without the log-densities that the closed-form
+        KL replaces: the priors of the AutoViking latents with Gaussian priors, and the guide's
+        own sites for them (D-sized ``log_prob`` passes that the objective never reads)."""
+        if isinstance(poutine.unwrap(guide), Messenger):
+            return super()._get_trace(model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
+                                    graph_type="flat").get_trace(*args, **kwargs)
+        validate = is_validation_enabled()
+        if validate:
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        skip = _closed_form_sites(model_trace, guide_trace)
+        model_trace.compute_log_prob(site_filter=lambda name, site: name not in skip)
+        _compute_score_parts(guide_trace, skip)
+        if validate:
+            for trace in (model_trace, guide_trace):
+                for name, site in trace.nodes.items():
+                    if site["type"] == "sample" and name not in skip:
+                        check_site_shape(site, self.max_plate_nesting)
+            check_if_enumerated(guide_trace)
+        return model_trace, guide_trace
 
     # -- the objective --------------------------------------------------------------------------
     def _elbo_particle(self, model_trace, guide_trace) -> Tuple[Tensor, Tensor]:
@@ -108,10 +142,52 @@ def _viking_parts(guide) -> List:
     return []
 
 
+def _closed_form_sites(model_trace, guide_trace) -> Set[str]:
+    """Names whose densities the closed-form KL replaces (see ``TraceViking_ELBO._get_trace``)."""
+    skip = set()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and isinstance(site["fn"], KernelImageNormal) \
+                and site["infer"].get("is_auxiliary"):
+            skip.add(name)
+            skip.update(n for n in site["fn"]._guide.layout.names
+                        if n in model_trace.nodes and closed_form_prior(model_trace.nodes[n]))
+    return skip
+
+
+def _compute_score_parts(trace, skip: Set[str]) -> None:
+    """``Trace.compute_score_parts`` for the sample sites not in ``skip``."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name in skip or "score_parts" in site:
+            continue
+        try:
+            value = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:
+            shapes = trace.format_shapes(last_site=name)
+            raise ValueError(f"Error while computing score_parts at site '{name}':\n"
+                             f"{sys.exc_info()[1]}\n{shapes}") from e
+        site["unscaled_log_prob"] = value.log_prob
+        value = value.scale_and_mask(site["scale"], site["mask"])
+        site["score_parts"] = value
+        site["log_prob"] = value.log_prob
+        site["log_prob_sum"] = value.log_prob.sum()
+        if is_validation_enabled():
+            warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
+
+
 def _kl_term(site, model_trace, guide_trace) -> Tensor:
     """``KL(q ‖ p)`` summed over the particle batch; Monte Carlo for non-Gaussian priors."""
     q: KernelImageNormal = site["fn"]
     layout = q._guide.layout
+    iso = isotropic_prior_blocks(model_trace, layout)
+    if iso is not None:  # one scalar prior scale: no D-sized prior vectors
+        means, s, batch = iso
+        if all(m.requires_grad is False and float(m) == 0.0 for m in means):
+            maha = (q.loc ** 2).sum(-1)
+        else:
+            maha = sum(((q.loc[..., site.offset:site.offset + site.numel] - m) ** 2).sum(-1)
+                       for site, m in zip(layout.sites, means))
+        kl = kl_kernel_image_normal_isotropic(q, maha, s)
+        return kl.expand(torch.broadcast_shapes(kl.shape, batch)).sum()
     loc, scale, mask, others = gaussian_prior_blocks(model_trace, layout)
     if not others:
         return kl_divergence(q, Independent(Normal(loc, scale), 1)).sum()

@@ -9,7 +9,8 @@ from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch import Tensor
 from torch.distributions import Independent, Normal, constraints
 
-__all__ = ["unwrap_normal", "isotropic_prior_scale", "gaussian_prior_blocks"]
+__all__ = ["unwrap_normal", "isotropic_prior_scale", "closed_form_prior",
+           "isotropic_prior_blocks", "gaussian_prior_blocks"]
 
 
 def unwrap_normal(fn) -> Optional[Normal]:
@@ -50,6 +51,42 @@ def isotropic_prior_scale(trace, names: Iterable[str]) -> Optional[Tensor]:
     return scale
 
 
+def closed_form_prior(site) -> bool:
+    """Whether a latent's prior enters the closed-form KL: a ``Normal`` on the real line,
+    without plate scaling."""
+    scale_factor = site.get("scale", 1.0)
+    return _is_gaussian_site(site) and not torch.is_tensor(scale_factor) and scale_factor == 1.0
+
+
+def _broadcast_scalar(t: Tensor) -> bool:
+    """One value, possibly expanded (``Normal.expand`` gives stride-0 parameters)."""
+    return t.numel() == 1 or all(st == 0 for st in t.stride())
+
+
+def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor, torch.Size]]:
+    """``(means, s, batch)`` when every latent has a closed-form ``Normal(μ_site, s)`` prior with
+    a scalar mean per site and one common scalar scale ``s`` (the usual BNN prior), else
+    ``None``. ``batch`` is the prior's own batch shape (e.g. vectorised particles). Reads only
+    the scalar parameters, so no D-sized prior vector is built."""
+    means, scale, batch = [], None, torch.Size()
+    for s in layout.sites:
+        site = trace.nodes[s.name]
+        if not closed_form_prior(site):
+            return None
+        base = unwrap_normal(site["fn"])
+        if not (_broadcast_scalar(base.loc) and _broadcast_scalar(base.scale)):
+            return None
+        sc = base.scale.reshape(-1)[0]
+        if scale is None:
+            scale = sc
+        elif sc is not scale and not bool(sc.detach() == scale.detach()):
+            return None
+        means.append(base.loc.reshape(-1)[0])
+        full = site["fn"].batch_shape + site["fn"].event_shape
+        batch = torch.broadcast_shapes(batch, full[: len(full) - len(s.shape)])
+    return (means, scale, batch) if scale is not None else None
+
+
 def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[str]]:
     """Flat prior ``(loc, scale, mask)`` of shape ``(..., D)`` over the latent vector.
 
@@ -60,9 +97,7 @@ def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[s
     locs, scales, masks, others = [], [], [], []
     for s in layout.sites:
         site = trace.nodes[s.name]
-        scale_factor = site.get("scale", 1.0)
-        ok = _is_gaussian_site(site) and (not torch.is_tensor(scale_factor)
-                                          and scale_factor == 1.0)
+        ok = closed_form_prior(site)
         event_shape = tuple(s.shape)
         n = len(event_shape)
         if ok:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import jacrev
 
 from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking.linalg import KernelProjector
 from pyro_viking.model_likelihood import make_rows_fn
 
 # -- exact posterior ---------------------------------------------------------------------------
@@ -77,7 +78,10 @@ def fit_exact(kernel_scale, init_kernel_scale=1.0, steps=150):
     return guide, X, y
 
 
-def test_exact_problem_gradient_through_projection_vanishes():
+def test_exact_problem_gradient_through_projection_vanishes(monkeypatch):
+    # Both variants must draw the same noise: the stop-gradient one would otherwise take its
+    # image part straight from the Gram's factorisation (same law, other random numbers).
+    monkeypatch.setattr(KernelProjector, "samples_image_directly", property(lambda self: False))
     grads = []
     for through in (True, False):
         pyro.clear_param_store()
@@ -303,3 +307,20 @@ def test_bnn_two_moons_minibatches_and_predictive():
                              return_sites=["_RETURN"])(x)["_RETURN"]
     accuracy = ((mean_logits.sigmoid().mean(0) > 0.5).double() == y).double().mean().item()
     assert accuracy > 0.85, accuracy  # measured 0.95
+
+
+def test_refinement_check_is_skipped_between_clean_checks():
+    """Training projections refine (and measure their residual) on the first step; once a check
+    finds the first pass within ``refine_tol`` (here: a float64 Jacobian), the next 15 skip it,
+    and the 17th checks again. With ``refine_tol=0`` every projection refines."""
+    X, y = exact_data()
+    for options, expected in (({}, [1] + [0] * 15 + [1, 0]), ({"refine_tol": 0.0}, [1] * 18)):
+        pyro.clear_param_store()
+        guide = AutoViking(linreg, grad_through_projection=False, solver_options=options)
+        svi = SVI(linreg, guide, Adam({"lr": 1e-3}), TraceViking_ELBO())
+        seen = []
+        for _ in range(18):
+            svi.step(X, y)
+            seen.append(guide.last_projector.refine)
+        assert seen == expected
+        assert guide.last_projector.info.refinements == (1 if options else 0)

@@ -151,3 +151,59 @@ def test_learned_prior_scale_gets_the_kl_gradient():
     dkl_ds = 0.5 * ((D - R) * (-2 * si2 / s**3 + 2 / s) - 2 * m2 / s**3)
     assert grad.item() == pytest.approx(s * dkl_ds, rel=1e-8)  # d/d log s = s d/ds
     assert guide.kernel_scale.item() == pytest.approx(s)
+
+
+def _viking_setup(prior, D=6, N=9, vectorize=False, K=1):
+    X, y = regression_data(N, D, seed=4)
+
+    def model(X, y=None):
+        theta = pyro.sample("theta", prior)
+        tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))  # a Monte Carlo KL site
+        with pyro.plate("data", X.shape[0]):
+            return pyro.sample("y", dist.Normal((X * theta).sum(-1), tau), obs=y)
+
+    guide = AutoViking(model, gamma=0.0, init_image_scale=0.2, kernel_scale="learned",
+                       init_loc_fn=init_to_value(values={"theta": 0.3 * torch.ones(D),
+                                                         "tau": torch.tensor(0.8)}))
+    elbo = TraceViking_ELBO(num_particles=K, vectorize_particles=vectorize,
+                            max_plate_nesting=1)
+    return model, guide, elbo, (X, y)
+
+
+@pytest.mark.parametrize("vectorize, K", [(False, 1), (True, 3)])
+def test_skipped_log_densities_and_isotropic_kl_change_nothing(vectorize, K):
+    """The ELBO skips the log-densities that its closed-form KL replaces, and reads a scalar prior
+    scale without building D-sized prior vectors. Both shortcuts must leave the loss and its
+    gradients exactly as the full computation (``get_importance_trace`` + the general KL of a
+    non-expanded prior with the same values), with the same random numbers."""
+    from pyro.infer.enum import get_importance_trace
+
+    D = 6
+    iso = dist.Normal(torch.zeros(()), 0.9).expand([D]).to_event(1)  # stride-0: fast path
+    full = dist.Normal(torch.zeros(D), 0.9 * torch.ones(D)).to_event(1)  # general path
+    results = []
+    for prior, fast in ((iso, True), (full, False)):
+        pyro.clear_param_store()
+        model, guide, elbo, args = _viking_setup(prior, D, vectorize=vectorize, K=K)
+        guide(*args)
+        pyro.set_rng_seed(3)
+        if fast:
+            traces = list(elbo._get_traces(model, guide, args, {}))
+            skipped = [n for n, s in traces[0][0].nodes.items()
+                       if s["type"] == "sample" and "log_prob" not in s]
+            assert skipped == ["theta"]  # tau keeps its densities (Monte Carlo KL)
+            assert "log_prob" not in traces[0][1].nodes["theta"]
+        else:
+            def full_trace(m, g, a, k, elbo=elbo):
+                return get_importance_trace("flat", elbo.max_plate_nesting, m, g, a, k)
+
+            elbo._get_trace = full_trace  # instance attribute: this ELBO only
+            traces = list(elbo._get_traces(model, guide, args, {}))
+        loss = sum(-elbo._elbo_particle(mt, gt)[1] for mt, gt in traces)
+        params = [guide.loc, guide.image_scale_unconstrained,
+                  guide.kernel_scale_unconstrained_unconstrained]
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

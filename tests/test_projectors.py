@@ -211,3 +211,66 @@ def test_gradient_through_constant_jacobian_is_zero_not_an_error():
     assert theta.grad is None or torch.all(theta.grad == 0)
     P = torch.eye(7) - torch.linalg.pinv(A) @ A
     torch.testing.assert_close(E.grad, 2 * (E.detach() @ P) @ P)
+
+
+# ----------------------------------------------------------------- kernel part + image draws
+@pytest.mark.parametrize("solver, rank, method", [
+    ("cholesky", 4, "cholesky"), ("cholesky", 3, "cholesky->eigh"), ("eigh", 3, "eigh"),
+    ("cg", 3, "cg")])
+def test_kernel_and_image_draws_have_the_exact_law(solver, rank, method):
+    """``kernel_and_image(E)`` returns ``P E`` and fresh draws of ``N(0, I − P)``: the kernel part
+    against the dense projector (1e-10), the draws' empirical covariance against ``I − P``
+    (40,000 draws: the entries' standard error is ≤ 1/√40000 = 0.005; tolerance 0.025)."""
+    torch.manual_seed(0)
+    D = 7
+    J = jacobian_with_rank(4, D, rank, cond=5.0)  # rank 3 of 4 rows: a singular Gram
+    P_ref = dense_projector(J)
+    proj = KernelProjector(DenseJacobian(J), solver=solver, rtol=1e-13, differentiable=False)
+    E = torch.randn(3, D)
+    K, img = proj.kernel_and_image(E, num_image=40_000)
+    assert proj.info.method == method
+    torch.testing.assert_close(K, E @ P_ref, rtol=0, atol=1e-10)
+    assert img.shape == (40_000, D)
+    torch.testing.assert_close(img.T @ img / img.shape[0], torch.eye(D) - P_ref, rtol=0,
+                               atol=0.025)
+    # the draws lie in the image (row space of J) up to round-off
+    assert float((img @ P_ref).abs().max()) < 1e-10
+
+
+def test_auto_solver_is_cholesky_for_a_cheap_gram_and_falls_back_when_singular():
+    J = jacobian_with_rank(5, 12, 5, cond=10.0)
+    P = KernelProjector(DenseJacobian(J))
+    assert P.solver == "cholesky" and P.samples_image_directly
+    P(torch.randn(2, 12))
+    assert P.info.method == "cholesky" and P.kernel_dim == 7
+    Js = jacobian_with_rank(5, 12, 3, duplicates=2)
+    Ps = KernelProjector(DenseJacobian(Js))
+    X = Ps(torch.randn(2, 12))
+    assert Ps.info.method == "cholesky->eigh" and Ps.kernel_dim == 9
+    assert float((X @ Js.T).abs().max()) < 1e-10
+    assert not KernelProjector(DenseJacobian(J), solver="cg").samples_image_directly
+
+
+def test_refinement_runs_only_while_the_residual_exceeds_refine_tol():
+    """A float32 Jacobian with a condition number of 10⁴ leaves a first-pass residual far above
+    1e-6 (refined); float64 leaves ~1e-15 (no pass, only its check); ``refine_tol=0`` always
+    refines."""
+    g = torch.Generator().manual_seed(3)
+    J64 = jacobian_with_rank(40, 300, 40, cond=1e4, generator=g)
+    E = torch.randn(2, 300, generator=g)
+    P64 = KernelProjector(DenseJacobian(J64))
+    P64(E)
+    assert P64.info.refinements == 0
+    P64_always = KernelProjector(DenseJacobian(J64), refine_tol=0.0)
+    P64_always(E)
+    assert P64_always.info.refinements == 1
+    J32, E32 = J64.float(), E.float()
+    first = KernelProjector(DenseJacobian(J32), refine=0)
+    X0 = first(E32)
+    res0 = _rel_jpv(J64, X0.double(), E)
+    assert res0 > 1e-6 and first.info.refinements == 0
+    P32 = KernelProjector(DenseJacobian(J32))
+    X1 = P32(E32)
+    assert P32.info.refinements == 1 and _rel_jpv(J64, X1.double(), E) < res0 / 10
+    with pytest.raises(ValueError, match="refine"):
+        KernelProjector(DenseJacobian(J32), refine=-1)

@@ -28,7 +28,8 @@ from torch.distributions import Independent, Normal, kl_divergence, register_kl
 
 from .kernel_image_normal import KernelImageNormal
 
-__all__ = ["cross_entropy_diag_normal", "kl_kernel_image_normal_diag"]
+__all__ = ["cross_entropy_diag_normal", "kl_kernel_image_normal_diag",
+           "kl_kernel_image_normal_isotropic"]
 
 
 def _is_constant_last(s: Tensor) -> bool:
@@ -64,6 +65,19 @@ def kl_kernel_image_normal_diag(q: KernelImageNormal, prior_loc: Tensor,
     maha = ((prior_loc - q.loc) ** 2 * inv_var).sum(-1)
     log_det_prior = 2 * s.log().sum(-1)
     return 0.5 * (trace + maha - D + log_det_prior - q.log_det_covariance())
+
+
+def kl_kernel_image_normal_isotropic(q: KernelImageNormal, maha: Tensor,
+                                     prior_scale: Tensor) -> Tensor:
+    """``KL(q ‖ N(μ, s² I))`` for a scalar ``s``, given ``maha = ‖loc − μ‖²`` (batch shape):
+
+    ``½ [ (D σ_im² + R (σ_ker² − σ_im²) + maha) / s² − D + 2D log s − log det Σ ]``.
+    """
+    D = q.event_shape[0]
+    R = q.kernel_dim
+    sk2, si2, s2 = q.kernel_scale ** 2, q.image_scale ** 2, prior_scale ** 2
+    trace = (D * si2 + R * (sk2 - si2) + maha) / s2
+    return 0.5 * (trace - D + 2 * D * prior_scale.log() - q.log_det_covariance())
 
 
 @register_kl(KernelImageNormal, Independent)

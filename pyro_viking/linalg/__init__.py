@@ -2,7 +2,14 @@
 
 from .operators import CallableJacobian, DenseJacobian, FunctionalJacobian, JacobianOperator
 from .projectors import DenseProjector, KernelProjector, MatrixFreeProjector
-from .solvers import ConvergenceWarning, SolveInfo, cg_solve, cholesky_solve, eigh_solve
+from .solvers import (
+    ConvergenceWarning,
+    SolveInfo,
+    cg_solve,
+    cholesky_factor,
+    cholesky_solve,
+    eigh_solve,
+)
 
 __all__ = [
     "CallableJacobian",
@@ -15,6 +22,7 @@ __all__ = [
     "MatrixFreeProjector",
     "SolveInfo",
     "cg_solve",
+    "cholesky_factor",
     "cholesky_solve",
     "eigh_solve",
 ]

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ConvergenceWarning", "SolveInfo", "cg_solve", "cholesky_solve", "default_rcond",
-    "eigh_factor", "eigh_solve",
+    "ConvergenceWarning", "SolveInfo", "cg_solve", "cholesky_factor", "cholesky_solve",
+    "default_rcond", "eigh_factor", "eigh_solve",
 ]
 
 
@@ -39,6 +39,7 @@ class SolveInfo:
         For ``R = V Jᵀ`` this equals the projection accuracy ``‖J P v‖ / ‖J v‖``.
     :ivar converged: whether every column met the tolerance.
     :ivar rank: numerical rank of G (direct solvers), else ``None``.
+    :ivar refinements: iterative-refinement passes the projection applied after this solve.
     """
 
     method: str
@@ -46,6 +47,7 @@ class SolveInfo:
     residual: float
     converged: bool
     rank: Optional[int] = None
+    refinements: int = 0
 
 
 def _relative_residual(R: Tensor, Lam: Tensor, matvec: Callable[[Tensor], Tensor]) -> float:
@@ -179,27 +181,44 @@ def eigh_solve(
     return Lam.to(R.dtype), info
 
 
+#: Cholesky pivots ``L_ii² ≤ CHOLESKY_PIVOT_FLOOR · max G_ii`` count as singular whatever
+#: ``rcond``: a numerically singular float64 Gram often factorises anyway, with rounding-noise
+#: pivots (seen up to ~1e-11 · max G_ii).
+CHOLESKY_PIVOT_FLOOR = 1e-10
+
+
+def cholesky_factor(G: Tensor, *, rcond: Optional[float] = None,
+                    jac_dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """Lower Cholesky factor L of ``G = L Lᵀ``, or ``None`` when G is numerically singular:
+    the factorisation fails, or a pivot ``L_ii²`` is at most
+    ``max(rcond, CHOLESKY_PIVOT_FLOOR) · max G_ii`` (``rcond`` default :func:`default_rcond`).
+    Every pivot bounds an eigenvalue from above (``L_ii² ≥ λ_min``), so a small pivot always
+    means a small eigenvalue; a false alarm only costs an eigendecomposition."""
+    L, status = torch.linalg.cholesky_ex(G)
+    if int(status) != 0:
+        return None
+    B = G.shape[-1]
+    rc = default_rcond(B, jac_dtype or G.dtype) if rcond is None else rcond
+    tol = max(rc, CHOLESKY_PIVOT_FLOOR) * G.diagonal().max()
+    return None if bool(L.diagonal().pow(2).min() <= tol) else L
+
+
 def cholesky_solve(
-    G: Tensor, R: Tensor, *, rcond: Optional[float] = None, jac_dtype: Optional[torch.dtype] = None
+    G: Tensor, R: Tensor, *, rcond: Optional[float] = None, jac_dtype: Optional[torch.dtype] = None,
+    factor: Optional[Tensor] = None,
 ) -> Tuple[Tensor, SolveInfo]:
     """Solve ``Λ G = R`` by Cholesky of G (full rank: ``rank = B``).
 
-    A Cholesky factorisation that fails (G singular or numerically indefinite) falls back to
-    :func:`eigh_solve` and reports ``method="cholesky->eigh"``.
+    A numerically singular G (see :func:`cholesky_factor`) falls back to :func:`eigh_solve`
+    and reports ``method="cholesky->eigh"``. ``factor``: a cached :func:`cholesky_factor`.
     """
-    L, status = torch.linalg.cholesky_ex(G)
-    B = G.shape[-1]
-    if int(status) == 0:
-        # A numerically singular G often factorises anyway, with rounding-noise pivots (seen up
-        # to ~1e-11 · max G_ii), and would report rank B: treat a pivot below
-        # max(rcond, √eps) · max G_ii as singular too (a false alarm only costs an eigh).
-        rc = default_rcond(B, jac_dtype or R.dtype) if rcond is None else rcond
-        tol = max(rc, torch.finfo(G.dtype).eps ** 0.5) * G.diagonal().max()
-        status = int(L.diagonal().pow(2).min() <= tol)
-    if int(status) != 0:
+    L = factor if factor is not None else cholesky_factor(G, rcond=rcond,
+                                                          jac_dtype=jac_dtype or R.dtype)
+    if L is None:
         Lam, info = eigh_solve(G, R, rcond=rcond, jac_dtype=jac_dtype)
         info.method = "cholesky->eigh"
         return Lam, info
+    B = G.shape[-1]
     R64 = R.to(G.dtype)
     Lam = torch.cholesky_solve(R64.T, L).T
     info = SolveInfo("cholesky", 0, _relative_residual(R64, Lam, lambda X: X @ G), True, B)
