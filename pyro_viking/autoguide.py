@@ -252,6 +252,22 @@ class AutoViking(AutoContinuous):
                                               subsample_size=frame.size)
         return plates
 
+    def _unpack_latent(self, latent: Tensor):
+        """As :meth:`AutoContinuous._unpack_latent` (``(site, unconstrained value)`` pairs),
+        with one ``split`` instead of a slice per site: the backward then concatenates the
+        sites' gradients in one pass instead of filling a D-sized zero tensor per site."""
+        batch_shape = latent.shape[:-1]
+        sites = [site for _, site in self.prototype_trace.iter_stochastic_nodes()]
+        shapes = [self._unconstrained_shapes[site["name"]] for site in sites]
+        sizes = [math.prod(shape) for shape in shapes]
+        if sum(sizes) != latent.shape[-1]:
+            raise ValueError(f"latent of size {latent.shape[-1]} does not match the model's "
+                             f"{sum(sizes)} unconstrained coordinates")
+        for site, shape, piece in zip(sites, shapes, latent.split(sizes, dim=-1)):
+            event_dim = site["fn"].event_dim + len(shape) - len(site["value"].shape)
+            shape = torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
+            yield site, piece.view(shape)
+
     # -- read-only views ------------------------------------------------------------------------
     def _current_kernel_scale(self, *args, **kwargs) -> Tensor:
         mode = self._kernel_mode
@@ -354,8 +370,10 @@ class AutoViking(AutoContinuous):
                                         training=True)
             self.last_projector = projector
         sk = self._current_kernel_scale(*args, **kwargs)
+        # The constructor's own checks (positive scales, finite loc) always run; Pyro's generic
+        # argument validation would only repeat them with another pass over D.
         return _VikingPosterior(self.loc, sk, self.image_scale, projector, guide=self,
-                                rank_estimator=self.rank_estimator)
+                                rank_estimator=self.rank_estimator, validate_args=False)
 
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:

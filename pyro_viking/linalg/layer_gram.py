@@ -425,7 +425,8 @@ class LayerGramJacobian(JacobianOperator):
         out = U.new_empty(K, self.shape[1])  # every column belongs to a ghost or a block
         for g in self._ghosts:
             UG = U[:, None, :] * g.G.T  # (K, out, B)
-            out[:, g.cols] = torch.matmul(UG, g.A).reshape(K, -1)
+            for k in range(K):  # straight into the output rows (no (K, out·in) temporary)
+                torch.matmul(UG[k], g.A, out=out[k, g.cols].view(g.G.shape[1], -1))
             if g.bias_cols is not None:
                 out[:, g.bias_cols] = U @ g.G
         for b in self._blocks:

@@ -167,7 +167,7 @@ class KernelProjector:
                 X, extra = E - op.rmv(Lam), None
             else:
                 W = op.rmv(torch.cat([Lam, image_coeffs.to(Lam.dtype)]))
-                X, extra = E - W[:K], W[K:]
+                X, extra = torch.sub(E, W[:K], out=W[:K]), W[K:]  # (W is ours: reuse it)
             X, Lam, info.refinements = self._refine(X, Lam, JE)
             return X, Lam, info, extra
 
