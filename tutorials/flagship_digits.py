@@ -88,7 +88,7 @@ BASELINE_PRIOR_SCALE = 0.5  # MAP / AutoNormal / LowRank: fixed prior N(0, 0.5²
 VIKING_INIT_PRIOR_SCALE = math.exp(-2)  # VIKING learns it; the paper's init log α = 4
 VIKING_INIT_IMAGE_SCALE = math.exp(-2)  # the paper's init log σ_im = −2
 VIKING_GAMMA = 0.5  # memory of the stochastic alternating projections
-VIKING_BETA = 0.003  # KL weight (1 = the true ELBO); the sweep below re-chooses it
+VIKING_BETA = 0.001  # KL weight (1 = the true ELBO); the sweep below re-chooses it
 BETA_GRID = [1.0, 0.03] if SMOKE_TEST else [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
 BETA_SWEEP = os.environ.get("VIKING_BETA_SWEEP", "1") != "0"
 DATA_SEED = 0  # the train/test (and train/validation) split is the same for every seed
@@ -400,21 +400,25 @@ def predict(model, guide, x, num_samples):
 # NLLs). The sweep printed:
 #
 #     β        val NLL  val acc  train acc/θ  s=σ_ker    σ_im   |θ̂|  D−R
-#     1    0.856±0.035    0.733        0.572    0.198   0.070   7.21   64
-#   0.3    0.259±0.039    0.940        0.895    0.203   0.050  10.42   64
-#   0.1    0.177±0.044    0.968        0.942    0.184   0.046  11.42   64
-#  0.03    0.133±0.048    0.977        0.975    0.157   0.046  11.84   64
-#  0.01    0.114±0.048    0.986        0.986    0.132   0.046  11.98   64
-# 0.003    0.110±0.051    0.982        0.991    0.105   0.047  12.15   64  <- chosen
-# 0.001    0.110±0.053    0.982        0.993    0.085   0.047  12.43   64
+#     1    0.884±0.033    0.760        0.547    0.203   0.066   7.29   64
+#   0.3    0.260±0.038    0.935        0.891    0.203   0.049  10.53   64
+#   0.1    0.185±0.042    0.949        0.943    0.188   0.046  11.39   64
+#  0.03    0.125±0.042    0.968        0.976    0.159   0.046  11.92   64
+#  0.01    0.110±0.046    0.982        0.987    0.133   0.047  12.10   64
+# 0.003    0.106±0.049    0.982        0.991    0.106   0.048  12.23   64
+# 0.001    0.105±0.050    0.986        0.992    0.085   0.048  12.45   64  <- chosen
 #
 # (`train acc/θ`: accuracy of single sampled networks on the 865 fitting digits; s, σ_im,
 # ‖θ̂‖ at the end of training; D − R: rank of the last minibatch's Jacobian.) The validation
 # NLL falls monotonically as β shrinks, because a smaller KL weight lets the likelihood pull
-# s = σ_ker down (towards a MAP-like ensemble) until it levels off at β ≈ 0.003, the value
-# the rule keeps. (The paper's β, translated, would be 0.17. An earlier version of this
-# tutorial kept the largest β within one standard error of the best, β = 0.03; its test
-# accuracy, 0.972 ± 0.003, fell outside one standard deviation of MAP's.)
+# s = σ_ker down (towards a MAP-like ensemble) until it levels off below β ≈ 0.003 (0.106
+# against 0.105 at β = 0.001, which the rule keeps; the curve is flat there). (The paper's β,
+# translated, would be 0.17. An earlier version of this tutorial kept the largest β within one
+# standard error of the best, β = 0.03; its test accuracy, 0.972 ± 0.003, fell outside one
+# standard deviation of MAP's, and the rule was changed to the plain best validation NLL
+# *after* seeing that number. The sweep above is from the current code: a faster way of
+# drawing the image part of the samples (same law, other random numbers) moved the
+# validation NLLs by up to 0.03 and the choice from 0.003 to 0.001.)
 #
 # **Why the true ELBO fails here.** With σ_ker tied to s, kernel directions cost no KL
 # whatever s is, so the KL alone is minimised at s² = σ_im² + ‖θ̂‖²/(D − R), where D − R is
@@ -423,7 +427,7 @@ def predict(model, guide, x, num_samples):
 # settles near s ≈ 0.2. But the kernel is flat only to *first order*: a step of 0.2 along each
 # of the ~8,780 kernel directions (a perturbation of norm 0.2·√8780 ≈ 19, 2.6 times ‖θ̂‖)
 # moves the logits far outside the linear regime, and a single sampled network then
-# classifies only 57 % of the *training* digits correctly. Decoupling the kernel scale
+# classifies only 55 % of the *training* digits correctly. Decoupling the kernel scale
 # (`kernel_scale="learned"`, β = 1) does not help: the ~8,780 kernel terms of the KL pin
 # σ_ker to s, whose own optimum s² ≈ σ_ker² + ‖θ̂‖²/D grows with θ̂ (in a separate run on the
 # same split we measured σ_ker ≈ 0.20, s ≈ 0.22 and a training accuracy per sample of 0.65).
@@ -513,40 +517,45 @@ for name, (fit, make_model) in METHODS.items():
 # the fit?); and training seconds per epoch. Lower is better for the NLLs, ECE and Brier score;
 # higher for accuracy and AUROC.
 #
-# What the run printed (mean ± std over 3 seeds, VIKING with β = 0.003):
+# What the run printed (mean ± std over 3 seeds, VIKING with β = 0.001):
 #
 # | method | acc | NLL (BMA) | E[NLL] | ECE | Brier |
 # |---|---|---|---|---|---|
 # | MAP | .982 ± .004 | .063 ± .003 | .063 ± .003 | .031 ± .005 | .025 ± .003 |
 # | AutoNormal | .970 ± .013 | .175 ± .009 | .271 ± .015 | .089 ± .019 | .067 ± .008 |
 # | LowRank(10) | .967 ± .006 | .153 ± .029 | .241 ± .063 | .078 ± .007 | .060 ± .015 |
-# | VIKING | .974 ± .006 | .069 ± .007 | .081 ± .009 | .021 ± .004 | .035 ± .006 |
+# | VIKING | .977 ± .007 | .062 ± .007 | .071 ± .008 | .020 ± .002 | .031 ± .005 |
 #
 # | method | AUROC (H) | AUROC (var) | train acc/θ | s/epoch |
 # |---|---|---|---|---|
-# | MAP | .966 ± .004 | .500 (no samples) | .997 ± .001 | 0.084 |
-# | AutoNormal | .939 ± .020 | .906 ± .025 | .919 ± .005 | 0.149 |
-# | LowRank(10) | .927 ± .036 | .904 ± .040 | .936 ± .020 | 0.141 |
-# | VIKING | .927 ± .013 | .921 ± .013 | .991 ± .003 | 0.194 |
+# | MAP | .966 ± .004 | .500 (no samples) | .997 ± .001 | 0.065 |
+# | AutoNormal | .939 ± .020 | .906 ± .025 | .919 ± .005 | 0.109 |
+# | LowRank(10) | .927 ± .036 | .904 ± .040 | .936 ± .020 | 0.121 |
+# | VIKING | .923 ± .010 | .920 ± .009 | .992 ± .002 | 0.129 |
 #
-# VIKING's prior scale is learned, not fixed: s = σ_ker moves from 0.135 to 0.109, 0.110
-# and 0.108 (seeds 0, 1, 2) while σ_im falls to 0.042, 0.041 and 0.044, a kernel/image ratio
-# of about 2.6. Sampling along the kernel barely hurts the fit: single sampled networks still
-# classify 99.1 % of the training digits (mean field 91.9 %, low rank 93.6 %). VIKING has the
-# best calibration of all four methods (ECE 0.021, MAP 0.031), and among the three Bayesian
-# methods the best test NLL, expected NLL and Brier score; its max-variance score is the best
-# of the variance-based OOD detectors (AUROC 0.921 against 0.906 and 0.904).
+# VIKING's prior scale is learned, not fixed: s = σ_ker moves from 0.135 to 0.086, 0.087
+# and 0.087 (seeds 0, 1, 2) while σ_im falls to 0.041, 0.043 and 0.044, a kernel/image ratio
+# of about 2. Sampling along the kernel barely hurts the fit: single sampled networks still
+# classify 99.2 % of the training digits (mean field 91.9 %, low rank 93.6 %). VIKING has the
+# best calibration of all four methods (ECE 0.020, MAP 0.031) and the best NLL of the
+# Bayesian-model average, level with MAP's (0.062 against 0.063); among the three Bayesian
+# methods it also has the best expected NLL and Brier score, and its max-variance score is
+# the best of the variance-based OOD detectors (AUROC 0.920 against 0.906 and 0.904).
 #
 # It does **not** beat the point estimate everywhere on this small, easy problem: MAP is more
-# accurate (0.982 against 0.974, a gap larger than either standard deviation), has a lower
-# NLL (0.063 against 0.069), and its predictive entropy is the best OOD score of all (AUROC
-# 0.966; VIKING's entropy score, 0.927, is on par with the low-rank guide's). Samples spread
-# in weight space add some noise to confident in-distribution predictions, and the 8s and 9s
-# are already recognised as ambiguous by a single network. What VIKING adds is a posterior
-# whose samples keep the training fit, are better calibrated, and disagree more on the
-# held-out digits than on the test digits. An epoch costs about 2.3 MAP epochs (averaged over
-# the three phases; timings vary with the machine's load), 1.3–1.4 times a mean-field or
-# low-rank epoch.
+# accurate (0.982 ± 0.004 against 0.977 ± 0.007: the gap, 0.005, is larger than MAP's standard
+# deviation, so VIKING is *not* within one standard deviation of MAP), has the better Brier
+# score, and its predictive entropy is the best OOD score of all (AUROC 0.966; VIKING's entropy
+# score, 0.923, is the lowest of the four). Samples spread in weight space add some noise to
+# confident in-distribution predictions, and the 8s and 9s are already recognised as ambiguous
+# by a single network. The accuracy gap is about two of the 361 test digits; a 5-fold
+# cross-validation inside the training set (seed 0, an earlier version of the code) put MAP at
+# 0.975 and VIKING at 0.973, and neither a longer MAP warm-up (20 of the 60 epochs) nor
+# starting the learned prior scale at the baselines' 0.5 changed the test accuracy (0.974 ±
+# 0.003), so we kept the paper's recipe. What VIKING adds is a posterior whose samples keep the
+# training fit, are better calibrated, and disagree more on the held-out digits than on the
+# test digits. An epoch costs about 2 MAP epochs (averaged over the three phases; timings vary
+# with the machine's load), 1.1–1.2 times a mean-field or low-rank epoch.
 
 # %%
 COLUMNS = {"accuracy": "acc", "nll": "NLL(BMA)", "expected_nll": "E[NLL]", "ece": "ECE",
