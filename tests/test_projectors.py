@@ -119,6 +119,20 @@ def test_gradient_matches_dense_autograd(kw):
 
 
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
+def test_gradient_with_dependent_cotangent_rows(kw):
+    """The backward works on a basis of the cotangents' span: 4 rows of rank 2 (as an AutoViking
+    draw gives: kernel and image rows with cotangents σ_ker ḡ and −σ_im ḡ) and an all-zero one."""
+    J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
+    E = torch.randn(5, 9, requires_grad=True)
+    g = torch.randn(2, 9)
+    C = torch.stack([0.7 * g[0], 0.7 * g[1], -0.2 * g[0], -0.2 * g[1], torch.zeros(9)])
+    got = _grads(DenseProjector(J, **kw)(E), C, (E, J))
+    ref = _grads(E @ dense_projector(J), C, (E, J))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_gradcheck(kw):
     J = jacobian_with_rank(3, 6, 3, cond=3.0).requires_grad_()
     E = torch.randn(2, 6, requires_grad=True)

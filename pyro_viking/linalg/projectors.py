@@ -299,16 +299,45 @@ class _ProjectFunction(torch.autograd.Function):
         # differentiating the bilinear form through it would re-enter this backward forever.
         X, Lam = (t.detach() for t in ctx.saved_tensors)
         proj: KernelProjector = ctx.projector
-        Xi_x, Xi_lam, _ = proj._project_nograd(Xbar)
+        # Everything below is linear in the cotangent rows, so it runs on a basis of their span:
+        # Xbar = A Xb. (An AutoViking draw gives a particle's kernel and image rows the
+        # proportional cotangents σ_ker ḡ and −σ_im ḡ: 2K rows, rank K.)
+        A, Xb = _row_basis(Xbar)
+        Xi_xb, Xi_lamb, _ = proj._project_nograd(Xb)
+        Xi_x = None
+        if ctx.needs_input_grad[1]:
+            Xi_x = Xi_xb if A is None else A.to(Xi_xb.dtype) @ Xi_xb
         grads = [None] * ctx.num_params
         if ctx.num_params and any(ctx.needs_input_grad[2:]):
             params = tuple(p for p in proj.operator.params if p.requires_grad)
+            if A is not None:  # Σ_k λ_k J (ξ_x)_kᵀ = Σ_j (Aᵀλ)_j J (ξ_xb)_jᵀ, likewise for X
+                At = A.T.to(Lam.dtype)
+                Lam, X = At @ Lam, At @ X
             with torch.enable_grad():
-                b = proj.operator.bilinear(torch.cat([Lam, Xi_lam]), torch.cat([Xi_x, X]))
+                b = proj.operator.bilinear(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
                 # b is constant when J does not depend on its params (a model linear in θ)
                 if b.requires_grad:
                     grads = torch.autograd.grad(-b, params, allow_unused=True)
         return (None, Xi_x, *grads)
+
+
+def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+    """``(A, Mb)`` with ``M ≈ A Mb`` and ``Mb`` an orthogonal basis of the rows' span (``(r, D)``,
+    directions with singular values below ``100 eps · σ_max`` dropped), or ``(None, M)`` when
+    the rows are independent."""
+    n = M.shape[0]
+    if n == 1:
+        return None, M
+    M64 = M.to(torch.float64)  # a float32 Gram would bury the small singular values in rounding
+    evals, V = torch.linalg.eigh(M64 @ M64.T)
+    keep = evals > (100 * torch.finfo(M.dtype).eps) ** 2 * evals.max().clamp_min(0.0)
+    r = int(keep.sum())
+    if r == n:
+        return None, M
+    if r == 0:
+        return torch.zeros(n, 1, dtype=M.dtype, device=M.device), M[:1] * 0
+    V, s = V[:, keep], evals[keep].sqrt()
+    return (V * s).to(M.dtype), ((V / s).T.to(M.dtype) @ M)
 
 
 def DenseProjector(J: Tensor, **kwargs) -> KernelProjector:
