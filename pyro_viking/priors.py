@@ -63,6 +63,26 @@ def _broadcast_scalar(t: Tensor) -> bool:
     return t.numel() == 1 or all(st == 0 for st in t.stride())
 
 
+def _autograd_leaves(t: Tensor) -> frozenset:
+    """Ids of the learnable leaf tensors ``t`` is computed from (e.g. the ``pyro.param`` behind a
+    constrained prior scale, re-derived at every model call)."""
+    if not t.requires_grad:
+        return frozenset()
+    if t.grad_fn is None:
+        return frozenset([id(t)])
+    out, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            out.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return frozenset(out)
+
+
 def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor, torch.Size]]:
     """``(means, s, batch)`` when every latent has a closed-form ``Normal(μ_site, s)`` prior with
     a scalar mean per site and one common scalar scale ``s`` (the usual BNN prior), else
@@ -78,8 +98,10 @@ def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor
             return None
         sc = base.scale.reshape(-1)[0]
         if scale is None:
-            scale = sc
-        elif sc is not scale and not bool(sc.detach() == scale.detach()):
+            scale, leaves = sc, _autograd_leaves(sc)
+        elif sc is not scale and (not bool(sc.detach() == scale.detach())
+                                  or _autograd_leaves(sc) != leaves):
+            # equal values of *different* learnable scales: each needs its own gradient
             return None
         means.append(base.loc.reshape(-1)[0])
         full = site["fn"].batch_shape + site["fn"].event_shape
