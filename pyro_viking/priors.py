@@ -35,18 +35,19 @@ def _real(support) -> bool:
 def isotropic_prior_scale(trace, names: Iterable[str]) -> Optional[Tensor]:
     """The common scale ``s`` when every named latent has a ``Normal(μ, s)`` prior with one
     shared scalar ``s`` (broadcast or expanded), else ``None``. Keeps the autograd graph."""
-    scale = None
+    scale = leaves = None
     for name in names:
         site = trace.nodes[name]
         if not _is_gaussian_site(site):
             return None
         s = unwrap_normal(site["fn"]).scale
         first = s.reshape(-1)[:1]
-        if not bool((s == first).all()):
+        if not (_broadcast_scalar(s) or bool((s == first).all())):
             return None
         if scale is None:
-            scale = first[0]
-        elif not bool(torch.isclose(scale.detach(), first[0].detach())):
+            scale, leaves = first[0], _autograd_leaves(first)
+        elif not bool(torch.isclose(scale.detach(), first[0].detach())) \
+                or _autograd_leaves(first) != leaves:  # distinct learnable scales
             return None
     return scale
 
