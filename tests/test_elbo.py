@@ -241,3 +241,27 @@ def test_distinct_learnable_prior_scales_keep_their_own_gradients():
     for g_fast, g_ref in zip(*grads):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(grads[0][0], grads[0][1])  # the two scales differ in gradient
+
+
+def test_kernel_scale_ties_only_to_one_shared_prior_scale():
+    """``kernel_scale="prior"`` needs one prior scale: two learnable scales that merely start
+    equal are refused (``"auto"`` then learns σ_ker); one shared ``pyro.param`` is tied."""
+    X, y = regression_data(6, 5, seed=3)
+
+    def model(X, y=None, shared=True):
+        a = pyro.param("a", torch.tensor(0.5), constraint=constraints.positive)
+        b = a if shared else pyro.param("b", torch.tensor(0.5), constraint=constraints.positive)
+        w1 = pyro.sample("w1", dist.Normal(0.0, a).expand([3]).to_event(1))
+        w2 = pyro.sample("w2", dist.Normal(0.0, b).expand([2]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            return pyro.sample("y", dist.Normal(X[:, :3] @ w1 + X[:, 3:] @ w2, 0.5), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoViking(model, kernel_scale="prior")
+    guide(X, y, shared=True)
+    assert guide._kernel_mode == "prior"
+    with pytest.raises(ValueError, match="one common scale"):
+        AutoViking(model, kernel_scale="prior")(X, y, shared=False)
+    guide = AutoViking(model)
+    guide(X, y, shared=False)
+    assert guide._kernel_mode == "learned"
