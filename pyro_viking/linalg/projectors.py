@@ -217,10 +217,10 @@ class KernelProjector:
         """``(P E, I)``: the kernel part of ``E`` ``(K, D)`` and ``num_image`` (default K)
         independent draws ``I`` of ``N(0, I − P)``, as constants (no gradient through P).
 
-        With the eigh solver the image draws are ``C J`` (:meth:`image_coefficients`) and share
-        the kernel part's ``rmv``: ``one mv + one rmv`` in all, where projecting fresh noise
-        ``η`` to ``η − P η`` would cost a second ``mv``, ``rmv`` and refinement. Other solvers
-        project fresh noise.
+        With a direct solver (eigh, Cholesky) the image draws are ``C J``
+        (:meth:`image_coefficients`) and share the kernel part's ``rmv``: one ``mv`` and one
+        ``rmv`` in all, where projecting fresh noise ``η`` to ``η − P η`` would cost a second
+        ``mv``, ``rmv`` and refinement. CG projects fresh noise.
         """
         E = E.reshape(-1, self.dim)
         n = E.shape[0] if num_image is None else int(num_image)
@@ -341,7 +341,8 @@ def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
 
 
 def DenseProjector(J: Tensor, **kwargs) -> KernelProjector:
-    """Projector onto ``ker J`` for an explicit ``(B, D)`` matrix J (default solver eigh).
+    """Projector onto ``ker J`` for an explicit ``(B, D)`` matrix J (default solver ``"auto"``:
+    Cholesky, eigh when singular).
 
     Keyword arguments are those of :class:`KernelProjector`.
     """
