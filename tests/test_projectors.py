@@ -288,3 +288,14 @@ def test_refinement_runs_only_while_the_residual_exceeds_refine_tol():
     assert P32.info.refinements == 1 and _rel_jpv(J64, X1.double(), E) < res0 / 10
     with pytest.raises(ValueError, match="refine"):
         KernelProjector(DenseJacobian(J32), refine=-1)
+
+
+def test_auto_solver_with_explicit_rcond_is_eigh():
+    """An explicit ``rcond`` keeps the exact pseudo-inverse semantics (eigh): a Cholesky pivot
+    can clear it while a smaller eigenvalue hides behind it."""
+    J = jacobian_with_rank(5, 12, 5, cond=100.0)  # eigenvalues of J Jᵀ: 1, 0.1, …, 1e-4
+    P = KernelProjector(DenseJacobian(J), rcond=5e-4)
+    assert P.solver == "eigh"
+    P(torch.randn(1, 12))
+    assert P.rank == 4  # the 1e-4 eigenvalue is dropped
+    assert KernelProjector(DenseJacobian(J)).solver == "cholesky"

@@ -45,8 +45,9 @@ class KernelProjector:
     :param solver: ``"eigh"`` (pseudo-inverse of the float64 Gram; exact rank),
         ``"cholesky"`` (float64 Gram, factorised once; falls back to eigh when numerically
         singular, see :func:`~pyro_viking.linalg.solvers.cholesky_factor`), ``"cg"``
-        (matrix-free, ``mv ∘ rmv``), or ``"auto"``: cholesky when the operator has a cheap
-        Gram (a 128×128 Cholesky costs a tenth of an eigendecomposition), else CG.
+        (matrix-free, ``mv ∘ rmv``), or ``"auto"``: when the operator has a cheap Gram,
+        cholesky (a 128×128 Cholesky costs a tenth of an eigendecomposition), or eigh if an
+        explicit ``rcond`` is given (a pivot can hide a small eigenvalue); else CG.
     :param rtol, atol, maxiter, reorthogonalize: CG settings (see :func:`cg_solve`).
     :param rcond: pseudo-inverse threshold of the direct solvers (see :func:`eigh_solve`).
     :param refine: most iterative-refinement passes of the direct solvers (they reuse the
@@ -78,7 +79,9 @@ class KernelProjector:
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
         if solver == "auto":
-            solver = "cholesky" if operator.has_cheap_gram else "cg"
+            # An explicit rcond asks for its pseudo-inverse semantics exactly: eigh.
+            direct = "cholesky" if rcond is None else "eigh"
+            solver = direct if operator.has_cheap_gram else "cg"
         self.operator = operator
         self.solver = solver
         self.cg_options = dict(rtol=rtol, atol=atol, maxiter=maxiter,
