@@ -35,7 +35,7 @@ def _real(support) -> bool:
 def isotropic_prior_scale(trace, names: Iterable[str]) -> Optional[Tensor]:
     """The common scale ``s`` when every named latent has a ``Normal(μ, s)`` prior with one
     shared scalar ``s`` (broadcast or expanded), else ``None``. Keeps the autograd graph."""
-    scale = leaves = None
+    scales = []
     for name in names:
         site = trace.nodes[name]
         if not _is_gaussian_site(site):
@@ -44,12 +44,25 @@ def isotropic_prior_scale(trace, names: Iterable[str]) -> Optional[Tensor]:
         first = s.reshape(-1)[:1]
         if not (_broadcast_scalar(s) or bool((s == first).all())):
             return None
-        if scale is None:
-            scale, leaves = first[0], _autograd_leaves(first)
-        elif not bool(torch.isclose(scale.detach(), first[0].detach())) \
-                or _autograd_leaves(first) != leaves:  # distinct learnable scales
+        scales.append(first[0])
+    return _common_scale(scales, exact=False)
+
+
+def _common_scale(scales: List[Tensor], *, exact: bool) -> Optional[Tensor]:
+    """The first of ``scales`` (0-dim) if they are one scale: equal values (``exact``, else
+    ``isclose``) computed from the same learnable leaves — equal values of *different*
+    learnable scales are not one, as each needs its own gradient. ``None`` otherwise."""
+    if not scales:
+        return None
+    first = scales[0]
+    leaves = _autograd_leaves(first)
+    for sc in scales[1:]:
+        if sc is first:
+            continue
+        a, b = sc.detach(), first.detach()
+        if not bool(a == b if exact else torch.isclose(a, b)) or _autograd_leaves(sc) != leaves:
             return None
-    return scale
+    return first
 
 
 def closed_form_prior(site) -> bool:
@@ -89,7 +102,7 @@ def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor
     a scalar mean per site and one common scalar scale ``s`` (the usual BNN prior), else
     ``None``. ``batch`` is the prior's own batch shape (e.g. vectorised particles). Reads only
     the scalar parameters, so no D-sized prior vector is built."""
-    means, scale, batch = [], None, torch.Size()
+    means, scales, batch = [], [], torch.Size()
     for s in layout.sites:
         site = trace.nodes[s.name]
         if not closed_form_prior(site):
@@ -97,17 +110,12 @@ def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor
         base = unwrap_normal(site["fn"])
         if not (_broadcast_scalar(base.loc) and _broadcast_scalar(base.scale)):
             return None
-        sc = base.scale.reshape(-1)[0]
-        if scale is None:
-            scale, leaves = sc, _autograd_leaves(sc)
-        elif sc is not scale and (not bool(sc.detach() == scale.detach())
-                                  or _autograd_leaves(sc) != leaves):
-            # equal values of *different* learnable scales: each needs its own gradient
-            return None
+        scales.append(base.scale.reshape(-1)[0])
         means.append(base.loc.reshape(-1)[0])
         full = site["fn"].batch_shape + site["fn"].event_shape
         batch = torch.broadcast_shapes(batch, full[: len(full) - len(s.shape)])
-    return (means, scale, batch) if scale is not None else None
+    scale = _common_scale(scales, exact=True)
+    return None if scale is None else (means, scale, batch)
 
 
 def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[str]]:
