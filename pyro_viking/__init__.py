@@ -8,6 +8,7 @@ from .autoguide import AutoViking
 from .distributions import KernelImageNormal
 from .elbo import TraceViking_ELBO
 from .linalg import DenseProjector, KernelProjector, MatrixFreeProjector
+from .linearization import network_output
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "KernelProjector",
     "MatrixFreeProjector",
     "TraceViking_ELBO",
+    "network_output",
 ]

@@ -54,10 +54,9 @@ import torch
 import torch.nn as nn
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
-from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking import AutoViking, TraceViking_ELBO, network_output
 
 # %% [markdown]
 # `SMOKE_TEST=1` (used by the test suite) shrinks every budget so that the script finishes in a
@@ -115,8 +114,9 @@ GAP, GAP_CENTRE = (-1.5, 1.5), 0.0
 # along the kernel, however large, leaves the training predictions of f_lin unchanged. For the
 # plain network that only holds to first order (we come back to this at the end).
 #
-# We write the network as an ordinary `nn.Module` evaluated with `torch.func.functional_call` on
-# the sampled weights: any network works, it need not be a `PyroModule`.
+# We write the network as an ordinary `nn.Module` and evaluate it on the sampled weights with
+# `pyro_viking.network_output` (`torch.func.functional_call`, plus the `jvp` above when
+# linearised): any network works, it need not be a `PyroModule`.
 
 # %%
 PRIOR_SCALE = 2.0
@@ -125,19 +125,11 @@ network = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(
 shapes = {name: p.shape for name, p in network.named_parameters()}
 
 
-def f(params, x):
-    return functional_call(network, params, (x,)).squeeze(-1)
-
-
 def model(x, y=None, linearise_at=None):
     params = {name: pyro.sample(name, dist.Normal(0.0, PRIOR_SCALE).expand(s).to_event(len(s)))
               for name, s in shapes.items()}
-    if linearise_at is None:
-        out = f(params, x)
-    else:
-        step = {name: params[name] - linearise_at[name] for name in params}
-        f_ref, f_step = jvp(lambda p: f(p, x), (linearise_at,), (step,))
-        out = f_ref + f_step
+    # f(x; θ), or f_lin(x; θ) around θ_ref = linearise_at (one jvp)
+    out = network_output(network, params, x, linearise_at).squeeze(-1)
     with pyro.plate("data", x.shape[0]):
         pyro.sample("y", dist.Normal(out, NOISE), obs=y)
     return out

@@ -52,10 +52,9 @@ import torch.nn as nn
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from sklearn.datasets import make_moons
-from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking import AutoViking, TraceViking_ELBO, network_output
 
 # %% [markdown]
 # `SMOKE_TEST=1` (used by the test suite) shrinks every budget so that the script finishes in a
@@ -101,7 +100,7 @@ y_train = torch.tensor(Y, dtype=torch.float32)
 #
 # A 2-50-50-1 tanh network (D = 2,751 weights and biases), every parameter a latent with prior
 # N(0, 1), and a Bernoulli likelihood on the logit. We write the network as an ordinary
-# `nn.Module` evaluated with `torch.func.functional_call` on the sampled weights.
+# `nn.Module` evaluated on the sampled weights with `pyro_viking.network_output`.
 #
 # The data plate **subsamples** minibatches of 32 during training (Pyro then rescales the
 # likelihood by N/B). Note the pattern: the plate draws the indices, the network runs on
@@ -126,23 +125,14 @@ network = nn.Sequential(nn.Linear(2, 50), nn.Tanh(), nn.Linear(50, 50), nn.Tanh(
 shapes = {name: p.shape for name, p in network.named_parameters()}
 
 
-def f(params, x):
-    return functional_call(network, params, (x,)).squeeze(-1)
-
-
 def model(x, y=None, linearise_at=None):
     params = {name: pyro.sample(name, dist.Normal(0.0, PRIOR_SCALE).expand(s).to_event(len(s)))
               for name, s in shapes.items()}
     data = pyro.plate("data", x.shape[0], subsample_size=BATCH_SIZE if y is not None else None)
     with data as idx:
         pass
-    xb = x[idx]
-    if linearise_at is None:
-        logits = f(params, xb)
-    else:
-        step = {name: params[name] - linearise_at[name] for name in params}
-        f_ref, f_step = jvp(lambda p: f(p, xb), (linearise_at,), (step,))
-        logits = f_ref + f_step
+    # f(x; θ), or f_lin(x; θ) around θ_ref = linearise_at (one jvp)
+    logits = network_output(network, params, x[idx], linearise_at).squeeze(-1)
     with data:
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y[idx] if y is not None else None)
     return logits
@@ -289,7 +279,8 @@ for name, lg in train_logits.items():
     print(f"{name:>22}: train accuracy BMA {acc[name][0]:.3f}, mean per sample "
           f"{acc[name][1]:.3f}; logit std on the grid {std[name].mean():.2f} (max "
           f"{std[name].max():.2f})")
-map_acc = ((f(theta_map, x_train) > 0).float() == y_train).float().mean().item()
+map_logits = network_output(network, theta_map, x_train).squeeze(-1)
+map_acc = ((map_logits > 0).float() == y_train).float().mean().item()
 near = torch.cdist(x_grid, x_train).min(-1).values < 0.1
 far = torch.cdist(x_grid, x_train).min(-1).values > 1.0
 std_near = std["full posterior"][near].mean().item()

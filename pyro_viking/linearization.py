@@ -1,0 +1,29 @@
+"""A network's output under given parameters, or under its linearisation around reference ones.
+
+    f(x; θ),   or   f_lin(x; θ) = f(x; θ_ref) + J_f(x; θ_ref) (θ − θ_ref)
+
+The linearised network is the model VIKING's kernel is exact for: a step along the kernel of the
+output Jacobian at θ_ref leaves f_lin unchanged at the training inputs, however large it is.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+__all__ = ["network_output"]
+
+
+def network_output(network: nn.Module, params: Dict[str, Tensor], x: Tensor,
+                   linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
+    """``network(x)`` evaluated with the parameters ``params`` (name → tensor, as in
+    ``network.named_parameters()``; e.g. Pyro samples), or, given ``linearise_at`` (same names),
+    its linearisation ``f(x; θ_ref) + J_f(x; θ_ref) (θ − θ_ref)``: one forward-mode product
+    (``torch.func.jvp``), no Jacobian is formed. Shape: that of ``network(x)``."""
+    if linearise_at is None:
+        return functional_call(network, params, (x,))
+    step = {name: params[name] - linearise_at[name] for name in linearise_at}
+    f_ref, f_step = jvp(lambda p: functional_call(network, p, (x,)), (linearise_at,), (step,))
+    return f_ref + f_step
