@@ -382,8 +382,9 @@ METHODS = {"MAP": (fit_map, BayesianMLP), "AutoNormal": (fit_mean_field, Bayesia
 # in the sampling around it. The reason is the size of a VIKING sample. Its kernel part has
 # norm about σ_ker √R ≈ 0.09 × √8780 ≈ 8 (R = dim ker; σ_ker ≈ 0.09 in those runs),
 # comparable to ‖θ̂‖ ≈ 13, and the kernel is flat only to first order, so the gradient of the
-# loss at θ̂ + σ_ker k is a noisy estimate of the ELBO's gradient. Adam divides each step by the running size of the gradient, so noise
-# shortens its steps, and 60 epochs were not enough. A check: decaying the learning rate
+# loss at θ̂ + σ_ker k is a noisy estimate of the ELBO's gradient. Adam divides each step by
+# the running size of the gradient, so noise shortens its steps, and 60 epochs were not
+# enough. A check: decaying the learning rate
 # ten-fold over training (which shrinks the average rate to 0.39 of 3·10⁻³) left MAP where it
 # was (test accuracy 0.981) but dropped VIKING to 0.946. So VIKING had not converged.
 #
