@@ -635,12 +635,11 @@ for name, rows in results.items():
     print(f"{name:<12}" + "".join(f"{m:>8.3f}±{s:.3f}" for m, s in cells))
 print("\nVIKING's learned scales per seed (prior scale s = σ_ker, initialised at "
       f"{VIKING_INIT_PRIOR_SCALE:.3f}):")
-for seed, g, row in zip(SEEDS, viking_runs, results["VIKING"]):
+for seed, g, row, map_row in zip(SEEDS, viking_runs, results["VIKING"], results["MAP"]):
     d = g.diagnostics
     print(f"  seed {seed}: s = σ_ker = {d['prior_scale']:.4f}, σ_im = {d['sigma_im']:.4f}, "
           f"|θ̂| = {d['loc_norm']:.2f}, batch-Jacobian rank D−R = {d['batch_rank']}, "
-          f"test accuracy {row['accuracy']:.3f} (MAP: "
-          f"{results['MAP'][SEEDS.index(seed)]['accuracy']:.3f})")
+          f"test accuracy {row['accuracy']:.3f} (MAP: {map_row['accuracy']:.3f})")
 
 # %% [markdown]
 # ## Figures
