@@ -13,30 +13,66 @@ guides (e.g. in an :class:`~pyro.infer.autoguide.AutoGuideList`) keep the usual 
 
 from __future__ import annotations
 
-import sys
-from typing import List, Set, Tuple
+from typing import List, Optional, Set
 
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Delta
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuideList
-from pyro.infer.util import is_identically_zero, is_validation_enabled, torch_item
+from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import (
-    check_if_enumerated,
-    check_model_guide_match,
-    check_site_shape,
-    warn_if_nan,
-)
+from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Independent, Normal, kl_divergence
 
-from .distributions import KernelImageNormal
 from .distributions.kl import cross_entropy_diag_normal, kl_kernel_image_normal_isotropic
 from .priors import closed_form_prior, gaussian_prior_blocks, isotropic_prior_blocks
+from .sampling import VikingPosterior
 
 __all__ = ["TraceViking_ELBO"]
+
+
+def _is_viking_site(msg) -> bool:
+    return msg["type"] == "sample" and isinstance(msg["fn"], VikingPosterior) \
+        and msg["infer"].get("is_auxiliary", False)
+
+
+class _MarkClosedForm(Messenger):
+    """Marks the sites whose densities the closed-form KL replaces, so that Pyro's memoised
+    ``Trace.compute_log_prob`` / ``compute_score_parts`` skip them: the VIKING joint latent,
+    the guide ``Delta`` of each of its real-support latents (log-density 0), and the model
+    sites of its latents with a closed-form prior. A mark is a zero ``log_prob`` of the site's
+    batch shape (and zero ``ScoreParts`` in the guide)."""
+
+    def __init__(self):
+        super().__init__()
+        self.covered: Set[str] = set()  # latents of the VIKING posteriors seen in the guide
+        self.identity: Set[str] = set()  # ... those with real support
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        if _is_viking_site(msg):
+            layout = msg["fn"].layout
+            self.covered.update(layout.names)
+            self.identity.update(s.name for s in layout.sites if s.is_identity)
+            self._mark(msg, guide=True)
+        elif msg["name"] in self.covered:
+            if isinstance(msg["fn"], Delta):
+                if msg["name"] in self.identity:
+                    self._mark(msg, guide=True)
+            elif closed_form_prior(msg):
+                self._mark(msg, guide=False)
+
+    @staticmethod
+    def _mark(msg, guide: bool) -> None:
+        zero = torch.zeros(msg["fn"].batch_shape, device=msg["fn"].mean.device)
+        msg["unscaled_log_prob"] = msg["log_prob"] = zero
+        msg["log_prob_sum"] = zero.sum()
+        if guide:
+            msg["score_parts"] = ScoreParts(zero, 0, 0)
 
 
 class TraceViking_ELBO(Trace_ELBO):
@@ -53,7 +89,6 @@ class TraceViking_ELBO(Trace_ELBO):
         super().__init__(**kwargs)
         self.beta = float(beta)
 
-    # -- particles ------------------------------------------------------------------------------
     def _get_traces(self, model, guide, args, kwargs):
         chains = 1 if self.vectorize_particles else self.num_particles
         for part in _viking_parts(guide):
@@ -61,73 +96,28 @@ class TraceViking_ELBO(Trace_ELBO):
         return super()._get_traces(model, guide, args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
-        """As :meth:`Trace_ELBO._get_trace`, but without the log-densities that the closed-form
-        KL replaces: the priors of the AutoViking latents with Gaussian priors, and the guide's
-        own sites for them (D-sized ``log_prob`` passes that the objective never reads)."""
+        """Pyro's importance trace, with the closed-form sites marked (their log-densities,
+        D-sized passes the objective never reads, are not computed)."""
         if isinstance(poutine.unwrap(guide), Messenger):
             return super()._get_trace(model, guide, args, kwargs)
-        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
-                                    graph_type="flat").get_trace(*args, **kwargs)
-        validate = is_validation_enabled()
-        if validate:
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        skip = _closed_form_sites(model_trace, guide_trace)
-        model_trace.compute_log_prob(site_filter=lambda name, site: name not in skip)
-        _compute_score_parts(guide_trace, skip)
-        if validate:
-            for trace in (model_trace, guide_trace):
-                for name, site in trace.nodes.items():
-                    if site["type"] == "sample" and name not in skip:
-                        check_site_shape(site, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
-        return model_trace, guide_trace
-
-    # -- the objective --------------------------------------------------------------------------
-    def _elbo_particle(self, model_trace, guide_trace) -> Tuple[Tensor, Tensor]:
-        """``(elbo, surrogate)`` of one (possibly vectorised) particle."""
-        viking_sites, covered = [], set()
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and isinstance(site["fn"], KernelImageNormal) \
-                    and site["infer"].get("is_auxiliary"):
-                viking_sites.append(site)
-                covered.add(name)
-                covered.update(site["fn"]._guide.layout.names)
-        elbo = torch.zeros(())
-        surrogate = torch.zeros(())
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and name not in covered:
-                elbo = elbo + torch_item(site["log_prob_sum"])
-                surrogate = surrogate + site["log_prob_sum"]
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or name in covered:
-                continue
-            _, score_function_term, entropy_term = site["score_parts"]
-            elbo = elbo - torch_item(site["log_prob_sum"])
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if not is_identically_zero(score_function_term):
-                raise NotImplementedError("TraceViking_ELBO supports reparameterised guide "
-                                          f"sites only; site '{name}' is not")
-        for site in viking_sites:
-            kl = self.beta * _kl_term(site, model_trace, guide_trace)
-            elbo = elbo - torch_item(kl)
-            surrogate = surrogate - kl
-        return elbo, surrogate
+        mark = _MarkClosedForm()
+        return super()._get_trace(mark(model), mark(guide), args, kwargs)
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo, surrogate = self._elbo_particle(model_trace, guide_trace)
-        return -elbo, -surrogate
+        """Pyro's ``Trace_ELBO`` terms (the marked sites contribute zero) plus ``β · KL``."""
+        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
+        for site in guide_trace.nodes.values():
+            if _is_viking_site(site):
+                kl = _kl_term(site["fn"], model_trace, guide_trace, self.beta)
+                loss, surrogate = loss + torch_item(kl), surrogate + kl
+        return loss, surrogate
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Estimate of ``−ELBO`` (β-scaled KL), averaged over ``num_particles``."""
         with torch.no_grad():
-            total = 0.0
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                total += -torch_item(self._elbo_particle(model_trace, guide_trace)[0])
-            loss = total / self.num_particles
+            total = sum(torch_item(self._differentiable_loss_particle(mt, gt)[0])
+                        for mt, gt in self._get_traces(model, guide, args, kwargs))
+        loss = total / self.num_particles
         warn_if_nan(loss, "loss")
         return loss
 
@@ -142,42 +132,11 @@ def _viking_parts(guide) -> List:
     return []
 
 
-def _closed_form_sites(model_trace, guide_trace) -> Set[str]:
-    """Names whose densities the closed-form KL replaces (see ``TraceViking_ELBO._get_trace``)."""
-    skip = set()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and isinstance(site["fn"], KernelImageNormal) \
-                and site["infer"].get("is_auxiliary"):
-            skip.add(name)
-            skip.update(n for n in site["fn"]._guide.layout.names
-                        if n in model_trace.nodes and closed_form_prior(model_trace.nodes[n]))
-    return skip
-
-
-def _compute_score_parts(trace, skip: Set[str]) -> None:
-    """``Trace.compute_score_parts`` for the sample sites not in ``skip``."""
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name in skip or "score_parts" in site:
-            continue
-        try:
-            value = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as e:
-            shapes = trace.format_shapes(last_site=name)
-            raise ValueError(f"Error while computing score_parts at site '{name}':\n"
-                             f"{sys.exc_info()[1]}\n{shapes}") from e
-        site["unscaled_log_prob"] = value.log_prob
-        value = value.scale_and_mask(site["scale"], site["mask"])
-        site["score_parts"] = value
-        site["log_prob"] = value.log_prob
-        site["log_prob_sum"] = value.log_prob.sum()
-        if is_validation_enabled():
-            warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
-
-
-def _kl_term(site, model_trace, guide_trace) -> Tensor:
-    """``KL(q ‖ p)`` summed over the particle batch; Monte Carlo for non-Gaussian priors."""
-    q: KernelImageNormal = site["fn"]
-    layout = q._guide.layout
+def _kl_term(q: VikingPosterior, model_trace, guide_trace, beta: float) -> Tensor:
+    """``β · KL(q ‖ p)`` summed over the particle batch, less what Pyro's terms already hold:
+    latents without a closed-form prior keep their Monte Carlo terms ``log p − log q_Delta``
+    in the Trace_ELBO sum, which only need the factor ``β − 1`` here."""
+    layout = q.layout
     iso = isotropic_prior_blocks(model_trace, layout)
     if iso is not None:  # one scalar prior scale: no D-sized prior vectors
         means, s, batch = iso
@@ -187,17 +146,18 @@ def _kl_term(site, model_trace, guide_trace) -> Tensor:
             maha = sum(((q.loc[..., site.offset:site.offset + site.numel] - m) ** 2).sum(-1)
                        for site, m in zip(layout.sites, means))
         kl = kl_kernel_image_normal_isotropic(q, maha, s)
-        return kl.expand(torch.broadcast_shapes(kl.shape, batch)).sum()
+        return beta * kl.expand(torch.broadcast_shapes(kl.shape, batch)).sum()
     loc, scale, mask, others = gaussian_prior_blocks(model_trace, layout)
     if not others:
-        return kl_divergence(q, Independent(Normal(loc, scale), 1)).sum()
+        return beta * kl_divergence(q, Independent(Normal(loc, scale), 1)).sum()
     kl = -q.entropy().sum() + cross_entropy_diag_normal(q, loc, scale, mask).sum()
+    mc: Optional[Tensor] = None
     for name in others:
         # log p(z) in unconstrained space = log p(x) − log|dz/dx|; the guide's Delta carries
         # log|dz/dx| as its log_density.
-        model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
-        kl = kl - (model_site["log_prob_sum"] - guide_site["log_prob_sum"])
-    return kl
+        term = guide_trace.nodes[name]["log_prob_sum"] - model_trace.nodes[name]["log_prob_sum"]
+        mc = term if mc is None else mc + term
+    return beta * kl + (beta - 1.0) * mc
 
 
 class _SquaredNorm(torch.autograd.Function):

@@ -56,8 +56,11 @@ __all__ = [
     "LatentLayout",
     "LatentSite",
     "check_observations",
+    "check_observed_site",
     "make_rows_fn",
     "observed_data_frames",
+    "observed_sites",
+    "trace_model",
 ]
 
 
@@ -71,6 +74,7 @@ class LatentSite:
     transform: torch.distributions.Transform
     is_identity: bool
     offset: int
+    event_dim: int = 0  # of the site's distribution (plate dims of ``shape`` are batch dims)
 
     @property
     def numel(self) -> int:
@@ -104,7 +108,8 @@ class LatentLayout:
                 transform = biject_to(site["fn"].support)
                 ushape = transform.inv(site["value"].detach()).shape
             real = _is_real(site["fn"].support)
-            sites.append(LatentSite(name, site["value"].shape, ushape, transform, real, offset))
+            sites.append(LatentSite(name, site["value"].shape, ushape, transform, real, offset,
+                                    site["fn"].event_dim))
             offset += sites[-1].numel
         return cls(sites)
 
@@ -117,16 +122,18 @@ class LatentLayout:
 
         Real-supported sites are returned as views of ``z`` (no copy, no transform).
         """
-        if z.shape[-1] != self.latent_dim:
-            raise ValueError(f"expected z of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
         batch, values = z.shape[:-1], {}
-        # One split (not per-site slices): under vmap each slice's backward would allocate a
-        # full (B, D) buffer.
-        parts = z.split([s.numel for s in self.sites], dim=-1)
-        for s, part in zip(self.sites, parts):
+        for s, part in zip(self.sites, self.split(z)):
             u = part.reshape(batch + s.unconstrained_shape)
             values[s.name] = u if s.is_identity else s.transform(u)
         return values
+
+    def split(self, z: Tensor) -> tuple[Tensor, ...]:
+        """``z (..., D)`` -> one ``(..., numel)`` view per site, by one ``split``: per-site slices
+        would each allocate a full ``(..., D)`` buffer in their backward (and under vmap)."""
+        if z.shape[-1] != self.latent_dim:
+            raise ValueError(f"expected z of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
+        return z.split([s.numel for s in self.sites], dim=-1)
 
     def pack(self, values: dict[str, Tensor]) -> Tensor:
         """``{name: constrained value (..., *site.shape)}`` -> unconstrained ``z (..., D)``."""
@@ -138,8 +145,9 @@ class LatentLayout:
         batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
         return torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], dim=-1)
 
-    def check_shapes(self, trace) -> None:
-        """Raise ``ValueError`` if the latent sites of ``trace`` differ from this layout."""
+    def check_shapes(self, trace, allow_extra: bool = False) -> None:
+        """Raise ``ValueError`` if the latent sites of ``trace`` differ from this layout
+        (``allow_extra``: latents outside the layout are allowed)."""
         found = {n: s for n, s in trace.iter_stochastic_nodes() if not site_is_subsample(s)}
         for s in self.sites:
             if s.name not in found:
@@ -155,7 +163,7 @@ class LatentLayout:
                     "between calls)."
                 )
         extra = sorted(set(found) - set(self.names))
-        if extra:
+        if extra and not allow_extra:
             raise ValueError(
                 f"model samples latent(s) {extra} unknown to the guide; create a new guide."
             )
@@ -176,14 +184,16 @@ def _in_functorch_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _trace_model(model, args, kwargs, data: dict, validate: bool | None = None):
+def trace_model(model, args, kwargs, data: dict, validate: bool | None = None):
     """Trace ``model`` conditioned on ``data``, invisible to the caller's handlers."""
     scope = nullcontext() if validate is None else pyro.validation_enabled(validate)
     with _private_plate_dims(), poutine.block(), scope:
         return poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
 
 
-def _observed_sites(trace, latent_names=()):
+def observed_sites(trace, latent_names=()):
+    """Observed sample sites of ``trace`` (not subsample sites, ``pyro.deterministic`` records
+    or the names in ``latent_names``)."""
     return [
         site
         for name, site in trace.nodes.items()
@@ -275,28 +285,32 @@ def make_rows_fn(
     *,
     jacobian: str = "loss",
     subsample: dict[str, Tensor] | None = None,
+    condition: dict[str, Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Return ``f: z (D,) -> rows (B,)`` for ``model(*args, **kwargs)``.
 
     ``jacobian="loss"``: rows are per-datum log-likelihoods, so ``jacrev(f)(z)`` ``(B, D)`` is the
     loss Jacobian. ``jacobian="output"``: rows are the output parameters (see module docstring).
     ``subsample`` maps plate name -> index tensor, fixing the data of subsampled plates.
+    ``condition`` fixes latents outside ``layout`` (e.g. those of other guides) at given values.
     For a batch of ``z`` use ``torch.func.vmap(f)``.
     """
     if jacobian not in ("loss", "output"):
         raise ValueError(f"jacobian must be 'loss' or 'output', got {jacobian!r}")
     kwargs = {} if kwargs is None else kwargs
     subsample = dict(subsample or {})
+    condition = dict(condition or {})
+    latent_names = tuple(layout.names) + tuple(condition)
     rows_of = _loss_rows if jacobian == "loss" else _output_rows
 
     def f(z: Tensor) -> Tensor:
         if z.dim() != 1:
             raise ValueError(f"f expects z of shape ({layout.latent_dim},); use torch.func.vmap")
-        data = {**layout.unpack(z), **subsample}
+        data = {**condition, **layout.unpack(z), **subsample}
         validate = False if _in_functorch_transform() else None
-        trace = _trace_model(model, args, kwargs, data, validate)
+        trace = trace_model(model, args, kwargs, data, validate)
         _check_subsample(trace, subsample)
-        sites = _observed_sites(trace, layout.names)
+        sites = observed_sites(trace, latent_names)
         if not sites:
             raise ValueError(_NO_OBS)
         return torch.cat([rows_of(site) for site in sites])
@@ -325,18 +339,19 @@ def check_observations(
     Returns the trace.
     """
     with torch.random.fork_rng(devices=[]):
-        trace = _trace_model(model, args, kwargs or {}, dict(subsample or {}), validate=True)
-    sites = _observed_sites(trace)
+        trace = trace_model(model, args, kwargs or {}, dict(subsample or {}), validate=True)
+    sites = observed_sites(trace)
     if not sites:
         raise ValueError(_NO_OBS)
     for site in sites:
-        _check_observed_site(site)
+        check_observed_site(site)
     if layout is not None:
         layout.check_shapes(trace)
     return trace
 
 
-def _check_observed_site(site) -> None:
+def check_observed_site(site) -> None:
+    """Raise ``ValueError`` if an observed value is non-finite or outside its support."""
     value, name = site["value"], site["name"]
     if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
         raise ValueError(
@@ -362,7 +377,7 @@ def observed_data_frames(trace) -> dict[str, CondIndepStackFrame]:
     data, and a guide must not replay other indices over them.
     """
     frames = {}
-    for site in _observed_sites(trace):
+    for site in observed_sites(trace):
         for frame in site["cond_indep_stack"]:
             full = frame.full_size
             if frame.vectorized and full is not None and frame.size < full \

@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.distributions import Independent, Normal, constraints
 
 __all__ = ["unwrap_normal", "isotropic_prior_scale", "closed_form_prior",
-           "isotropic_prior_blocks", "gaussian_prior_blocks"]
+           "isotropic_prior_blocks", "gaussian_prior_blocks", "prior_scale_param",
+           "typical_prior_scale"]
 
 
 def unwrap_normal(fn) -> Optional[Normal]:
@@ -97,6 +98,42 @@ def _autograd_leaves(t: Tensor) -> frozenset:
     return frozenset(out)
 
 
+def _particle_batch(full_shape, s) -> torch.Size:
+    """Batch dims of a prior value of shape ``full_shape`` beyond the latent's own shape
+    ``s.shape`` (e.g. vectorised particles), aligned with the guide's batch dims: the latent's
+    plate dims (its non-event dims) are size-1 batch dims of the guide's joint latent."""
+    extra = full_shape[: len(full_shape) - len(s.shape)]
+    return torch.Size(tuple(extra) + (1,) * (len(s.shape) - s.event_dim)) if extra \
+        else torch.Size()
+
+
+def prior_scale_param(trace, scale: Tensor) -> Optional[str]:
+    """Name of the ``pyro.param`` site of ``trace`` that *is* the (scalar) prior scale: same
+    value, computed from the same learnable leaves. ``None`` if there is none (then the scale
+    must be read from a model run)."""
+    leaves = _autograd_leaves(scale)
+    for name, site in trace.nodes.items():
+        v = site.get("value")
+        if site["type"] == "param" and torch.is_tensor(v) and v.numel() == 1 \
+                and _autograd_leaves(v) == leaves \
+                and bool(v.detach().reshape(()) == scale.detach().reshape(())):
+            return name
+    return None
+
+
+def typical_prior_scale(trace, names: Iterable[str]) -> Optional[float]:
+    """Root mean square of the prior scales of the latents with ``Normal`` priors on the real
+    line (``None`` without any): a start for a learned kernel scale."""
+    total, count = 0.0, 0
+    for name in names:
+        site = trace.nodes[name]
+        if _is_gaussian_site(site):
+            s = unwrap_normal(site["fn"]).scale.detach()
+            s = s.expand(site["fn"].batch_shape + site["fn"].event_shape)
+            total, count = total + float((s ** 2).sum()), count + s.numel()
+    return None if count == 0 else (total / count) ** 0.5
+
+
 def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor, torch.Size]]:
     """``(means, s, batch)`` when every latent has a closed-form ``Normal(μ_site, s)`` prior with
     a scalar mean per site and one common scalar scale ``s`` (the usual BNN prior), else
@@ -113,7 +150,7 @@ def isotropic_prior_blocks(trace, layout) -> Optional[Tuple[List[Tensor], Tensor
         scales.append(base.scale.reshape(-1)[0])
         means.append(base.loc.reshape(-1)[0])
         full = site["fn"].batch_shape + site["fn"].event_shape
-        batch = torch.broadcast_shapes(batch, full[: len(full) - len(s.shape)])
+        batch = torch.broadcast_shapes(batch, _particle_batch(full, s))
     scale = _common_scale(scales, exact=True)
     return None if scale is None else (means, scale, batch)
 
@@ -129,13 +166,11 @@ def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[s
     for s in layout.sites:
         site = trace.nodes[s.name]
         ok = closed_form_prior(site)
-        event_shape = tuple(s.shape)
-        n = len(event_shape)
         if ok:
             base = unwrap_normal(site["fn"])
             loc = base.loc.expand(site["fn"].batch_shape + site["fn"].event_shape)
             scl = base.scale.expand(loc.shape)
-            batch = loc.shape[: loc.dim() - n]
+            batch = _particle_batch(loc.shape, s)
             locs.append(loc.reshape(batch + (-1,)))
             scales.append(scl.reshape(batch + (-1,)))
             masks.append(torch.ones(s.numel, dtype=torch.bool))

@@ -12,12 +12,19 @@ from torch.distributions import constraints
 
 from ..linalg.projectors import KernelProjector
 
-__all__ = ["KernelImageNormal", "RANK_ESTIMATORS"]
+__all__ = ["KernelImageNormal", "RANK_ESTIMATORS", "marginal_variance"]
 
 #: ``"exact"`` (rank of J from a factorised Gram), ``"hutchinson"`` (``⟨ε, Pε⟩`` estimates
 #: ``R = tr P``, variance ``2R``), ``"image"`` (``⟨ε, ε − Pε⟩`` estimates ``D − R``, variance
 #: ``2(D − R)``), ``"auto"`` (exact when available, else image).
 RANK_ESTIMATORS = ("auto", "exact", "hutchinson", "image")
+
+
+def marginal_variance(kernel_scale: Tensor, image_scale: Tensor, kernel_diag: Tensor) -> Tensor:
+    """``diag Σ = σ_im² + (σ_ker² − σ_im²) diag(P)``: scales of batch shape, ``kernel_diag``
+    ``(..., D)``; returns ``(..., D)``."""
+    si2 = image_scale[..., None] ** 2
+    return si2 + (kernel_scale[..., None] ** 2 - si2) * kernel_diag
 
 
 class KernelImageNormal(TorchDistribution):
@@ -122,10 +129,8 @@ class KernelImageNormal(TorchDistribution):
     @property
     def variance(self) -> Tensor:
         """Exact ``diag Σ = σ_im² + (σ_ker² − σ_im²) diag(P)`` (``diag P`` from the projector)."""
-        dP = self.projector.diag().to(self.loc.dtype)
-        sk2 = self.kernel_scale[..., None] ** 2
-        si2 = self.image_scale[..., None] ** 2
-        return si2 + (sk2 - si2) * dP
+        return marginal_variance(self.kernel_scale, self.image_scale,
+                                 self.projector.diag().to(self.loc.dtype))
 
     # -- sampling -------------------------------------------------------------------------------
     def rsample(self, sample_shape=torch.Size()) -> Tensor:

@@ -24,9 +24,9 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Independent, Normal, kl_divergence, register_kl
+from torch.distributions import Independent, Normal, register_kl
 
-from .kernel_image_normal import KernelImageNormal
+from .kernel_image_normal import KernelImageNormal, marginal_variance
 
 __all__ = ["cross_entropy_diag_normal", "kl_kernel_image_normal_diag",
            "kl_kernel_image_normal_isotropic"]
@@ -95,11 +95,6 @@ def _kl_kin_normal(q: KernelImageNormal, p: Normal) -> Tensor:
     return kl_kernel_image_normal_diag(q, p.loc, p.scale)
 
 
-# Make sure the generic dispatcher resolves the most specific rule (Pyro re-registers
-# Independent/Normal subclasses; torch picks the most specific registered pair).
-_ = kl_divergence
-
-
 def cross_entropy_diag_normal(q: KernelImageNormal, prior_loc: Tensor, prior_scale: Tensor,
                               mask: Tensor) -> Tensor:
     """``−E_q[log N(z_M | μ_M, diag s_M²)]`` over the coordinates ``M`` where ``mask`` is True.
@@ -108,10 +103,7 @@ def cross_entropy_diag_normal(q: KernelImageNormal, prior_loc: Tensor, prior_sca
     ``Σ_jj = σ_i² + (σ_k² − σ_i²) P_jj`` (``diag P`` exact or estimated, as for the KL).
     Used when only some latents have Gaussian priors (the rest need a Monte Carlo term).
     """
-    dP = q.kernel_diag()
-    sk2 = q.kernel_scale[..., None] ** 2
-    si2 = q.image_scale[..., None] ** 2
-    var = si2 + (sk2 - si2) * dP
+    var = marginal_variance(q.kernel_scale, q.image_scale, q.kernel_diag())
     terms = (var + (q.loc - prior_loc) ** 2) / prior_scale ** 2 \
         + torch.log(2 * math.pi * prior_scale ** 2)
     return 0.5 * (terms * mask).sum(-1)

@@ -1,0 +1,289 @@
+"""The sampling state of :class:`~pyro_viking.AutoViking` and the two posteriors that draw from it.
+
+:class:`SamplingState` is the one object that lives across calls: the carried kernel samples
+of the stochastic alternating projections (training), the samples ``(ε, Pε)`` projected on the
+training data (prediction), and what lazy projection needs (the training call's data, and
+whether it changed between calls). Training draws (``k`` the carried kernel sample)
+
+    e = √γ k + √(1−γ) η,  k ← P_t e,  z = θ̂ + σ_ker k + σ_im i,  i ~ N(0, I − P_t),
+
+with ``i`` independent of ``k`` (``image_noise="fresh"``) or the paper's ``e − P_t e``
+(``"carried"``). Prediction draws ``z = θ̂ + σ_ker Pε + σ_im (ε − Pε)`` cycle through the
+training-data samples.
+
+:class:`VikingPosterior` (training) and :class:`PredictionPosterior` (prediction) get the state
+when they are built and draw from it; neither knows the guide.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from typing import Dict, Optional, Tuple
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch import Tensor
+from torch.distributions import constraints
+
+from .distributions import KernelImageNormal, marginal_variance
+from .model_likelihood import LatentLayout
+
+__all__ = ["PredictionPosterior", "SamplingState", "VikingPosterior"]
+
+
+def _same_call(a: Tuple[tuple, dict], b: Tuple[tuple, dict]) -> bool:
+    """Whether two calls carry the same data: the same tensor objects, equal plain values."""
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    if len(args_a) != len(args_b) or kw_a.keys() != kw_b.keys():
+        return False
+    for x, y in zip(args_a + tuple(kw_a.values()), args_b + tuple(kw_b[k] for k in kw_a)):
+        if x is y:
+            continue
+        if torch.is_tensor(x) or torch.is_tensor(y) or not isinstance(x, (int, float, str, bool)):
+            return False
+        if x != y:
+            return False
+    return True
+
+
+class SamplingState:
+    """Carried chains, prediction samples and lazy-projection bookkeeping of one guide.
+
+    :param gamma: memory ``γ`` of the alternating projections.
+    :param image_noise: ``"fresh"`` or ``"carried"``.
+    :param num_chains: carried kernel samples per draw size (sequential particles).
+    """
+
+    def __init__(self, gamma: float, image_noise: str, num_chains: int = 1):
+        self.gamma, self.image_noise, self.num_chains = float(gamma), image_noise, num_chains
+        self.chains: Dict[int, deque] = {}
+        self.last_draw: Dict[int, Tuple[Tensor, Tensor]] = {}  # by draw size
+        self.last: Optional[Tuple[Tensor, Tensor]] = None  # the most recent training draw
+        self.noise: Optional[Tensor] = None  # (S, D) prediction noise ε
+        self.kernel: Optional[Tensor] = None  # (S, D) its kernel part on the training data
+        self.counter, self.lazy, self.stale = 0, False, False
+        self._data: Optional[Tuple[tuple, dict]] = None
+        self._varies, self._training, self._warned = False, False, set()
+
+    # -- training -------------------------------------------------------------------------------
+    def note_training_call(self, args: tuple, kwargs: dict) -> None:
+        """Record a training call: prediction samples are now stale; a new phase (after a
+        prediction or projection) starts from this call's data."""
+        if not self._training:
+            self._training, self._data, self._varies = True, (args, kwargs), False
+        elif not self._varies and not _same_call(self._data, (args, kwargs)):
+            self._varies, self._data = True, None
+        self.stale = self.noise is not None
+
+    @property
+    def training_data(self) -> Optional[Tuple[tuple, dict]]:
+        """``(args, kwargs)`` of the training phase when every call carried the same data."""
+        return None if self._varies else self._data
+
+    def training_draw(self, q: KernelImageNormal, n: int) -> Tuple[Tensor, Tensor]:
+        """Kernel and image parts ``(n, D)`` of ``n`` training draws from ``q``."""
+        eta = torch.randn(n, q.event_shape[0], dtype=q.loc.dtype, device=q.loc.device)
+        chain = self.chains.setdefault(n, deque())
+        k_prev = chain.popleft() if len(chain) >= max(1, self.num_chains) else None
+        g, proj = self.gamma, q.projector
+        restart = k_prev is None or g == 0
+        if (self.image_noise == "fresh" and proj.samples_image_directly
+                and not proj.differentiable and q.kernel_dim_source == "exact"):
+            # image noise straight from the Gram's factorisation: one mv + one rmv in all
+            e = eta if restart else torch.add(eta.mul_(math.sqrt(1 - g)), k_prev,
+                                               alpha=math.sqrt(g))
+            k, img = proj.kernel_and_image(e)
+        elif restart:
+            e = eta
+            k, img = q.split_noise(eta)
+        else:
+            e = math.sqrt(g) * k_prev + math.sqrt(1 - g) * eta
+            if self.image_noise == "carried":
+                k, img = q.split_noise(e, probe=eta if g < 1 else None,
+                                       probe_weight=math.sqrt(1 - g) if g < 1 else 1.0)
+            else:
+                both = proj(torch.cat([e, eta]))
+                k, img = both[:n], eta - both[n:]
+                q.record_probes(eta, both[n:])
+        chain.append(k.detach())
+        self.last_draw[n] = self.last = (e.detach(), k.detach())
+        return k, img
+
+    # -- prediction -----------------------------------------------------------------------------
+    def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool) -> None:
+        """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself,
+        refreshed when used up; else the user's, cycled through)."""
+        self.noise, self.kernel, self.counter = noise, kernel, 0
+        self.lazy, self.stale, self._training = lazy, False, False
+
+    def needs_projection(self, n: int) -> bool:
+        """Whether ``n`` prediction draws call for (re)projecting on the training data."""
+        if self.noise is None or self.stale:
+            return True
+        return self.lazy and self.counter + n > self.noise.shape[0]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=5)
+
+    def prediction_samples(self) -> Tuple[Tensor, Tensor]:
+        """``(ε, Pε)`` that prediction draws come from (with a warning where they are not
+        projected on the current training data)."""
+        self._training = False
+        if self.noise is not None:
+            if self.stale:
+                self._warn_once("stale", "AutoViking was trained since project_training_data; "
+                                "its samples are projected at an older loc. Call "
+                                "guide.project_training_data(...) again.")
+            return self.noise, self.kernel
+        if not self.last_draw:
+            raise RuntimeError(
+                "AutoViking has no samples projected on the training data: call "
+                "guide.project_training_data(*training_args) (or batches=...) before predicting.")
+        self._warn_once("last", "AutoViking cannot re-project on the whole training set (the "
+                        "data changed between training calls, or the model is not attached): "
+                        "predicting with the last training step's kernel samples. Call "
+                        "guide.project_training_data(batches=...) for samples projected on "
+                        "the whole training set.")
+        return max(self.last_draw.items())[1]
+
+    def prediction_draw(self, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """Kernel and image parts ``(n, D)`` of ``n`` prediction draws."""
+        e, k = self.prediction_samples()
+        S = e.shape[0]
+        if n > S:
+            self._warn_once("repeat", f"{n} samples requested but only {S} projected samples "
+                            f"are cached; they repeat. Call project_training_data(num_samples"
+                            f"={n}).")
+        idx = (torch.arange(n, device=e.device) + self.counter) % S
+        self.counter = (self.counter + n) if self.lazy else (self.counter + n) % S
+        k = k[idx].to(dtype)
+        return k, e[idx].to(dtype) - k
+
+    def __getstate__(self):
+        # the training data are the user's: not saved with the guide
+        return {**self.__dict__, "_data": None, "_varies": True}
+
+
+class VikingPosterior(KernelImageNormal):
+    """:class:`KernelImageNormal` whose draws follow the stochastic alternating projections of
+    a :class:`SamplingState`; ``layout`` says which model latents its coordinates are."""
+
+    def __init__(self, loc, kernel_scale, image_scale, projector, *, state: SamplingState,
+                 layout: LatentLayout, rank_estimator: str = "auto",
+                 validate_args: Optional[bool] = None):
+        super().__init__(loc, kernel_scale, image_scale, projector,
+                         rank_estimator=rank_estimator, validate_args=validate_args)
+        self.state, self.layout = state, layout
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(VikingPosterior, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new.state, new.layout = self.state, self.layout
+        return new
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        k, img = self.state.training_draw(self, math.prod(shape[:-1]))
+        k, img = k.reshape(shape), img.reshape(shape)
+        value = self.compose(k, img)
+        self._draw_cache = (value, k, img)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """As :meth:`KernelImageNormal.log_prob`; for this distribution's own last draw the
+        Mahalanobis term is ``‖k‖² + ‖i‖²`` (no second projection)."""
+        cache = getattr(self, "_draw_cache", None)
+        if cache is None or value is not cache[0]:
+            return super().log_prob(value)
+        _, k, img = cache
+        D = self.event_shape[0]
+        maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
+        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
+
+
+class PredictionPosterior(TorchDistribution):
+    r"""The posterior at prediction time: ``loc + σ_ker Pε + σ_im (ε − Pε)`` for the samples
+    ``(ε, Pε)`` of a :class:`SamplingState`, projected on the *training* data.
+
+    ``P`` itself is not available, so the moments use the Hutchinson estimate
+    ``diag P ≈ mean_s ε_s ⊙ Pε_s`` over the samples (clipped to ``[0, 1]``); ``log_prob`` is
+    available only for this distribution's own last draw.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector, "kernel_scale": constraints.positive,
+                       "image_scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, kernel_scale, image_scale, *, state: SamplingState,
+                 layout: LatentLayout, validate_args: Optional[bool] = None):
+        self.loc = loc
+        self.kernel_scale = torch.as_tensor(kernel_scale, dtype=loc.dtype, device=loc.device)
+        self.image_scale = torch.as_tensor(image_scale, dtype=loc.dtype, device=loc.device)
+        self.state, self.layout = state, layout
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(PredictionPosterior, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.kernel_scale, new.image_scale = self.kernel_scale, self.image_scale
+        new.state, new.layout = self.state, self.layout
+        super(PredictionPosterior, new).__init__(batch_shape, self.event_shape,
+                                                 validate_args=False)
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    def kernel_diag(self) -> Tensor:
+        """Estimate of ``diag P`` ``(D,)`` from the training-data samples."""
+        e, k = self.state.prediction_samples()
+        return (e * k).mean(0).clamp(0.0, 1.0).to(self.loc.dtype)
+
+    @property
+    def kernel_dim(self) -> Tensor:
+        """Estimate of ``R = tr P``."""
+        return self.kernel_diag().sum()
+
+    @property
+    def variance(self) -> Tensor:
+        var = marginal_variance(self.kernel_scale, self.image_scale, self.kernel_diag())
+        return var.expand(self.loc.shape)
+
+    def log_det_covariance(self) -> Tensor:
+        R, D = self.kernel_dim, self.event_shape[0]
+        return 2 * R * self.kernel_scale.log() + 2 * (D - R) * self.image_scale.log()
+
+    def entropy(self) -> Tensor:
+        D = self.event_shape[0]
+        h = 0.5 * D * (1 + math.log(2 * math.pi)) + 0.5 * self.log_det_covariance()
+        return h.expand(self.batch_shape)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        k, img = self.state.prediction_draw(math.prod(shape[:-1]), self.loc.dtype)
+        k, img = k.reshape(shape), img.reshape(shape)
+        value = self.loc + self.kernel_scale[..., None] * k + self.image_scale[..., None] * img
+        self._draw_cache = (value, k, img)
+        return value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        cache = getattr(self, "_draw_cache", None)
+        if cache is None or value is not cache[0]:
+            raise NotImplementedError(
+                "the prediction-time AutoViking posterior has no projector of its own (its "
+                "samples come from the training data); evaluate densities in training mode")
+        _, k, img = cache
+        D = self.event_shape[0]
+        maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
+        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
