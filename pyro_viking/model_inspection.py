@@ -11,10 +11,12 @@ latents, so that the Jacobian can be taken at their values instead of at prior d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Optional
 
+import pyro.poutine as poutine
 import torch
 from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.indep_messenger import CondIndepStackFrame
@@ -29,8 +31,9 @@ from .model_likelihood import (
     trace_model,
 )
 
-__all__ = ["ModelCall", "inspect_model", "shape_signature", "strip_blocks",
-           "check_no_subsampled_latents"]
+__all__ = ["ModelCall", "ModelInspector", "check_no_subsampled_latents", "check_not_jit_traced",
+           "inspect_model",
+           "other_latents", "shape_signature", "strip_blocks", "training_batches"]
 
 
 @dataclass
@@ -100,6 +103,14 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
     return ModelCall(observed_data_frames(trace), bool(observed), extra)
 
 
+def check_not_jit_traced() -> None:
+    """Raise a clear error under ``torch.jit.trace`` (e.g. ``JitTrace_ELBO``)."""
+    if torch._C._get_tracing_state():
+        raise NotImplementedError("AutoViking cannot be JIT-traced (JitTrace_ELBO): its "
+                                  "projection runs Python control flow; use TraceViking_ELBO or "
+                                  "Trace_ELBO")
+
+
 def check_no_subsampled_latents(prototype_trace, names) -> None:
     """Raise if a latent lies in a subsampled plate (one value per minibatch slot would be
     reused for every minibatch)."""
@@ -112,3 +123,87 @@ def check_no_subsampled_latents(prototype_trace, names) -> None:
                     "minibatches. Guide local latents with another guide: "
                     f"AutoGuideList with AutoViking(poutine.block(model, hide=['{name}'])) and "
                     f"AutoNormal(poutine.block(model, expose=['{name}'])).")
+
+
+def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
+                     frames: dict[str, CondIndepStackFrame], device=None) -> Iterator[tuple]:
+    """``(args, kwargs, subsample)`` of each batch of a pass over the training data: the items
+    of ``batches`` (argument tuples, ``(args, kwargs)`` pairs or kwargs dicts), else the model's
+    subsampled data plate walked in order in chunks of its subsample size (the last chunk
+    wrapping around: repeated data only repeat rows of J), else the one call ``args, kwargs``."""
+    if batches is not None:
+        for item in batches:
+            if isinstance(item, dict):
+                yield (), item, {}
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) \
+                    and isinstance(item[0], tuple):
+                yield item[0], item[1], {}
+            else:
+                yield (tuple(item) if isinstance(item, (tuple, list)) else (item,)), {}, {}
+        return
+    if len(frames) > 1:
+        raise ValueError(f"the model subsamples several data plates {sorted(frames)}; pass "
+                         "batches=[...] explicitly")
+    if not frames:
+        yield args, kwargs, {}
+    for name, frame in frames.items():
+        for start in range(0, frame.full_size, frame.size):
+            idx = torch.arange(start, start + frame.size, device=device)
+            yield args, kwargs, {name: idx % frame.full_size}
+
+
+def other_latents(guide, call: ModelCall, args: tuple, kwargs: dict,
+                  subsample: dict) -> Optional[dict]:
+    """Values for the latents outside ``guide``'s layout, at which its Jacobian is taken: the
+    medians of the other parts of its ``AutoGuideList`` (parts not yet set up, which run after
+    ``guide``, are set up first), restricted to this call's subsample. Without an
+    ``AutoGuideList`` they stay prior draws, with a warning."""
+    if not call.extra_latents:
+        return None
+    if guide.master is None:
+        warnings.warn(f"latents {sorted(call.extra_latents)} are hidden from AutoViking: its "
+                      "Jacobian uses prior draws of them (guide them in an AutoGuideList to "
+                      "use their medians)", stacklevel=5)
+        return None
+    median = {}
+    with poutine.block():  # AutoDelta.median runs its guide
+        for part in guide.master():
+            if part is not guide:
+                if part.prototype_trace is None:
+                    part._setup_prototype(*args, **kwargs)
+                median.update(part.median(*args, **kwargs))
+    values = {}
+    for name, frames in call.extra_latents.items():
+        if name in median:
+            value = median[name]
+            for dim, plate in frames:
+                value = value.index_select(dim, subsample[plate])
+            values[name] = value
+    return values
+
+
+class ModelInspector:
+    """:func:`inspect_model` once per call signature (and mode) of one model: holds the model
+    the guide takes Jacobians of (outer blocks stripped) and the facts of each signature."""
+
+    def __init__(self, model: Optional[Callable], layout: LatentLayout):
+        self.layout, self.calls, self.warned_no_observations = layout, {}, False
+        self.set_model(model)
+
+    def set_model(self, model: Optional[Callable]) -> None:
+        self.model = None if model is None else strip_blocks(model)
+
+    def __call__(self, args: tuple, kwargs: dict, training: bool = True) -> ModelCall:
+        """The facts of this call (no checks, defaults, when no model is attached)."""
+        key = (shape_signature(args, kwargs), training)
+        if key not in self.calls and self.model is not None:
+            call = inspect_model(self.model, args, kwargs, self.layout, training=training)
+            if training and not call.has_observations and not self.warned_no_observations:
+                self.warned_no_observations = True
+                warnings.warn("the model has no observed sites: without a likelihood the kernel "
+                              "is the whole space and q = N(loc, σ_ker² I)", stacklevel=5)
+            self.calls[key] = call
+        return self.calls.get(key, ModelCall())
+
+    def __getstate__(self):
+        return {**self.__dict__, "model": None}

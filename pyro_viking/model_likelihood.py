@@ -135,6 +135,16 @@ class LatentLayout:
             raise ValueError(f"expected z of shape (..., {self.latent_dim}), got {tuple(z.shape)}")
         return z.split([s.numel for s in self.sites], dim=-1)
 
+    def batch_views(self, z: Tensor):
+        """``(name, unconstrained value)`` per site for a batch ``z (*batch, D)`` whose batch
+        dims are plate dims (Pyro's ``AutoContinuous._unpack_latent`` shapes: a site's own
+        plate dims broadcast against the trailing batch dims)."""
+        batch = z.shape[:-1]
+        for s, part in zip(self.sites, self.split(z)):
+            event_dim = s.event_dim + len(s.unconstrained_shape) - len(s.shape)
+            yield s.name, part.view(torch.broadcast_shapes(s.unconstrained_shape,
+                                                           batch + (1,) * event_dim))
+
     def pack(self, values: dict[str, Tensor]) -> Tensor:
         """``{name: constrained value (..., *site.shape)}`` -> unconstrained ``z (..., D)``."""
         parts = []

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
+import pyro
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch import Tensor
 from torch.distributions import Independent, Normal, constraints
 
+from .model_likelihood import trace_model
+
 __all__ = ["unwrap_normal", "isotropic_prior_scale", "closed_form_prior",
            "isotropic_prior_blocks", "gaussian_prior_blocks", "prior_scale_param",
-           "typical_prior_scale"]
+           "typical_prior_scale", "resolve_kernel_scale", "TiedPriorScale", "KERNEL_SCALES",
+           "check_scale_arguments"]
 
 
 def unwrap_normal(fn) -> Optional[Normal]:
@@ -187,3 +191,67 @@ def gaussian_prior_blocks(trace, layout) -> Tuple[Tensor, Tensor, Tensor, List[s
         return torch.cat([p.to(ref).expand(batch + p.shape[-1:]) for p in parts], -1)
 
     return cat(locs), cat(scales), torch.cat(masks).to(ref.device), others
+
+
+KERNEL_SCALES = ("auto", "prior", "learned")
+
+
+def check_scale_arguments(kernel_scale, init_image_scale: float,
+                          init_kernel_scale: Optional[float]) -> None:
+    """Raise ``ValueError`` for a ``kernel_scale`` that is neither a positive float nor one of
+    :data:`KERNEL_SCALES`, or non-positive initial scales."""
+    fixed = isinstance(kernel_scale, (int, float))
+    if not (fixed and kernel_scale > 0) and (fixed or kernel_scale not in KERNEL_SCALES):
+        raise ValueError(f"kernel_scale must be a positive float or one of {KERNEL_SCALES}, "
+                         f"got {kernel_scale!r}")
+    if not init_image_scale > 0 or (init_kernel_scale is not None and not init_kernel_scale > 0):
+        raise ValueError("init_image_scale and init_kernel_scale must be positive, got "
+                         f"{init_image_scale} and {init_kernel_scale}")
+
+
+def resolve_kernel_scale(mode, prototype_trace, names, init: Optional[float] = None
+                         ) -> Tuple[str, Optional[Tensor], Optional[float]]:
+    """``(mode, prior, value)`` for ``kernel_scale=mode``: ``"prior"`` (tied to the common prior
+    scale ``prior``), ``"learned"`` (``value``: the initial scale: ``init``, else the prior
+    scale, else the prior scales' RMS, else 1) or ``"fixed"`` (``value``: the float given).
+    ``"auto"`` ties when the latents share one ``Normal`` prior scale, else learns."""
+    prior = isotropic_prior_scale(prototype_trace, names)
+    if mode == "prior" and prior is None:
+        raise ValueError("kernel_scale='prior' needs every latent to have a Normal prior with "
+                         "real support and one common scale; this model's priors differ. Use "
+                         "kernel_scale='learned' (or a float).")
+    if not isinstance(mode, str):
+        return "fixed", None, float(mode)
+    mode = ("prior" if prior is not None else "learned") if mode == "auto" else mode
+    if mode == "prior":
+        return mode, prior, None
+    value = init or (None if prior is None else float(prior.detach())) \
+        or typical_prior_scale(prototype_trace, names) or 1.0
+    return mode, None, float(value)
+
+
+class TiedPriorScale:
+    """The common prior scale ``s`` that ``σ_ker`` is tied to (``kernel_scale="prior"``).
+
+    A constant ``s`` is kept. A ``pyro.param`` ``s`` is read from the param store at each call
+    (with its gradient, no model run). An ``s`` computed otherwise from parameters is read from
+    a model run in training, and its last value serves prediction (no model run)."""
+
+    def __init__(self, prior: Tensor, model: Callable, args: tuple, kwargs: dict):
+        self.last, self.learnable, self.param_name = prior.detach(), prior.requires_grad, None
+        if self.learnable:
+            with torch.random.fork_rng(devices=[]):
+                self.param_name = prior_scale_param(trace_model(model, args, kwargs, {}), prior)
+
+    def value(self, model: Optional[Callable], args: tuple, kwargs: dict, names,
+              predicting: bool) -> Tensor:
+        """The current ``s`` (``predicting``: no gradient needed)."""
+        if self.param_name is not None and self.param_name in pyro.get_param_store():
+            s = pyro.param(self.param_name)
+        elif not self.learnable or predicting or model is None:
+            return self.last
+        else:
+            with torch.random.fork_rng(devices=[]):
+                s = isotropic_prior_scale(trace_model(model, args, kwargs, {}), names)
+        self.last = s.detach()
+        return s

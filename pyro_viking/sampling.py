@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from pyro.distributions import TorchDistribution
@@ -28,9 +28,18 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .distributions import KernelImageNormal, marginal_variance
+from .linalg import KernelProjector
 from .model_likelihood import LatentLayout
 
-__all__ = ["PredictionPosterior", "SamplingState", "VikingPosterior"]
+__all__ = ["PredictionPosterior", "SamplingState", "VikingPosterior", "check_parameters"]
+
+
+def check_parameters(*params: Tensor) -> None:
+    """Raise a ``ValueError`` that says what to do when a guide parameter is not finite."""
+    if not all(bool(torch.isfinite(t.detach().sum())) for t in params):
+        raise ValueError("AutoViking's parameters are not finite (loc, image_scale or "
+                         "kernel_scale is NaN/inf): training diverged. Lower the learning rate "
+                         "(or clip gradients, e.g. ClippedAdam) and start again.")
 
 
 def _same_call(a: Tuple[tuple, dict], b: Tuple[tuple, dict]) -> bool:
@@ -56,7 +65,14 @@ class SamplingState:
     :param num_chains: carried kernel samples per draw size (sequential particles).
     """
 
+    #: samples projected at once when the guide projects lazily for prediction
+    LAZY_NUM_SAMPLES = 100
+
     def __init__(self, gamma: float, image_noise: str, num_chains: int = 1):
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+        if image_noise not in ("fresh", "carried"):
+            raise ValueError(f"image_noise must be 'fresh' or 'carried', got {image_noise!r}")
         self.gamma, self.image_noise, self.num_chains = float(gamma), image_noise, num_chains
         self.chains: Dict[int, deque] = {}
         self.last_draw: Dict[int, Tuple[Tensor, Tensor]] = {}  # by draw size
@@ -117,6 +133,23 @@ class SamplingState:
         refreshed when used up; else the user's, cycled through)."""
         self.noise, self.kernel, self.counter = noise, kernel, 0
         self.lazy, self.stale, self._training = lazy, False, False
+
+    def project(self, projectors: Iterable[Callable[[], KernelProjector]], num_samples: int,
+                like: Tensor, *, lazy: bool, progress: bool = False) -> Tensor:
+        """Alternating projections ``k ← P_b k`` of ``num_samples`` fresh samples ``ε`` over the
+        projectors of passes over the training data (each built when it is reached); caches
+        ``(ε, k)`` and returns ``k`` ``(S, D)``."""
+        e = torch.randn(num_samples, like.shape[-1], dtype=like.dtype, device=like.device)
+        k = e.clone()
+        if progress:
+            from tqdm.auto import tqdm
+
+            projectors = tqdm(list(projectors), desc="projecting on training data", unit="batch")
+        for build in projectors:
+            with torch.no_grad():
+                k = build()(k)
+        self.set_prediction_samples(e, k, lazy=lazy)
+        return k
 
     def needs_projection(self, n: int) -> bool:
         """Whether ``n`` prediction draws call for (re)projecting on the training data."""
