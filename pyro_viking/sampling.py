@@ -183,18 +183,16 @@ class SamplingState:
                         "the whole training set.")
         return max(self.last_draw.items())[1]
 
-    def prediction_draw(self, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """Kernel and image parts ``(n, D)`` of ``n`` prediction draws."""
-        e, k = self.prediction_samples()
-        S = e.shape[0]
+    def next_indices(self, n: int, S: int) -> Tensor:
+        """Indices of the next ``n`` of ``S`` prediction samples (cycling; a lazily projected
+        cache is not reused but refreshed, see :meth:`needs_projection`)."""
         if n > S:
             self._warn_once("repeat", f"{n} samples requested but only {S} projected samples "
                             f"are cached; they repeat. Call project_training_data(num_samples"
                             f"={n}).")
-        idx = (torch.arange(n, device=e.device) + self.counter) % S
+        idx = (torch.arange(n) + self.counter) % S
         self.counter = (self.counter + n) if self.lazy else (self.counter + n) % S
-        k = k[idx].to(dtype)
-        return k, e[idx].to(dtype) - k
+        return idx
 
     def __getstate__(self):
         # the training data are the user's: not saved with the guide
@@ -240,7 +238,8 @@ class VikingPosterior(KernelImageNormal):
 
 class PredictionPosterior(TorchDistribution):
     r"""The posterior at prediction time: ``loc + σ_ker Pε + σ_im (ε − Pε)`` for the samples
-    ``(ε, Pε)`` of a :class:`SamplingState`, projected on the *training* data.
+    ``(ε, Pε)`` projected on the *training* data that ``state`` holds when it is built (the
+    state only keeps the count of samples used).
 
     ``P`` itself is not available, so the moments use the Hutchinson estimate
     ``diag P ≈ mean_s ε_s ⊙ Pε_s`` over the samples (clipped to ``[0, 1]``); ``log_prob`` is
@@ -258,6 +257,7 @@ class PredictionPosterior(TorchDistribution):
         self.kernel_scale = torch.as_tensor(kernel_scale, dtype=loc.dtype, device=loc.device)
         self.image_scale = torch.as_tensor(image_scale, dtype=loc.dtype, device=loc.device)
         self.state, self.layout = state, layout
+        self.noise, self.kernel = (t.to(loc.dtype) for t in state.prediction_samples())
         super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -265,7 +265,8 @@ class PredictionPosterior(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.kernel_scale, new.image_scale = self.kernel_scale, self.image_scale
-        new.state, new.layout = self.state, self.layout
+        new.state, new.layout, new.noise, new.kernel = (self.state, self.layout, self.noise,
+                                                        self.kernel)
         super(PredictionPosterior, new).__init__(batch_shape, self.event_shape,
                                                  validate_args=False)
         return new
@@ -280,8 +281,7 @@ class PredictionPosterior(TorchDistribution):
 
     def kernel_diag(self) -> Tensor:
         """Estimate of ``diag P`` ``(D,)`` from the training-data samples."""
-        e, k = self.state.prediction_samples()
-        return (e * k).mean(0).clamp(0.0, 1.0).to(self.loc.dtype)
+        return (self.noise * self.kernel).mean(0).clamp(0.0, 1.0)
 
     @property
     def kernel_dim(self) -> Tensor:
@@ -304,8 +304,10 @@ class PredictionPosterior(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
-        k, img = self.state.prediction_draw(math.prod(shape[:-1]), self.loc.dtype)
-        k, img = k.reshape(shape), img.reshape(shape)
+        idx = self.state.next_indices(math.prod(shape[:-1]), self.noise.shape[0])
+        idx = idx.to(self.noise.device)
+        k = self.kernel[idx].reshape(shape)
+        img = self.noise[idx].reshape(shape) - k
         value = self.loc + self.kernel_scale[..., None] * k + self.image_scale[..., None] * img
         self._draw_cache = (value, k, img)
         return value
