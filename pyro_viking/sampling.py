@@ -129,8 +129,7 @@ class SamplingState:
 
     # -- prediction -----------------------------------------------------------------------------
     def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool) -> None:
-        """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself,
-        refreshed when used up; else the user's, cycled through)."""
+        """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself)."""
         self.noise, self.kernel, self.counter = noise, kernel, 0
         self.lazy, self.stale, self._training = lazy, False, False
 
@@ -152,10 +151,14 @@ class SamplingState:
         return k
 
     def needs_projection(self, n: int) -> bool:
-        """Whether ``n`` prediction draws call for (re)projecting on the training data."""
+        """Whether ``n`` prediction draws call for (re)projecting on the training data: no
+        samples yet, samples projected at an older θ̂, or (when the guide projected them
+        itself) fewer samples than one call asks for. Later calls cycle through them, as
+        through those of :meth:`~pyro_viking.AutoViking.project_training_data` (projecting
+        costs about as much as predicting with that many samples)."""
         if self.noise is None or self.stale:
             return True
-        return self.lazy and self.counter + n > self.noise.shape[0]
+        return self.lazy and n > self.noise.shape[0]
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -184,14 +187,13 @@ class SamplingState:
         return max(self.last_draw.items())[1]
 
     def next_indices(self, n: int, S: int) -> Tensor:
-        """Indices of the next ``n`` of ``S`` prediction samples (cycling; a lazily projected
-        cache is not reused but refreshed, see :meth:`needs_projection`)."""
+        """Indices of the next ``n`` of ``S`` prediction samples (cycling)."""
         if n > S:
             self._warn_once("repeat", f"{n} samples requested but only {S} projected samples "
                             f"are cached; they repeat. Call project_training_data(num_samples"
                             f"={n}).")
         idx = (torch.arange(n) + self.counter) % S
-        self.counter = (self.counter + n) if self.lazy else (self.counter + n) % S
+        self.counter = (self.counter + n) % S
         return idx
 
     def __getstate__(self):
