@@ -382,3 +382,21 @@ def test_predictive_runs_the_model_once_per_sample_with_a_learned_prior_scale(fl
         calls.clear()
         Predictive(model, guide=g, num_samples=50)(x_test)
         assert len(calls) == 52, (G.__name__, len(calls))  # model: 50 + 2 set-up runs
+
+
+def test_predictive_parallel_with_a_learned_prior_scale(dtype):
+    """``Predictive(parallel=True)`` with a ``pyro.param`` prior scale: the guide reads the scale
+    without running the model under Predictive's sample plate (before: the data plate and
+    ``_num_predictive_samples`` collided at dim -1)."""
+    def model(x, y=None):
+        s = pyro.param("prior_scale", torch.tensor(0.7), constraint=constraints.positive)
+        a = pyro.sample("a", dist.Normal(0.0, s))
+        b = pyro.sample("b", dist.Normal(0.0, s))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Normal(a + b * x, 0.5), obs=y)
+
+    x, y = torch.linspace(-1, 1, 6), torch.linspace(0, 1, 6)
+    guide = AutoViking(model)
+    SVI(model, guide, Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
+    pred = Predictive(model, guide=guide, num_samples=20, parallel=True)(x)
+    assert pred["y"].shape == (20, 6) and pred["a"].shape == (20, 1)
