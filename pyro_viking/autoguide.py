@@ -73,18 +73,17 @@ class AutoViking(AutoContinuous):
         inspection.check_no_subsampled_latents(self.prototype_trace, self.layout.names)
         self._inspector = inspection.ModelInspector(self._raw_model[0], self.layout)
         self._call = self._inspector(args, kwargs)
-        init_loc = self._init_loc()
-        like = dict(dtype=init_loc.dtype, device=init_loc.device)
-        self.loc = PyroParam(init_loc)
-        self.image_scale = PyroParam(torch.tensor(self.init_image_scale, **like),
+        self.loc = PyroParam(init_loc := self._init_loc())
+        self.image_scale = PyroParam(init_loc.new_tensor(self.init_image_scale),
                                      constraints.positive)
-        self._kernel_mode, prior, value = resolve_kernel_scale(
+        #: ``"prior"`` (tied), ``"learned"`` or ``"fixed"``: how σ_ker is set, once set up
+        self.kernel_scale_source, prior, value = resolve_kernel_scale(
             self.kernel_scale_mode, self.prototype_trace, self.layout.names, self.init_kernel_scale)
-        if self._kernel_mode == "learned":
-            self.kernel_scale_unconstrained = PyroParam(torch.tensor(value, **like),
+        if self.kernel_scale_source == "learned":
+            self.kernel_scale_unconstrained = PyroParam(init_loc.new_tensor(value),
                                                         constraints.positive)
         else:  # tied to the prior scale, or fixed
-            prior = torch.tensor(value, **like) if prior is None else prior
+            prior = init_loc.new_tensor(value) if prior is None else prior
             self._scale_source = TiedPriorScale(prior, self._raw_model[0], args, kwargs)
 
     def _create_plates(self, *args, **kwargs):
@@ -118,7 +117,7 @@ class AutoViking(AutoContinuous):
             yield self.prototype_trace.nodes[name], value
 
     def _kernel_scale_now(self, args, kwargs, predicting: bool) -> Tensor:
-        if self._kernel_mode == "learned":
+        if self.kernel_scale_source == "learned":
             return self.kernel_scale_unconstrained
         model = None if self._raw_model is None else self._raw_model[0]
         return self._scale_source.value(model, args, kwargs, self.layout.names, predicting)
@@ -149,7 +148,8 @@ class AutoViking(AutoContinuous):
             n = math.prod(f.size for f in poutine.runtime.get_plates())  # particles
             self._refresh_prediction_samples(n)
             return PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
-        self._state.note_training_call(args, kwargs)
+        if torch.is_grad_enabled():  # a training step (evaluations do not move θ̂)
+            self._state.note_training_call(args, kwargs)
         self.last_projector = self._projector(args, kwargs, self._subsample_indices(),
                                               self.grad_through_projection, training=True)
         return VikingPosterior(loc, sk, si, self.last_projector, state=self._state,

@@ -85,8 +85,9 @@ class SamplingState:
 
     # -- training -------------------------------------------------------------------------------
     def note_training_call(self, args: tuple, kwargs: dict) -> None:
-        """Record a training call: prediction samples are now stale; a new phase (after a
-        prediction or projection) starts from this call's data."""
+        """Record a training call (one with gradients: not a loss evaluation): prediction
+        samples are now stale; a new phase (after a prediction or projection) starts from this
+        call's data."""
         if not self._training:
             self._training, self._data, self._varies = True, (args, kwargs), False
         elif not self._varies and not _same_call(self._data, (args, kwargs)):
@@ -132,6 +133,7 @@ class SamplingState:
         """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself)."""
         self.noise, self.kernel, self.counter = noise, kernel, 0
         self.lazy, self.stale, self._training = lazy, False, False
+        self._warned.discard("stale")
 
     def project(self, projectors: Iterable[Callable[[], KernelProjector]], num_samples: int,
                 like: Tensor, *, lazy: bool, progress: bool = False) -> Tensor:

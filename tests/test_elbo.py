@@ -143,7 +143,7 @@ def test_learned_prior_scale_gets_the_kl_gradient():
     guide = AutoViking(model, init_loc_fn=init_to_value(values={"theta": loc0}),
                        init_image_scale=0.3)
     guide(X, y)
-    assert guide._kernel_mode == "prior"
+    assert guide.kernel_scale_source == "prior"
     loss = TraceViking_ELBO(num_particles=3).differentiable_loss(model, guide, X, y)
     s_unconstrained = pyro.get_param_store().get_param("prior_scale").unconstrained()
     (grad,) = torch.autograd.grad(loss, s_unconstrained)
@@ -273,9 +273,9 @@ def test_kernel_scale_ties_only_to_one_shared_prior_scale():
     pyro.clear_param_store()
     guide = AutoViking(model, kernel_scale="prior")
     guide(X, y, shared=True)
-    assert guide._kernel_mode == "prior"
+    assert guide.kernel_scale_source == "prior"
     with pytest.raises(ValueError, match="one common scale"):
         AutoViking(model, kernel_scale="prior")(X, y, shared=False)
     guide = AutoViking(model)
     guide(X, y, shared=False)
-    assert guide._kernel_mode == "learned"
+    assert guide.kernel_scale_source == "learned"
