@@ -34,15 +34,12 @@ class AutoViking(AutoContinuous):
 
     :param init_loc_fn, init_image_scale: initial θ̂ (per site) and ``σ_im``.
     :param kernel_scale: ``"prior"`` ties ``σ_ker`` to the latents' common ``Normal`` prior scale
-        (a ``pyro.param`` scale is followed, with gradients), ``"learned"`` makes it a parameter
-        (initial value ``init_kernel_scale``, default: the prior scales' RMS), ``"auto"`` ties
-        when possible, else learns; a float fixes it.
+        (a ``pyro.param`` is followed, with gradients), ``"learned"`` makes it a parameter (from
+        ``init_kernel_scale``, default the prior scales' RMS), ``"auto"`` ties when possible.
     :param gamma: memory ``γ ∈ [0, 1]`` of the stochastic alternating projections.
-    :param jacobian, backend, solver, solver_options: see :class:`~pyro_viking.
-        jacobian_backends.ProjectorBuilder`.
+    :param jacobian, backend, solver, solver_options: see ``jacobian_backends.ProjectorBuilder``.
     :param grad_through_projection: differentiate the samples through ``P(θ̂)`` (the paper).
-    :param rank_estimator: how ``dim ker`` enters the KL (:data:`~pyro_viking.distributions.
-        RANK_ESTIMATORS`).
+    :param rank_estimator: how ``dim ker`` enters the KL (``distributions.RANK_ESTIMATORS``).
     :param image_noise: ``"fresh"`` (image part a fresh draw of ``N(0, I − P_t)``, as the KL
         assumes) or the paper's ``"carried"`` ``e − P_t e``.
     :param num_chains: carried kernel samples (sequential particles).
@@ -161,7 +158,10 @@ class AutoViking(AutoContinuous):
         st, data = self._state, self._state.training_data
         if st.needs_projection(n) and data is not None and self._raw_model is not None:
             with torch.enable_grad(), poutine.mask(mask=True):
-                self._project(*data, None, max(n, st.LAZY_NUM_SAMPLES), 1, False, lazy=True)
+                try:
+                    self._project(*data, None, max(n, st.LAZY_NUM_SAMPLES), 1, False, lazy=True)
+                except inspection.SeveralDataPlates:  # no order to walk them in: warn instead
+                    st.forget_training_data()
 
     def _subsample_indices(self) -> Dict[str, Tensor]:
         idx = {n: getattr(self.plates.get(n), "_indices", None) for n in self._call.data_frames}

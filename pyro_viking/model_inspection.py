@@ -31,9 +31,9 @@ from .model_likelihood import (
     trace_model,
 )
 
-__all__ = ["ModelCall", "ModelInspector", "check_no_subsampled_latents", "check_not_jit_traced",
-           "inspect_model",
-           "other_latents", "shape_signature", "strip_blocks", "training_batches"]
+__all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "check_no_subsampled_latents",
+           "check_not_jit_traced", "inspect_model", "other_latents", "shape_signature",
+           "strip_blocks", "training_batches"]
 
 
 @dataclass
@@ -125,6 +125,10 @@ def check_no_subsampled_latents(prototype_trace, names) -> None:
                     f"AutoNormal(poutine.block(model, expose=['{name}'])).")
 
 
+class SeveralDataPlates(ValueError):
+    """The model subsamples several data plates: no single order walks its training data."""
+
+
 def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
                      frames: dict[str, CondIndepStackFrame], device=None) -> Iterator[tuple]:
     """``(args, kwargs, subsample)`` of each batch of a pass over the training data: the items
@@ -142,8 +146,8 @@ def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
                 yield (tuple(item) if isinstance(item, (tuple, list)) else (item,)), {}, {}
         return
     if len(frames) > 1:
-        raise ValueError(f"the model subsamples several data plates {sorted(frames)}; pass "
-                         "batches=[...] explicitly")
+        raise SeveralDataPlates(f"the model subsamples several data plates {sorted(frames)}; "
+                                "pass batches=[...] explicitly")
     if not frames:
         yield args, kwargs, {}
     for name, frame in frames.items():

@@ -99,6 +99,10 @@ class SamplingState:
         """``(args, kwargs)`` of the training phase when every call carried the same data."""
         return None if self._varies else self._data
 
+    def forget_training_data(self) -> None:
+        """Treat this phase's data as unknown (prediction then warns instead of projecting)."""
+        self._varies, self._data = True, None
+
     def training_draw(self, q: KernelImageNormal, n: int) -> Tuple[Tensor, Tensor]:
         """Kernel and image parts ``(n, D)`` of ``n`` training draws from ``q``."""
         eta = torch.randn(n, q.event_shape[0], dtype=q.loc.dtype, device=q.loc.device)
