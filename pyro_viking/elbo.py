@@ -9,6 +9,11 @@ where the likelihood term is the model's own (plate subsampling rescales it by N
 learned prior scale gets its gradient): closed form over the latents with ``Normal`` priors on
 the real line; a Monte Carlo term ``log q − log p`` for the others (β-scaled too). Sites of other
 guides (e.g. in an :class:`~pyro.infer.autoguide.AutoGuideList`) keep the usual Trace_ELBO terms.
+
+Pyro's own machinery computes everything but the KL: the sites the closed form replaces are
+marked while the traces are recorded (a zero log-density, which Pyro's memoised
+``compute_log_prob``/``compute_score_parts`` keep), ``Trace_ELBO._differentiable_loss_particle``
+sums the rest, and the KL is added. Each VIKING posterior names its latents (``q.layout``).
 """
 
 from __future__ import annotations
