@@ -312,17 +312,19 @@ def test_13_errors_say_what_happened_and_what_to_do(float32):
 
 # -- 14: a learned kernel scale starts at the prior scale ----------------------------------------
 class PriorScaleBNN(PyroModule):
-    """A 3-4-1 network with ``PyroParam`` prior scales (one for weights, one for biases)."""
+    """A 3-4-1 network with ``PyroParam`` prior scales (one for weights, one for biases, or one
+    shared scale)."""
 
-    def __init__(self, weight_scale, bias_scale):
+    def __init__(self, weight_scale, bias_scale=None):
         super().__init__()
         self.weight_scale = PyroParam(torch.tensor(weight_scale), constraints.positive)
-        self.bias_scale = PyroParam(torch.tensor(bias_scale), constraints.positive)
+        if bias_scale is not None:
+            self.bias_scale = PyroParam(torch.tensor(bias_scale), constraints.positive)
+        bias = (lambda: self.weight_scale) if bias_scale is None else (lambda: self.bias_scale)
         self.l1 = PyroModule[nn.Linear](3, 4)
         self.l1.weight = PyroSample(
             lambda m: dist.Normal(0.0, self.weight_scale).expand([4, 3]).to_event(2))
-        self.l1.bias = PyroSample(
-            lambda m: dist.Normal(0.0, self.bias_scale).expand([4]).to_event(1))
+        self.l1.bias = PyroSample(lambda m: dist.Normal(0.0, bias()).expand([4]).to_event(1))
 
     def forward(self, x, y=None):
         mean = self.l1(x).sum(-1)
@@ -366,12 +368,13 @@ def test_15_prediction_posterior_moments(dtype):
 def test_predictive_runs_the_model_once_per_sample_with_a_learned_prior_scale(float32):
     """A ``pyro.param`` prior scale read inside ``PyroSample``: the guide reads it from the param
     store, without running the network (before: 205 network calls for 100 samples)."""
-    model = PriorScaleBNN(0.5, 0.5)
+    model = PriorScaleBNN(0.5)  # one shared scale: σ_ker is tied to it
     calls = []
     model.l1.register_forward_hook(lambda *a: calls.append(1))
     x, y = torch.randn(8, 3), torch.randn(8)
     guide = AutoViking(model)
     SVI(model, guide, Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
+    assert guide.kernel_scale_source == "prior"
     guide.project_training_data(x, y, num_samples=50)
     x_test = torch.randn(5, 3)
     for G in (AutoNormal, AutoViking):
@@ -392,7 +395,7 @@ def test_predictive_parallel_with_a_learned_prior_scale(dtype):
         s = pyro.param("prior_scale", torch.tensor(0.7), constraint=constraints.positive)
         a = pyro.sample("a", dist.Normal(0.0, s))
         b = pyro.sample("b", dist.Normal(0.0, s))
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], dim=-1):  # an explicit dim, as BNN helpers write
             return pyro.sample("y", dist.Normal(a + b * x, 0.5), obs=y)
 
     x, y = torch.linspace(-1, 1, 6), torch.linspace(0, 1, 6)
