@@ -34,6 +34,7 @@ def _rel(a, b):
     return float(((a - b).abs() / b.abs()).max())
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("B, D, r, dup", CASES)
 @pytest.mark.parametrize("batch", [(), (3,)])
 def test_log_prob_and_entropy_match_dense_twin(B, D, r, dup, batch):
@@ -46,6 +47,7 @@ def test_log_prob_and_entropy_match_dense_twin(B, D, r, dup, batch):
     assert q.log_prob(x).shape == (4, *batch) and q.entropy().shape == batch
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("B, D, r, dup", CASES[:2])
 def test_mean_and_variance_exact(B, D, r, dup):
     q, J = _make(B, D, r, dup, (2,))
@@ -104,6 +106,7 @@ def test_sample_shapes_and_expand():
     assert ee.batch_shape == (2, 3) and ee.sample((4,)).shape == (4, 2, 3, 9)
 
 
+@pytest.mark.float64_only
 def test_log_prob_entropy_gradients_match_dense_twin():
     J = jacobian_with_rank(5, 11, 3, duplicates=1)
     loc = torch.randn(11, requires_grad=True)
@@ -201,6 +204,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         KernelImageNormal(loc, 1.0, 0.5, P).log_prob(torch.zeros(7))
 
 
+@pytest.mark.float64_only
 @settings(max_examples=25, deadline=None)
 @given(batch=st.lists(st.integers(1, 3), max_size=2), sample=st.lists(st.integers(1, 3),
        max_size=2), D=st.integers(1, 8), r=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))

@@ -18,13 +18,8 @@ from pyro_viking.linalg.per_example import PerExampleJacobian
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64_seeded():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+# Dense-reference numerics at TOL = 1e-10 (the conftest seeds each test).
+pytestmark = pytest.mark.float64_only
 
 
 # --------------------------------------------------------------------------- test problems
