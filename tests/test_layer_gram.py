@@ -1,7 +1,5 @@
 """LayerGramJacobian / PerExampleJacobian: build, densify, compare with ``jacrev``."""
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,43 +337,3 @@ def test_selection():
         select_jacobian_backend(fn, z, prefer="layer_gram", **kw)
     with pytest.raises(ValueError):
         select_jacobian_backend(fn, z, prefer="cg", **kw)
-
-
-# --------------------------------------------------------------------------- timing
-def test_timing_sanity_float32():
-    """Printed, not asserted: construction vs one forward+backward (design §3: ≈ 2.5×).
-
-    Single-threaded, best of 10, so that a loaded machine disturbs the ratio less.
-    """
-    torch.set_default_dtype(torch.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                              nn.Linear(256, 10))
-        fn, z = flat_fn(model, torch.randn(128, 784), classification)
-
-        def fwd_bwd():
-            x = z.detach().requires_grad_()
-            fn(x).sum().backward()
-
-        t_map = _best(fwd_bwd)
-        t = {"build": _best(lambda: LayerGramJacobian(fn, z)),
-             "build+gram": _best(lambda: LayerGramJacobian(fn, z).gram()),
-             "build+gram, check=False": _best(lambda: LayerGramJacobian(fn, z, check=False)
-                                               .gram())}
-    finally:
-        torch.set_num_threads(threads)
-    ratios = ", ".join(f"{k} {v / t_map:.2f}x" for k, v in t.items())
-    print(f"\nLayerGramJacobian / fwd+bwd (784-256-256-10, B=128, fp32, 1 thread, "
-          f"fwd+bwd {t_map * 1e3:.1f} ms): {ratios}")
-
-
-def _best(f, n=10):
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
