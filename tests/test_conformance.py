@@ -421,18 +421,24 @@ def exact_problem():
 
 @pytest.mark.parametrize("Elbo", ELBOS, ids=ELBO_IDS)
 def test_exact_posterior_conjugate_linear_gaussian(Elbo):
-    """After SVI: loc within 0.05 of the posterior mean, σ_im within 10 % of 1/√17, σ_ker = 1;
-    Predictive (no extra calls) gives the posterior covariance along ker X and the row space
-    within 5 Monte Carlo standard errors; the loss is −log p(y) within 0.05 (150 steps of decaying
-    size from loc = 0, σ_im = 0.1)."""
+    """150 SVI steps of decaying size (2 particles) from w = 0, σ_im = 0.1. Tolerances, in
+    posterior standard deviations: the mean's row-space part within 0.1 (0.025), its kernel part
+    within 0.2 (0.2; Trace_ELBO's Monte Carlo noise there is of order 0.1); σ_im within 10 % of
+    1/√17; σ_ker = 1 (the prior's). Predictive (no extra calls) gives the posterior variance
+    along ker X and along the row space within 5 Monte Carlo standard errors (2000 draws), and
+    the mean of 20 losses is −log p(y) within 0.05 + 5 standard errors."""
     X, y, mean, cov, image_var, log_evidence = exact_problem()
-    guide = AutoViking(exact_model, init_image_scale=0.1)
+    Pi = X.T @ X / EXACT_C
+    guide = AutoViking(exact_model, init_image_scale=0.1,
+                       init_loc_fn=init_to_value(values={"w": torch.zeros(4)}))
     elbo = Elbo(num_particles=2)
     svi = SVI(exact_model, guide, ClippedAdam({"lr": 0.05, "lrd": 0.98}), elbo)
     for _ in range(150):
         svi.step(X, y)
-    torch.testing.assert_close(guide.loc.detach(), mean, atol=0.05, rtol=0)
-    assert abs(float(guide.image_scale) / math.sqrt(image_var) - 1.0) < 0.1
+    error = guide.loc.detach() - mean
+    assert float((Pi @ error).abs().max()) < 0.025, error
+    assert float((error - Pi @ error).abs().max()) < 0.2, error
+    assert abs(float(guide.image_scale.detach()) / math.sqrt(image_var) - 1.0) < 0.1
     assert abs(float(guide.kernel_scale) - 1.0) < 1e-6
     S = 2000
     w = Predictive(exact_model, guide=guide, num_samples=S, parallel=True,
@@ -440,10 +446,11 @@ def test_exact_posterior_conjugate_linear_gaussian(Elbo):
     kernel_dir = torch.tensor([1.0, -1.0, 0.0, 0.0]) / math.sqrt(2.0)
     image_dir = X[0] / X[0].norm()
     for u in (kernel_dir, image_dir):
-        expected = float(u @ cov @ u)
-        assert abs(float(((w - mean) @ u).var()) / expected - 1.0) < 5 * math.sqrt(2.0 / S)
+        ratio = float((w @ u).var()) / float(u @ cov @ u)
+        assert abs(ratio - 1.0) < 5 * math.sqrt(2.0 / S), (u, ratio)
     losses = torch.tensor([elbo.loss(exact_model, guide, X, y) for _ in range(20)])
-    assert abs(float(losses.mean()) + log_evidence) < 0.05
+    bound = 0.05 + 5 * float(losses.std()) / math.sqrt(20)
+    assert abs(float(losses.mean()) + log_evidence) < bound, (losses.mean(), -log_evidence)
 
 
 # -- particles and repeatability -----------------------------------------------------------------
