@@ -78,6 +78,7 @@ def fit_exact(kernel_scale, init_kernel_scale=1.0, steps=150):
     return guide, X, y
 
 
+@pytest.mark.float64_only
 def test_exact_problem_gradient_through_projection_vanishes(monkeypatch):
     # Both variants must draw the same noise: the stop-gradient one would otherwise take its
     # image part straight from the Gram's factorisation (same law, other random numbers).
@@ -96,6 +97,7 @@ def test_exact_problem_gradient_through_projection_vanishes(monkeypatch):
         assert torch.allclose(a, b, atol=1e-8), (a, b)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kernel_scale", ["prior", "learned"])
 def test_exact_posterior_linear_regression(kernel_scale):
     guide, X, y = fit_exact(kernel_scale, init_kernel_scale=0.5)
@@ -249,9 +251,11 @@ def moons(n, seed):
     from sklearn.datasets import make_moons
 
     X, y = make_moons(n_samples=n, noise=0.1, random_state=seed)
-    return torch.tensor(X), torch.tensor(y, dtype=torch.get_default_dtype())
+    dtype = torch.get_default_dtype()
+    return torch.tensor(X, dtype=dtype), torch.tensor(y, dtype=dtype)
 
 
+@pytest.mark.float64_only
 def test_bnn_two_moons_minibatches_and_predictive():
     x, y = moons(256, seed=0)
     model = MoonsBNN()

@@ -167,6 +167,7 @@ def _problem(case):
     return model, (x, y), layout, loc, None
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("case", list(_cases()))
 def test_every_backend_matches_dense_projection(case):
     model, args, layout, loc, sub = _problem(case)
@@ -188,6 +189,7 @@ def test_every_backend_matches_dense_projection(case):
         assert float((J @ proj(E).T).norm() / (J @ E.T).norm()) < 1e-8, backend
 
 
+@pytest.mark.float64_only
 def test_per_example_rejects_non_finite_jacobian(monkeypatch):
     """The finiteness check runs by row chunks (here one row each) and still catches a NaN."""
     from pyro_viking.linalg import per_example

@@ -58,6 +58,7 @@ def test_beta_must_be_non_negative():
         TraceViking_ELBO(beta=-0.1)
 
 
+@pytest.mark.float64_only
 def test_kl_term_is_dense_closed_form_times_beta():
     N, D, s = 5, 12, 1.3
     X, y = regression_data(N, D, seed=11)
@@ -107,6 +108,7 @@ def test_estimated_kernel_dimension_is_unbiased_in_elbo(estimator):
     assert expected_var / 2 < var_R < expected_var * 2, var_R
 
 
+@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 def test_constrained_latents_monte_carlo_kl_matches_trace_elbo():
     """LogNormal and HalfNormal latents get a Monte Carlo KL term (in unconstrained space, with
     the log-Jacobian the guide's Delta carries): in expectation the loss is Pyro's Trace_ELBO."""
@@ -132,6 +134,7 @@ def test_constrained_latents_monte_carlo_kl_matches_trace_elbo():
     assert abs(diff.mean().item()) < 3 * se
 
 
+@pytest.mark.float64_only
 def test_learned_prior_scale_gets_the_kl_gradient():
     """``s`` is a ``pyro.param`` and σ_ker is tied to it. The kernel is ker X exactly, so the
     likelihood does not depend on s and ∂loss/∂s is the KL's:
@@ -171,6 +174,7 @@ def _viking_setup(prior, D=6, N=9, vectorize=False, K=1):
     return model, guide, elbo, (X, y)
 
 
+@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 @pytest.mark.parametrize("vectorize, K", [(False, 1), (True, 3)])
 def test_skipped_log_densities_and_isotropic_kl_change_nothing(vectorize, K):
     """The ELBO skips the log-densities that its closed-form KL replaces, and reads a scalar prior

@@ -36,6 +36,7 @@ def _q(B, D, r, dup, batch=(), **kw):
     return q, J
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("B, D, r, dup", CASES)
 @pytest.mark.parametrize("batch", [(), (3,)])
 @pytest.mark.parametrize("prior_name", ["isotropic", "block", "plain_normal"])
@@ -58,6 +59,7 @@ def test_kl_matches_monte_carlo():
         assert abs(float(log_ratio.mean()) - float(kl_divergence(q, prior))) <= 4 * se
 
 
+@pytest.mark.float64_only
 def test_kl_reduces_to_paper_formula():
     """σ_ker = s, prior N(0, s² I): KL = ½[(D − R)(σ_i²/s² − 1 − log(σ_i²/s²)) + ‖m‖²/s²]."""
     D, r, s, si = 30, 8, 0.7, 0.05
@@ -103,6 +105,7 @@ def test_kl_with_estimated_kernel_dim_is_unbiased(estimator, record_property):
         assert se > 0 and abs(float(kls.mean()) - exact) <= 3 * se
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("prior_name", ["isotropic", "block"])
 def test_kl_gradients_match_dense_twin(prior_name):
     D = 12
@@ -128,6 +131,7 @@ def test_kl_gradients_match_dense_twin(prior_name):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 def test_functional_form_broadcasts_prior():
     q, J = _q(5, 10, 3, 1, (2,))
     kl = kl_kernel_image_normal_diag(q, torch.zeros(()), torch.full((1,), 0.8))

@@ -1,7 +1,5 @@
 """LayerGramJacobian / PerExampleJacobian: build, densify, compare with ``jacrev``."""
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,13 +16,8 @@ from pyro_viking.linalg.per_example import PerExampleJacobian
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64_seeded():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+# Dense-reference numerics at TOL = 1e-10 (the conftest seeds each test).
+pytestmark = pytest.mark.float64_only
 
 
 # --------------------------------------------------------------------------- test problems
@@ -344,43 +337,3 @@ def test_selection():
         select_jacobian_backend(fn, z, prefer="layer_gram", **kw)
     with pytest.raises(ValueError):
         select_jacobian_backend(fn, z, prefer="cg", **kw)
-
-
-# --------------------------------------------------------------------------- timing
-def test_timing_sanity_float32():
-    """Printed, not asserted: construction vs one forward+backward (design §3: ≈ 2.5×).
-
-    Single-threaded, best of 10, so that a loaded machine disturbs the ratio less.
-    """
-    torch.set_default_dtype(torch.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                              nn.Linear(256, 10))
-        fn, z = flat_fn(model, torch.randn(128, 784), classification)
-
-        def fwd_bwd():
-            x = z.detach().requires_grad_()
-            fn(x).sum().backward()
-
-        t_map = _best(fwd_bwd)
-        t = {"build": _best(lambda: LayerGramJacobian(fn, z)),
-             "build+gram": _best(lambda: LayerGramJacobian(fn, z).gram()),
-             "build+gram, check=False": _best(lambda: LayerGramJacobian(fn, z, check=False)
-                                               .gram())}
-    finally:
-        torch.set_num_threads(threads)
-    ratios = ", ".join(f"{k} {v / t_map:.2f}x" for k, v in t.items())
-    print(f"\nLayerGramJacobian / fwd+bwd (784-256-256-10, B=128, fp32, 1 thread, "
-          f"fwd+bwd {t_map * 1e3:.1f} ms): {ratios}")
-
-
-def _best(f, n=10):
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)

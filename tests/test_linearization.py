@@ -1,5 +1,6 @@
 """``network_output``: a network's output under given parameters, or its linearisation."""
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
@@ -7,6 +8,7 @@ from torch.func import functional_call, jacrev
 from pyro_viking import network_output
 
 
+@pytest.mark.float64_only
 def test_network_output_and_its_linearisation_match_dense_references():
     """``network_output``: the plain output equals the module's; the linearised one equals
     ``f(θ_ref) + J (θ − θ_ref)`` with a dense ``jacrev`` Jacobian, and ``f(θ_ref)`` at θ_ref."""

@@ -17,17 +17,6 @@ from pyro_viking.model_likelihood import (
 N, P = 12, 3
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-    pyro.enable_validation(True)
-    yield
-    torch.set_default_dtype(old)
-
-
 def linreg(X, y=None, subsample_size=None):
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
@@ -129,6 +118,7 @@ class BNN(PyroModule):
         return logits
 
 
+@pytest.mark.float64_only
 def test_bnn_rows_and_transforms():
     B, C = 7, 3
     x, y = torch.randn(B, 2), torch.randint(0, C, (B,))
@@ -205,6 +195,7 @@ def test_output_rows_independent_and_masked_dist():
     assert torch.allclose(out, (loc * m[:, None]).reshape(-1))
 
 
+@pytest.mark.float64_only
 def test_double_backward():
     X, y = torch.randn(4, 2), torch.randn(4)
     layout, z = setup(linreg, X, y)
@@ -256,6 +247,7 @@ def test_check_observations_keeps_rng_state():
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 @pytest.mark.parametrize("dim", [-1, -2])
 def test_isolated_from_outer_handlers(dim):
     X, y = data()

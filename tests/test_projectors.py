@@ -26,6 +26,7 @@ def _rel_jpv(J, X, V):
     return float(((X @ J.T).norm(dim=-1) / (V @ J.T).norm(dim=-1)).max())
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 @pytest.mark.parametrize("B, D, r, dup", [(6, 20, 6, 0), (10, 40, 6, 3), (30, 120, 20, 8)])
 def test_projection_identities(kw, B, D, r, dup):
@@ -58,6 +59,7 @@ def test_zero_vector_projects_to_zero(kw):
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_tall_full_column_rank_jacobian_has_trivial_kernel(kw):
     J = torch.randn(12, 5)  # B > D: J has full column rank, ker J = {0}
@@ -69,6 +71,7 @@ def test_tall_full_column_rank_jacobian_has_trivial_kernel(kw):
         assert P.rank == 5 and P.kernel_dim == 0
 
 
+@pytest.mark.float64_only
 def test_matrix_free_cg_on_ill_conditioned_jacobian():
     J = jacobian_with_rank(128, 256, 128, cond=1e6)
     V = torch.randn(4, 256)
@@ -107,6 +110,7 @@ def _grads(out, C, inputs):
     return torch.autograd.grad((out * C).sum(), inputs)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_gradient_matches_dense_autograd(kw):
     J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
@@ -118,6 +122,7 @@ def test_gradient_matches_dense_autograd(kw):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_gradient_with_dependent_cotangent_rows(kw):
     """The backward works on a basis of the cotangents' span: 4 rows of rank 2 (as an AutoViking
@@ -132,6 +137,7 @@ def test_gradient_with_dependent_cotangent_rows(kw):
         torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_gradcheck(kw):
     J = jacobian_with_rank(3, 6, 3, cond=3.0).requires_grad_()
@@ -139,6 +145,7 @@ def test_gradcheck(kw):
     assert torch.autograd.gradcheck(lambda e, j: DenseProjector(j, **kw)(e), (E, J))
 
 
+@pytest.mark.float64_only
 def test_gradient_wrt_vectors_with_rank_deficient_jacobian():
     J = jacobian_with_rank(8, 15, 4, duplicates=3)
     E = torch.randn(2, 15, requires_grad=True)
@@ -148,6 +155,7 @@ def test_gradient_wrt_vectors_with_rank_deficient_jacobian():
         torch.testing.assert_close(g, C @ dense_projector(J), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 def test_non_differentiable_projection_keeps_vector_gradient():
     J = jacobian_with_rank(4, 9, 4).requires_grad_()
     E = torch.randn(3, 9, requires_grad=True)
@@ -158,6 +166,7 @@ def test_non_differentiable_projection_keeps_vector_gradient():
     torch.testing.assert_close(gE, C @ dense_projector(J.detach()), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 def test_gradient_through_matrix_free_operator_params():
     J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
     E, C = torch.randn(3, 9, requires_grad=True), torch.randn(3, 9)
@@ -168,6 +177,7 @@ def test_gradient_through_matrix_free_operator_params():
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("solver", ["eigh", "cg"])
 def test_gradient_through_functional_jacobian(solver):
     A = torch.randn(3, 7)
@@ -189,6 +199,7 @@ def test_gradient_through_functional_jacobian(solver):
 
 
 # -- properties --------------------------------------------------------------------------------
+@pytest.mark.float64_only
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 8), D=st.integers(1, 12), r=st.integers(0, 8), dup=st.integers(0, 3),
        K=st.integers(1, 3), solver=st.sampled_from(["eigh", "cholesky", "cg"]),
@@ -228,6 +239,7 @@ def test_gradient_through_constant_jacobian_is_zero_not_an_error():
 
 
 # ----------------------------------------------------------------- kernel part + image draws
+@pytest.mark.float64_only
 @pytest.mark.parametrize("solver, rank, method", [
     ("cholesky", 4, "cholesky"), ("cholesky", 3, "cholesky->eigh"), ("eigh", 3, "eigh"),
     ("cg", 3, "cg")])
@@ -251,6 +263,7 @@ def test_kernel_and_image_draws_have_the_exact_law(solver, rank, method):
     assert float((img @ P_ref).abs().max()) < 1e-10
 
 
+@pytest.mark.float64_only
 def test_auto_solver_is_cholesky_for_a_cheap_gram_and_falls_back_when_singular():
     J = jacobian_with_rank(5, 12, 5, cond=10.0)
     P = KernelProjector(DenseJacobian(J))
@@ -265,6 +278,7 @@ def test_auto_solver_is_cholesky_for_a_cheap_gram_and_falls_back_when_singular()
     assert not KernelProjector(DenseJacobian(J), solver="cg").samples_image_directly
 
 
+@pytest.mark.float64_only
 def test_refinement_runs_only_while_the_residual_exceeds_refine_tol():
     """A float32 Jacobian with a condition number of 10⁴ leaves a first-pass residual far above
     1e-6 (refined); float64 leaves ~1e-15 (no pass, only its check); ``refine_tol=0`` always

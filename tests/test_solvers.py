@@ -25,6 +25,7 @@ def _scipy_cg(G, b, maxiter):
     return torch.from_numpy(x)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("reorthogonalize", [True, False])
 @pytest.mark.parametrize("K", [1, 3], ids=["vector", "matrix"])
 @pytest.mark.parametrize("maxiter", [1, 3])
@@ -39,6 +40,7 @@ def test_cg_iterates_match_scipy(maxiter, K, reorthogonalize):
     torch.testing.assert_close(X, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("reorthogonalize", [True, False])
 def test_cg_converges_to_dense_solve(reorthogonalize):
     n = 30
@@ -55,6 +57,7 @@ def test_cg_converges_to_dense_solve(reorthogonalize):
     assert info.residual == pytest.approx(float(true_res), rel=1e-6, abs=1e-15)
 
 
+@pytest.mark.float64_only
 def test_cg_singular_consistent_gives_pinv_solution():
     J = jacobian_with_rank(10, 25, 6, duplicates=3)  # G = J Jᵀ of rank 6
     G = J @ J.T
@@ -97,6 +100,7 @@ def test_cg_atol_stops_early():
     assert info.converged and float((R - X @ G).norm()) <= 1e-3 * float(R.norm())
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("solve", [eigh_solve, cholesky_solve])
 def test_direct_solvers_full_rank(solve):
     G = spd_matrix(15, cond=1e4)
@@ -107,6 +111,7 @@ def test_direct_solvers_full_rank(solve):
     assert info.residual < 1e-12
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("solve, method", [(eigh_solve, "eigh"),
                                            (cholesky_solve, "cholesky->eigh")])
 @pytest.mark.parametrize("duplicates", [0, 3])
@@ -121,6 +126,7 @@ def test_direct_solvers_singular_give_pinv_and_rank(solve, method, duplicates):
     assert info.residual < 1e-12 and torch.isfinite(X).all()
 
 
+@pytest.mark.float64_only
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(2, 12), r=st.integers(1, 11), dup=st.integers(0, 4),
        seed=st.integers(0, 2**31 - 1))
@@ -134,6 +140,7 @@ def test_cholesky_never_reports_full_rank_on_singular_gram(B, r, dup, seed):
     assert info.method == "cholesky->eigh" and info.rank == r
 
 
+@pytest.mark.float64_only
 def test_direct_solver_precision_and_rcond():
     G = spd_matrix(8, cond=1e3)
     R = torch.randn(2, 8, dtype=torch.float32)
@@ -152,6 +159,7 @@ def test_direct_solver_precision_and_rcond():
     assert eigh_solve(G15, R.double(), jac_dtype=torch.float32)[1].rank == 6
 
 
+@pytest.mark.float64_only
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 10), K=st.integers(1, 4), rank=st.integers(1, 10),
        seed=st.integers(0, 2**31 - 1))

@@ -17,6 +17,7 @@ TUTORIALS = {
 }
 
 
+@pytest.mark.dtype_independent  # a subprocess: runs in the user's default dtype either way
 @pytest.mark.parametrize("name", sorted(TUTORIALS))
 def test_tutorial_smoke(name, tmp_path):
     for module in ("sklearn", "matplotlib", "tqdm"):
