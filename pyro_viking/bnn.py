@@ -22,6 +22,13 @@ with the sampled tensors), so ``nn.Linear``/``nn.Conv2d`` layers see ordinary we
 layer-Gram Jacobian backend applies. With a leading batch of weight samples (vectorised
 particles, ``Predictive(parallel=True)``) the same call is mapped over the batch with
 ``torch.vmap``: K samples run in one batched pass.
+
+Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
+digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm
+``≈ s·√D``, so ``s = 0.1`` (norm 14) or the default ``init_image_scale=0.1`` left the network at
+chance; ``init_prior_scale=0.01``, ``init_image_scale=1e-3`` and ``beta=1e-4`` reached 0.88 test
+accuracy in 100 steps, like MAP. A too tight prior at a large β (``s/√β ≲ 0.3`` here) shrinks
+θ̂ to the all-zero network. Warming up with MAP first (the library recipe) avoids both.
 """
 
 from __future__ import annotations
