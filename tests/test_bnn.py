@@ -304,6 +304,37 @@ def test_latent_selection_and_hidden_parameters():
     assert not [n for n, s in tr.nodes.items() if s["type"] == "param" and "0." in n]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hidden_parameters_train_with_vectorised_particles(dtype):
+    x, y = data(dtype, n=20)
+    bnn = BayesianNetwork(mlp(dtype), "classification", latent="2", prior_scale="learned")
+    w0 = bnn.net[0].weight.detach().clone()
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    elbo = TraceViking_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    assert not torch.equal(bnn.network[0].weight, w0)
+    assert guide.backend_used == "layer_gram"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_output_regression_and_set_weights(dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+    x, _ = data(dtype, n=10)
+    y = torch.randn(10, 2, dtype=dtype)
+    bnn = BayesianNetwork(net, "regression", noise_scale=0.5)
+    values = weights_of(bnn, x, y)
+    tr = poutine.trace(poutine.condition(bnn, values)).get_trace(x, y)
+    lp = tr.nodes["obs"]["fn"].log_prob(y)
+    assert lp.shape == (10,)  # one row per datum, the two outputs summed
+    with torch.no_grad():
+        out = bnn.set_weights(values)(x)
+    ref = dist.Normal(out, 0.5).log_prob(y).sum(-1)
+    assert torch.allclose(lp, ref, atol=TOL[dtype])
+    assert torch.equal(tr.nodes["loc"]["value"], out)
+
+
 def test_minibatch_plates_scale_the_likelihood():
     x, y = data(torch.float64, n=30)
     # whole data set passed, plate subsamples B = 10: scale N/B, B rows
