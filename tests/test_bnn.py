@@ -348,6 +348,21 @@ def test_minibatch_plates_scale_the_likelihood():
     assert torch.equal(site["value"], y) and site["scale"] == pytest.approx(10.0)
 
 
+def test_data_loader_minibatches_with_autoviking():
+    """``num_data=N`` and minibatches passed to each step (a data loader), vectorised particles;
+    the training-data projection then walks the same batches."""
+    x, y = data(torch.float32, n=60)
+    batches = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 60, 20)]
+    bnn = BayesianNetwork(mlp(torch.float32), num_data=60, prior_scale="learned")
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    elbo = TraceViking_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    assert all(math.isfinite(svi.step(xb, yb)) for xb, yb in batches * 2)
+    assert guide.backend_used == "layer_gram"
+    guide.project_training_data(batches=batches, num_samples=10)
+    assert Predictive(bnn, guide=guide, num_samples=10)(x[:5])["logits"].shape == (10, 5, 3)
+
+
 def test_pickle_round_trip(tmp_path):
     x, y = data(torch.float32, n=20)
     bnn = BayesianNetwork(mlp(torch.float32), "classification", prior_scale="learned",
