@@ -19,11 +19,11 @@ median and interquartile range in ms):
 
 Usage: ``python benchmarks/bench_bnn.py [--quick] [--batch-size 128] [--repeats 20]``.
 
-Measured 2026-11-30 (2-core CPU shared with other jobs, 1 thread, B = 128, 12 rounds; median ms,
-× VIKING K=1): MAP 108 (0.23), AutoNormal 165 (0.36), VIKING K=1 465 (1.00), K=4 vectorised
-826 (1.78), K=4 sequential 1933 (4.16), K=1 fixed prior 421 (0.91), K=1 hand-written
-PyroModule BNN 422 (0.91). All VIKING rows on the layer-Gram backend, default options
-(gradient through P).
+Measured 2026-11-30 (2-core CPU shared with other jobs, 1 thread, B = 128, two runs of 12
+rounds; median ms, × VIKING K=1): MAP 108 / 108 (0.23 / 0.29), AutoNormal 165 / 121, VIKING K=1
+465 / 368 (1.00), K=4 vectorised 826 / 651 (1.78 / 1.77), K=4 sequential 1933 / 1602 (4.16 /
+4.35), K=1 fixed prior 421 / 360 (0.91 / 0.98), K=1 hand-written PyroModule BNN 422 / 359
+(0.91 / 0.98). All VIKING rows on the layer-Gram backend, default options (gradient through P).
 """
 
 from __future__ import annotations
