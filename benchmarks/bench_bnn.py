@@ -1,0 +1,135 @@
+"""Cost of one SVI step of a ``BayesianNetwork`` CNN: K = 4 vectorised particles vs K = 1.
+
+The LeNet-like CNN of ``bench_models`` (1×28×28 inputs, 10 classes, ≈ 44k parameters;
+``--quick``: a narrow one) wrapped by :class:`pyro_viking.bnn.BayesianNetwork` (learned prior
+scale, plate of N = 8·B random inputs subsampled to B). Configurations, timed *interleaved* (one
+step of each in turn, in a rotating order, ``--repeats`` rounds after ``--warmup`` rounds;
+median and interquartile range in ms):
+
+* ``MAP``: ``AutoDelta`` + ``Trace_ELBO`` (K = 1);
+* ``AutoNormal K=1``: ``Trace_ELBO``;
+* ``VIKING K=1``: ``AutoViking`` (default options) + ``TraceViking_ELBO``;
+* ``VIKING K=4 vec``: the same with ``num_particles=4, vectorize_particles=True`` (one
+  projection, one vmapped network pass over 4 weight samples);
+* ``VIKING K=4 seq``: ``num_particles=4`` sequential (4 model runs, 4 minibatches);
+* ``VIKING K=1 fixed prior``: ``prior_scale=0.1`` (a learned prior scale makes AutoViking run
+  the model once more per step to read it);
+* ``VIKING K=1 (PyroModule)``: the hand-written ``PyroSample`` BNN of ``bench_models`` (fixed
+  prior scale, plate of B data), for the overhead of the wrapper.
+
+Usage: ``python benchmarks/bench_bnn.py [--quick] [--batch-size 128] [--repeats 20]``.
+
+Measured 2026-11-30 (2-core CPU shared with other jobs, 1 thread, B = 128, two runs of 12
+rounds; median ms, × VIKING K=1): MAP 108 / 108 (0.23 / 0.29), AutoNormal 165 / 121, VIKING K=1
+465 / 368 (1.00), K=4 vectorised 826 / 651 (1.78 / 1.77), K=4 sequential 1933 / 1602 (4.16 /
+4.35), K=1 fixed prior 421 / 360 (0.91 / 0.98), K=1 hand-written PyroModule BNN 422 / 359
+(0.91 / 0.98). All VIKING rows on the layer-Gram backend, default options (gradient through P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
+from pyro_viking.bnn import BayesianNetwork  # noqa: E402
+
+
+def _bench_models():
+    spec = importlib.util.spec_from_file_location(
+        "bench_models", os.path.join(ROOT, "benchmarks", "bench_models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_models"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_runs(quick: bool, B: int, device: str):
+    bm = _bench_models()
+    torch.manual_seed(0)
+    N = 8 * B
+    x = torch.randn(N, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (N,), device=device)
+
+    def lenet():
+        torch.manual_seed(1)
+        net = bm.LeNet(2, 4, 12, 8, 10) if quick else bm.LeNet()
+        return torch.nn.Sequential(net).to(device)  # plain nn.Linear/Conv2d subclasses
+
+    runs = {}
+
+    def add(name, guide_cls, elbo, model=None, init=None, prior="learned"):
+        # a subclass per configuration: distinct param names in Pyro's param store
+        cls = type(f"{guide_cls.__name__}_{len(runs)}", (guide_cls,), {})
+        if model is None:
+            model = BayesianNetwork(lenet(), "classification", prior_scale=prior,
+                                    batch_size=B, name=f"bnn{len(runs)}")
+            init = model.init_loc_fn
+        guide = cls(model, init_loc_fn=init)
+        runs[name] = (SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo), guide)
+
+    add("MAP", AutoDelta, Trace_ELBO())
+    add("AutoNormal K=1", AutoNormal, Trace_ELBO())
+    add("VIKING K=1", AutoViking, TraceViking_ELBO())
+    add("VIKING K=4 vec", AutoViking,
+        TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    add("VIKING K=4 seq", AutoViking, TraceViking_ELBO(num_particles=4))
+    add("VIKING K=1 fixed prior", AutoViking, TraceViking_ELBO(), prior=0.1)
+    prob = bm.make_problem("lenet", B, quick=quick, device=device, subsample_size=B)
+    add("VIKING K=1 (PyroModule)", AutoViking, TraceViking_ELBO(), prob.model,
+        init_to_value(values=prob.init_values))
+    data = {name: (x, y) for name in runs}
+    data["VIKING K=1 (PyroModule)"] = (prob.x, prob.y)
+    return runs, data
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    runs, data = make_runs(args.quick, args.batch_size, args.device)
+    times = {name: [] for name in runs}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for rnd in range(args.warmup + args.repeats):
+        names = list(runs)
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            svi = runs[name][0]
+            sync()
+            t = time.perf_counter()
+            svi.step(*data[name])
+            sync()
+            if rnd >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["VIKING K=1"])
+    print(f"LeNet{' (quick)' if args.quick else ''}, B = {args.batch_size}, device "
+          f"{args.device}, {args.threads} thread(s), {args.repeats} interleaved rounds")
+    print(f"{'configuration':<26} {'median ms':>10} {'IQR ms':>14} {'× VIKING K=1':>13} backend")
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        backend = getattr(runs[name][1], "backend_used", "") or ""
+        print(f"{name:<26} {1e3 * statistics.median(ts):>10.1f} "
+              f"{1e3 * q[0]:>6.1f}–{1e3 * q[2]:<6.1f} {statistics.median(ts) / base:>13.2f} "
+              f"{backend}")
+
+
+if __name__ == "__main__":
+    main()

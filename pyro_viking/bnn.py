@@ -1,0 +1,320 @@
+"""A Bayesian neural network from an ordinary ``nn.Module``, as a Pyro model.
+
+:class:`BayesianNetwork` turns any ``nn.Module`` (MLP, CNN, ...) into the Pyro model
+
+    θ_p ~ N(0, s² I)                      for every latent parameter tensor p of the network,
+    y_i | x_i, θ ~ lik(f(x_i; θ, φ))      inside the data plate, i = 1..N (subsampled to B),
+
+where ``φ`` are the parameters left out of the posterior (``pyro.param`` point estimates or
+constants), ``s`` is a fixed prior scale or one shared learned ``pyro.param`` (positive), and
+``lik`` is ``Categorical(logits=f)``, ``Bernoulli(logits=f)`` or ``Normal(f, σ²)`` with a
+fixed or learned noise scale σ. The user writes no ``PyroSample`` lambdas::
+
+    bnn = BayesianNetwork(net, "classification", prior_scale="learned", batch_size=32)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
+    svi.step(x_train, y_train)                      # x_train: all N training inputs
+
+The structure VIKING needs is kept: the network is evaluated on ``x[idx]`` *outside* the data
+plate (its weights are not per-datum), and the observed site ``"obs"`` has one row per datum
+inside it. With unbatched weights the network runs as itself (``torch.func.functional_call``
+with the sampled tensors), so ``nn.Linear``/``nn.Conv2d`` layers see ordinary weights and the
+layer-Gram Jacobian backend applies. With a leading batch of weight samples (vectorised
+particles, ``Predictive(parallel=True)``) the same call is mapped over the batch with
+``torch.vmap``: K samples run in one batched pass.
+
+Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
+digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm
+``≈ s·√D``, so ``s = 0.1`` (norm 14) or the default ``init_image_scale=0.1`` left the network at
+chance; ``init_prior_scale=0.01``, ``init_image_scale=1e-3`` and ``beta=1e-4`` reached 0.88 test
+accuracy in 100 steps, like MAP. A too tight prior at a large β (``s/√β ≲ 0.3`` here) shrinks
+θ̂ to the all-zero network. Warming up with MAP first (the library recipe) avoids both.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from torch import Tensor, nn
+from torch.distributions import constraints
+from torch.func import functional_call, jvp
+
+__all__ = ["BayesianNetwork", "LIKELIHOODS"]
+
+LIKELIHOODS = ("classification", "binary", "regression")
+
+#: A rule selecting latent parameters: a glob pattern or module/parameter name prefix
+#: (``"fc3"``, ``"*.weight"``), a module type (``nn.Conv2d``), or ``rule(name, parameter)``.
+Rule = Union[str, type, Callable[[str, nn.Parameter], bool]]
+
+
+def _matches(rule: Rule, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
+    if isinstance(rule, str):
+        return fnmatchcase(name, rule) or name == rule or name.startswith(rule + ".")
+    if isinstance(rule, type):
+        return isinstance(owner, rule)
+    if callable(rule):
+        return bool(rule(name, param))
+    raise TypeError(f"latent rules are strings, module types or callables, got {rule!r}")
+
+
+def _select_latent(net: nn.Module, latent: Optional[Union[Rule, Sequence[Rule]]]) -> List[str]:
+    """Names (as in ``net.named_parameters()``) of the parameters that get a prior."""
+    named = list(net.named_parameters())
+    if latent is None:
+        return [n for n, _ in named]
+    rules = list(latent) if isinstance(latent, (list, tuple)) else [latent]
+    chosen = []
+    for rule in rules:
+        hits = [n for n, p in named
+                if _matches(rule, n, p, net.get_submodule(n.rpartition(".")[0]))]
+        if not hits:
+            raise ValueError(f"latent rule {rule!r} selects no parameter of the network; its "
+                             f"parameters are {[n for n, _ in named]}")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n, _ in named if n in chosen]  # network order
+
+
+def _scale_arg(value, what: str) -> Optional[float]:
+    """``None`` for ``"learned"``, else the positive float."""
+    if value == "learned":
+        return None
+    if isinstance(value, str) or not float(value) > 0:
+        raise ValueError(f"{what} must be a positive float or 'learned', got {value!r}")
+    return float(value)
+
+
+class BayesianNetwork(nn.Module):
+    """The Pyro model of a Bayesian neural network built from ``net``.
+
+    :param net: any ``nn.Module`` mapping inputs ``(B, ...)`` to outputs ``(B, ...)`` with
+        independent rows (no BatchNorm in train mode). Its current parameter values serve as
+        the initial posterior mean through :meth:`init_loc_fn`.
+    :param likelihood: ``"classification"`` (``Categorical(logits=f)``, outputs ``(B, C)``,
+        labels ``(N,)`` long), ``"binary"`` (``Bernoulli(logits=f)``, outputs ``(B, 1)``,
+        labels ``(N,)`` float) or ``"regression"`` (``Normal(f, σ²)``; outputs ``(B, 1)`` give
+        targets ``(N,)``, outputs ``(B, d)`` targets ``(N, d)``).
+    :param prior_scale: ``s`` of the iid prior ``N(0, s²)`` on every latent parameter, or
+        ``"learned"``: one ``pyro.param`` named :attr:`prior_scale_name` (positive constraint),
+        initialised at ``init_prior_scale``, shared by all latents (so ``AutoViking``'s
+        ``kernel_scale="prior"`` ties ``σ_ker`` to it and the closed-form KL sees one scale).
+    :param noise_scale: σ of the regression likelihood, or ``"learned"`` (``pyro.param``
+        :attr:`noise_scale_name`, initialised at ``init_noise_scale``).
+    :param num_data: N when the model is called with *minibatches* (``bnn(x_batch, y_batch)``
+        from a data loader): the likelihood is scaled by ``N / len(x_batch)``. Leave ``None``
+        when the model is called with the whole training set.
+    :param batch_size: B: when called with the whole training set and labels, the data plate
+        draws a random minibatch of B indices (``pyro.plate("data", N, subsample_size=B)``;
+        Pyro rescales the likelihood by N/B). Prediction (``y=None``) uses every input.
+    :param latent: which parameters are latent (``None``: all). A rule or list of rules, each a
+        glob pattern or a module/parameter name prefix (``"fc3"`` = the last layer,
+        ``"*.weight"``), a module type (``nn.Linear``), or ``rule(name, parameter) -> bool``.
+        The other parameters are point estimates (``pyro.param`` under their site names) or,
+        with ``fit_hidden=False``, constants.
+    :param fit_hidden: learn the non-latent parameters (default) or keep them fixed.
+    :param name: prefix of the latent site and parameter names (``"bnn.fc1.weight"``).
+
+    Sites: latents ``f"{name}.{parameter name}"``, the plate ``"data"`` (dim −1), the observed
+    site ``"obs"``, and the network output as the deterministic site ``"logits"``
+    (classification, binary) or ``"loc"`` (regression), shape ``(..., B, *outputs)``, which
+    :class:`~pyro.infer.Predictive` returns alongside ``"obs"``.
+    """
+
+    def __init__(self, net: nn.Module, likelihood: str = "classification", *,
+                 prior_scale: Union[float, str] = 1.0, init_prior_scale: float = 0.1,
+                 noise_scale: Union[float, str] = 0.1, init_noise_scale: float = 0.1,
+                 num_data: Optional[int] = None, batch_size: Optional[int] = None,
+                 latent: Optional[Union[Rule, Sequence[Rule]]] = None,
+                 fit_hidden: bool = True, name: str = "bnn"):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        for what, v in (("num_data", num_data), ("batch_size", batch_size)):
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{what} must be a positive integer, got {v}")
+        self.net = net
+        self.likelihood = likelihood
+        self.prior_scale = _scale_arg(prior_scale, "prior_scale")
+        self.init_prior_scale = float(init_prior_scale)
+        self.noise_scale = _scale_arg(noise_scale, "noise_scale")
+        self.init_noise_scale = float(init_noise_scale)
+        if min(self.init_prior_scale, self.init_noise_scale) <= 0:
+            raise ValueError("init_prior_scale and init_noise_scale must be positive")
+        self.num_data = None if num_data is None else int(num_data)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.fit_hidden = bool(fit_hidden)
+        self.name = name
+        latent_names = _select_latent(net, latent)
+        params = dict(net.named_parameters())
+        self.latent_shapes: Dict[str, torch.Size] = {n: params[n].shape for n in latent_names}
+        self.hidden_names: Tuple[str, ...] = tuple(n for n in params if n not in latent_names)
+        self.output_site = "loc" if likelihood == "regression" else "logits"
+
+    # -- names ----------------------------------------------------------------------------------
+    def site_name(self, param_name: str) -> str:
+        """Pyro site (latent) or ``pyro.param`` (hidden) name of a network parameter."""
+        return f"{self.name}.{param_name}"
+
+    @property
+    def latent_sites(self) -> Tuple[str, ...]:
+        """Names of the latent sample sites, in network order."""
+        return tuple(self.site_name(n) for n in self.latent_shapes)
+
+    @property
+    def prior_scale_name(self) -> Optional[str]:
+        """Name of the learned prior-scale ``pyro.param`` (``None`` when the scale is fixed)."""
+        return f"{self.name}.prior_scale" if self.prior_scale is None else None
+
+    @property
+    def noise_scale_name(self) -> Optional[str]:
+        """Name of the learned noise-scale ``pyro.param`` (``None`` unless learned regression)."""
+        learned = self.likelihood == "regression" and self.noise_scale is None
+        return f"{self.name}.noise_scale" if learned else None
+
+    # -- the network ----------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The wrapped ``nn.Module``, with the current values of the learned non-latent
+        parameters (latent ones hold their initial values or those of :meth:`set_weights`)."""
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            for n in self.hidden_names if self.fit_hidden else ():
+                p = self.net.get_parameter(n)
+                site = self.site_name(n)
+                if site in store and store[site] is not p:
+                    p.copy_(store[site])
+        return self.net
+
+    @torch.no_grad()
+    def set_weights(self, values: Dict[str, Tensor]) -> nn.Module:
+        """Copy latent values keyed by site name (e.g. ``guide.median()``) into the network's
+        parameters; returns :attr:`network` (e.g. a MAP network from an ``AutoDelta``)."""
+        for n in self.latent_shapes:
+            if self.site_name(n) in values:
+                self.net.get_parameter(n).copy_(values[self.site_name(n)])
+        return self.network
+
+    def init_loc_fn(self, site: dict) -> Tensor:
+        """Pyro init strategy: the network's current parameter values for its latent sites
+        (PyTorch's initialisation, or a pre-trained network), ``init_to_median`` for other
+        sites. Use as ``AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)``."""
+        n = site["name"][len(self.name) + 1:] if site["name"].startswith(self.name + ".") else ""
+        if n in self.latent_shapes:
+            value = self.net.get_parameter(n).detach().clone()
+            return init_to_value(site, values={site["name"]: value}, fallback=init_to_median)
+        return init_to_median(site)
+
+    def _hidden_values(self) -> Dict[str, Tensor]:
+        out = {}
+        for n in self.hidden_names:
+            p = self.net.get_parameter(n)
+            out[n] = pyro.param(self.site_name(n), p) if self.fit_hidden else p.detach()
+        return out
+
+    def _call(self, latent: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor,
+              ref: Optional[Dict[str, Tensor]]) -> Tensor:
+        """``f(x; θ)`` for one weight sample, or ``f(x; θ_ref) + J_f(x; θ_ref)(θ − θ_ref)``."""
+        if ref is None:
+            return functional_call(self.net, {**hidden, **latent}, (x,))
+        step = {n: latent[n] - ref[n] for n in latent}
+        f_ref, f_step = jvp(lambda p: functional_call(self.net, {**hidden, **p}, (x,)),
+                            (ref,), (step,))
+        return f_ref + f_step
+
+    def forward_network(self, latent: Dict[str, Tensor], x: Tensor,
+                        linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        """The network on inputs ``x`` ``(B, ...)`` with latent values ``latent`` (parameter
+        name → tensor ``(*batch, *shape)``), or its linearisation around ``linearise_at``
+        (site name → tensor, e.g. ``guide.median()``).
+
+        Unbatched weights: one ``functional_call`` on the tensors as given (views stay views,
+        so Jacobian backends see the layers' weights). A leading weight batch ``batch``
+        (``(K, 1)`` for vectorised particles over the data plate at dim −1, ``(S,)`` under
+        ``Predictive(parallel=True)``): ``torch.vmap`` over the flattened batch; the output is
+        ``(*batch', B, ...)`` with ``batch'`` the batch without a trailing 1 (the data dim).
+        """
+        hidden = self._hidden_values()
+        ref = None if linearise_at is None else {
+            n: linearise_at[self.site_name(n)].to(x.dtype) for n in self.latent_shapes}
+        batch = torch.broadcast_shapes(*(v.shape[:v.dim() - len(self.latent_shapes[n])]
+                                         for n, v in latent.items()))
+        if not batch:
+            return self._call(latent, hidden, x, ref)
+        flat = {n: v.expand(batch + self.latent_shapes[n]).reshape((-1,) + self.latent_shapes[n])
+                for n, v in latent.items()}
+        out = torch.vmap(lambda p: self._call(p, hidden, x, ref), randomness="different")(flat)
+        out_batch = batch[:-1] if batch[-1] == 1 else batch
+        return out.reshape(out_batch + out.shape[1:])
+
+    def __getstate__(self):
+        # The param store tags the hidden parameters with a weakref to themselves (Pyro's
+        # identity-constrained params); drop it, as PyroModule.__getstate__ does.
+        for p in self.net.parameters():
+            p.__dict__.pop("unconstrained", None)
+        return super().__getstate__()
+
+    # -- the model ------------------------------------------------------------------------------
+    def _scale(self, value: Optional[float], name: Optional[str], init: float,
+               like: Tensor) -> Tensor:
+        if value is not None:
+            return torch.tensor(value, dtype=like.dtype, device=like.device)
+        init_t = torch.tensor(init, dtype=like.dtype, device=like.device)
+        return pyro.param(name, init_t, constraint=constraints.positive)
+
+    def _plate(self, x: Tensor, y: Optional[Tensor]) -> pyro.plate:
+        n = x.shape[0]
+        if y is not None and self.num_data is not None and self.num_data != n:
+            return pyro.plate("data", self.num_data, subsample=torch.arange(n, device=x.device),
+                              dim=-1)
+        size = self.batch_size if y is not None and self.batch_size is not None \
+            and self.batch_size < n else None
+        return pyro.plate("data", n, subsample_size=size, dim=-1, device=x.device)
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None, *,
+                linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        """Sample the latents, evaluate the network on the plate's inputs, observe ``y``.
+
+        :param x: inputs ``(N, ...)`` (all training data, a minibatch with ``num_data``, or
+            prediction inputs).
+        :param y: labels/targets ``(N, ...)``, or ``None`` to predict.
+        :param linearise_at: evaluate the linearised network around these latent values
+            (site name → tensor, e.g. ``guide.median()`` of a MAP fit).
+        :returns: the network output at the plate's inputs, ``(..., B, *outputs)``.
+        """
+        like = next(iter(self.net.parameters()))
+        s = self._scale(self.prior_scale, self.prior_scale_name, self.init_prior_scale, like)
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        latent = {n: pyro.sample(self.site_name(n),
+                                 dist.Normal(zero, s).expand(shape).to_event(len(shape)))
+                  for n, shape in self.latent_shapes.items()}
+        data = self._plate(x, y)
+        with data as idx:
+            pass
+        out = self.forward_network(latent, x[idx], linearise_at)  # outside the plate
+        obs = None if y is None else y[idx]
+        with data:
+            self._observe(out, obs, like)
+        return out
+
+    def _observe(self, out: Tensor, obs: Optional[Tensor], like: Tensor) -> None:
+        """The likelihood of the plate's data given the outputs ``(..., B, O)``."""
+        pyro.deterministic(self.output_site, out, event_dim=1)
+        if self.likelihood == "classification":
+            pyro.sample("obs", dist.Categorical(logits=out), obs=obs)
+            return
+        if self.likelihood == "binary":
+            if out.shape[-1] != 1:
+                raise ValueError(f"likelihood='binary' needs outputs (B, 1), got "
+                                 f"{tuple(out.shape)}")
+            pyro.sample("obs", dist.Bernoulli(logits=out.squeeze(-1)), obs=obs)
+            return
+        sigma = self._scale(self.noise_scale, self.noise_scale_name, self.init_noise_scale, like)
+        if out.shape[-1] == 1:
+            pyro.sample("obs", dist.Normal(out.squeeze(-1), sigma), obs=obs)
+        else:
+            pyro.sample("obs", dist.Normal(out, sigma).to_event(1), obs=obs)
