@@ -6,7 +6,6 @@ under ``Predictive``) draws from samples projected on the *training* data, never
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Callable, Dict, Iterable, Optional
 
@@ -142,8 +141,7 @@ class AutoViking(AutoContinuous):
         sk = self._kernel_scale_now(args, kwargs, predicting)
         check_parameters(loc, si, sk)
         if predicting:
-            n = math.prod(f.size for f in poutine.runtime.get_plates())  # particles
-            self._refresh_prediction_samples(n)
+            self._refresh_prediction_samples(self._state.begin_prediction(args, kwargs))
             return PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
         if torch.is_grad_enabled():  # a training step (evaluations do not move θ̂)
             self._state.note_training_call(args, kwargs)
@@ -238,6 +236,8 @@ class AutoViking(AutoContinuous):
 
     def __getstate__(self):
         # Pyro's clears the model of the live guide: copy. Drop weakrefs, as PyroModule does.
+        if self.prototype_trace is not None:  # save samples projected on the training data
+            self._refresh_prediction_samples(0)
         for param in self.parameters(recurse=True):
             param.__dict__.pop("unconstrained", None)
         return {**self.__dict__, "_model": None, "_raw_model": None, "master": None,

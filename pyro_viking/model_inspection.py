@@ -97,7 +97,8 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
             raise ValueError(
                 f"the model's discrete latent '{name}' is hidden from AutoViking; the Jacobian "
                 "would use a random draw of it at each step. AutoViking cannot marginalise "
-                "discrete latents: write the model with the site summed out by hand.")
+                "discrete latents (enumerated or not): write the model with the site summed out "
+                "by hand.")
         extra[name] = tuple((f.dim, f.name) for f in site["cond_indep_stack"]
                             if f.vectorized and f.full_size is not None and f.size < f.full_size)
     return ModelCall(observed_data_frames(trace), bool(observed), extra)

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.poutine.runtime import get_plates
 from torch import Tensor
 from torch.distributions import constraints
 
@@ -81,6 +82,7 @@ class SamplingState:
         self.kernel: Optional[Tensor] = None  # (S, D) its kernel part on the training data
         self.counter, self.lazy, self.stale = 0, False, False
         self._data: Optional[Tuple[tuple, dict]] = None
+        self._predicting: Optional[Tuple[tuple, dict]] = None  # args of the last prediction
         self._varies, self._training, self._warned = False, False, set()
 
     # -- training -------------------------------------------------------------------------------
@@ -107,7 +109,11 @@ class SamplingState:
         """Kernel and image parts ``(n, D)`` of ``n`` training draws from ``q``."""
         eta = torch.randn(n, q.event_shape[0], dtype=q.loc.dtype, device=q.loc.device)
         chain = self.chains.setdefault(n, deque())
-        k_prev = chain.popleft() if len(chain) >= max(1, self.num_chains) else None
+        full = len(chain) >= max(1, self.num_chains)
+        # A loss evaluation without gradients (SVI.evaluate_loss) reads the carried chain but
+        # does not advance it: evaluations repeat under a seed and leave training undisturbed.
+        evaluating = not torch.is_grad_enabled()
+        k_prev = (chain[0] if evaluating else chain.popleft()) if full else None
         g, proj = self.gamma, q.projector
         restart = k_prev is None or g == 0
         if (self.image_noise == "fresh" and proj.samples_image_directly
@@ -128,14 +134,21 @@ class SamplingState:
                 both = proj(torch.cat([e, eta]))
                 k, img = both[:n], eta - both[n:]
                 q.record_probes(eta, both[n:])
-        chain.append(k.detach())
+        if not evaluating:
+            chain.append(k.detach())
         self.last_draw[n] = self.last = (e.detach(), k.detach())
         return k, img
 
     # -- prediction -----------------------------------------------------------------------------
-    def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool) -> None:
-        """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself)."""
-        self.noise, self.kernel, self.counter = noise, kernel, 0
+    def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool,
+                               append: bool = False) -> None:
+        """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself;
+        ``append``: more samples for the current prediction run, the count goes on)."""
+        if append and self.noise is not None:
+            noise, kernel = torch.cat([self.noise, noise]), torch.cat([self.kernel, kernel])
+        else:
+            self.counter = 0
+        self.noise, self.kernel = noise, kernel
         self.lazy, self.stale, self._training = lazy, False, False
         self._warned.discard("stale")
 
@@ -143,7 +156,8 @@ class SamplingState:
                 like: Tensor, *, lazy: bool, progress: bool = False) -> Tensor:
         """Alternating projections ``k ← P_b k`` of ``num_samples`` fresh samples ``ε`` over the
         projectors of passes over the training data (each built when it is reached); caches
-        ``(ε, k)`` and returns ``k`` ``(S, D)``."""
+        ``(ε, k)`` (a lazy projection adds to current lazy samples) and returns ``k`` ``(S, D)``."""
+        append = lazy and self.lazy and not self.stale and self.noise is not None
         e = torch.randn(num_samples, like.shape[-1], dtype=like.dtype, device=like.device)
         k = e.clone()
         if progress:
@@ -153,7 +167,7 @@ class SamplingState:
         for build in projectors:
             with torch.no_grad():
                 k = build()(k)
-        self.set_prediction_samples(e, k, lazy=lazy)
+        self.set_prediction_samples(e, k, lazy=lazy, append=append)
         return k
 
     def needs_projection(self, n: int) -> bool:
@@ -164,7 +178,17 @@ class SamplingState:
         costs about as much as predicting with that many samples)."""
         if self.noise is None or self.stale:
             return True
-        return self.lazy and n > self.noise.shape[0]
+        return self.lazy and self.counter + n > self.noise.shape[0]
+
+    def begin_prediction(self, args: tuple, kwargs: dict) -> int:
+        """A prediction call: calls on new inputs start again from the first sample (every
+        input set sees the same posterior samples); a run of calls on the same inputs (e.g.
+        sequential ``Predictive``) goes on through them, so its draws are distinct. Returns the
+        number of draws of this call (the particle plates' sizes)."""
+        if self._predicting is None or not _same_call(self._predicting, (args, kwargs)):
+            self.counter = 0
+        self._predicting = (args, kwargs)
+        return math.prod(f.size for f in get_plates())
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -194,17 +218,17 @@ class SamplingState:
 
     def next_indices(self, n: int, S: int) -> Tensor:
         """Indices of the next ``n`` of ``S`` prediction samples (cycling)."""
-        if n > S:
-            self._warn_once("repeat", f"{n} samples requested but only {S} projected samples "
-                            f"are cached; they repeat. Call project_training_data(num_samples"
-                            f"={n}).")
+        if self.counter + n > S:
+            self._warn_once("repeat", f"{self.counter + n} draws on the same inputs but only {S} "
+                            "samples projected on the training data are cached; they repeat. "
+                            f"Call guide.project_training_data(num_samples={self.counter + n}).")
         idx = (torch.arange(n) + self.counter) % S
-        self.counter = (self.counter + n) % S
+        self.counter += n  # not wrapped: a lazy pool grows when a run of draws exceeds it
         return idx
 
     def __getstate__(self):
         # the training data are the user's: not saved with the guide
-        return {**self.__dict__, "_data": None, "_varies": True}
+        return {**self.__dict__, "_data": None, "_varies": True, "_predicting": None}
 
 
 class VikingPosterior(KernelImageNormal):
