@@ -188,7 +188,8 @@ class FunctionalJacobian(JacobianOperator):
         return torch.stack([f(x) for x in X])
 
     def _jvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        return torch.func.jvp(self.fn, (theta,), (v,))[1]
+        # cast: jvp of a 0-dim float32 value times a Python float gives a float64 tangent
+        return torch.func.jvp(self.fn, (theta,), (v,))[1].to(self.dtype)
 
     def mv(self, V: Tensor) -> Tensor:
         theta = self.theta.detach()
@@ -198,7 +199,7 @@ class FunctionalJacobian(JacobianOperator):
         if self._vjp_fn is None:
             _, self._vjp_fn = torch.func.vjp(self.fn, self.theta.detach())
         vjp_fn = self._vjp_fn
-        return self._batched(lambda u: vjp_fn(u)[0], U)
+        return self._batched(lambda u: vjp_fn(u.to(self.dtype))[0].to(self.dtype), U)
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
         return sum((u * self._jvp(self.theta, v)).sum() for u, v in zip(U, V))

@@ -70,6 +70,8 @@ def autograd_bilinear(fn: RowFn, z: Tensor, U: Tensor, V: Tensor) -> Tensor:
         x = z if z.requires_grad else z.detach().requires_grad_()
         rows = evaluate_rows(fn, x)
         total = rows.new_zeros(())
+        if not rows.requires_grad:  # the rows do not depend on z: J = 0
+            return total
         for k in range(U.shape[0]):
             (g,) = torch.autograd.grad(rows, x, U[k], create_graph=True, retain_graph=True,
                                        allow_unused=True)
@@ -86,7 +88,8 @@ def forward_jacobian_columns(fn: RowFn, z: Tensor, idx: Tensor, B: int) -> Tenso
     E[torch.arange(R, device=z.device), idx] = 1
 
     def jvp(v: Tensor) -> Tensor:
-        return torch.func.jvp(fn, (z,), (v,))[1]
+        # cast: jvp of a 0-dim float32 value times a Python float gives a float64 tangent
+        return torch.func.jvp(fn, (z,), (v,))[1].to(z.dtype)
 
     try:
         cols = torch.func.vmap(jvp)(E)
@@ -106,7 +109,7 @@ def _jacobian_vmap(fn: RowFn, z: Tensor, B: int, chunk_size: Optional[int]) -> T
     """``(B, D)`` Jacobian as ``vmap(vjp_fn)(I_B)``."""
     _, vjp_fn = torch.func.vjp(fn, z)
     eye = torch.eye(B, dtype=z.dtype, device=z.device)
-    return torch.func.vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
+    return torch.func.vmap(vjp_fn, chunk_size=chunk_size)(eye)[0].to(z.dtype)
 
 
 def _jacobian_loop(rows: Tensor, z: Tensor) -> Tensor:
