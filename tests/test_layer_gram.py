@@ -158,6 +158,10 @@ def check_bilinear(make, fn, z):
     (ref,) = torch.autograd.grad((U * (V @ J.T)).sum(), z)
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(op.bilinear(U, V).detach(), (U * (V @ J.T)).sum().detach())
+    (got,) = op.bilinear_grad(U, V)  # the closed-form cotangents of the kept graph
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+    (got,) = op.bilinear_grad(3 * U, V)  # and again, on the same graph
+    torch.testing.assert_close(got, 3 * ref, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
@@ -175,10 +179,28 @@ def test_rest_column_is_the_noise_scale():
     assert op.rest_columns.tolist() == [z.numel() - 1]
 
 
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["build-graph", "re-run"])
 @pytest.mark.parametrize("name", ["mlp_tanh", "mlp_rest", "lenet", "seq_linear"])
-def test_layer_gram_bilinear_gradient(name):
+def test_layer_gram_bilinear_gradient(name, keep_graph):
+    """The bilinear's gradient from the build's own graph (``keep_graph``) and from a new
+    forward/backward, against autograd through the dense Jacobian."""
     fn, z = PROBLEMS[name]()
-    check_bilinear(LayerGramJacobian, fn, z)
+    check_bilinear(lambda f, x: LayerGramJacobian(f, x, keep_graph=keep_graph), fn, z)
+
+
+def test_layer_gram_keeps_its_graph_only_when_asked_and_differentiable():
+    fn, z = PROBLEMS["mlp_tanh"]()
+    assert LayerGramJacobian(fn, z)._graph_pieces is None  # z does not require grad
+    z = z.clone().requires_grad_()
+    assert LayerGramJacobian(fn, z)._graph_pieces is not None
+    assert LayerGramJacobian(fn, z, keep_graph=False)._graph_pieces is None
+    with torch.no_grad():
+        assert LayerGramJacobian(fn, z)._graph_pieces is None
+    op = LayerGramJacobian(fn, z)
+    U, V = torch.randn(2, op.shape[0]), torch.randn(2, op.shape[1])
+    g1 = torch.autograd.grad(op.bilinear(U, V), z)[0]
+    torch.testing.assert_close(op.bilinear_grad(U, V)[0], g1)
+    torch.testing.assert_close(op.bilinear_grad(2 * U, V)[0], 2 * g1)  # the graph is kept
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

@@ -299,3 +299,39 @@ def test_auto_solver_with_explicit_rcond_is_eigh():
     P(torch.randn(1, 12))
     assert P.rank == 4  # the 1e-4 eigenvalue is dropped
     assert KernelProjector(DenseJacobian(J)).solver == "cholesky"
+
+
+@pytest.mark.parametrize("solver, rank", [("cholesky", 4), ("eigh", 3), ("cg", 4)])
+def test_kernel_and_image_gradient_matches_dense_autograd(solver, rank):
+    """Differentiable ``kernel_and_image``: ``P E`` and the image draw ``ν − P ν`` (direct
+    solvers: ν = C J drawn from the factorisation; CG: ν = η − P η of fresh noise η) have the
+    gradients w.r.t. J of autograd through a dense projection evaluated at the same draws."""
+    J = jacobian_with_rank(4, 9, rank, cond=5.0).requires_grad_()
+    E = torch.randn(3, 9)
+    P = DenseProjector(J, solver=solver, rtol=1e-13)
+    gen = torch.Generator().manual_seed(5)
+    k, img = P.kernel_and_image(E, num_image=2, generator=gen)
+    assert k.requires_grad and img.requires_grad and img.shape == (2, 9)
+    Pd = dense_projector(J)
+    if solver == "cg":  # the same fresh noise
+        eta = torch.randn(2, 9, generator=torch.Generator().manual_seed(5))
+        ref_img = eta - eta @ Pd
+    else:
+        nu = img.detach()
+        ref_img = nu - nu @ Pd
+        torch.testing.assert_close(nu @ Pd.detach(), torch.zeros_like(nu), rtol=0, atol=1e-10)
+    ref_k = E @ Pd
+    torch.testing.assert_close(k, ref_k, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(img, ref_img, rtol=1e-8, atol=1e-10)
+    Ck, Ci = torch.randn(3, 9), torch.randn(2, 9)
+    (got,) = torch.autograd.grad((k * Ck).sum() + (img * Ci).sum(), J)
+    (ref,) = torch.autograd.grad((ref_k * Ck).sum() + (ref_img * Ci).sum(), J)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_kernel_and_image_is_constant_without_gradient_through_p():
+    J = jacobian_with_rank(4, 9, 4).requires_grad_()
+    for P in (DenseProjector(J, differentiable=False), DenseProjector(J)):
+        with torch.set_grad_enabled(P.differentiable is False):
+            k, img = P.kernel_and_image(torch.randn(2, 9))
+        assert not k.requires_grad and not img.requires_grad

@@ -282,6 +282,12 @@ def _pieces(calls: List[_Call], Gs: List[Tensor], B: int
     return ghosts, blocks
 
 
+def _detached(ghosts: List[_Ghost], blocks: List[_Block]
+              ) -> Tuple[List[_Ghost], List[_Block]]:
+    return ([_Ghost(g.A.detach(), g.G.detach(), g.cols, g.bias_cols) for g in ghosts],
+            [_Block(b.cols, b.J.detach()) for b in blocks])
+
+
 def _mv(ghosts: List[_Ghost], blocks: List[_Block], V: Tensor, B: int) -> Tensor:
     """``V Jᵀ`` ``(K, B)`` from the factored pieces, one or two matmuls per layer."""
     K = V.shape[0]
@@ -298,6 +304,36 @@ def _mv(ghosts: List[_Ghost], blocks: List[_Block], V: Tensor, B: int) -> Tensor
     for b in blocks:
         out = out + _take(V, b.cols) @ b.J.T
     return out
+
+
+def _piece_cotangents(ghosts: List[_Ghost], blocks: List[_Block], U: Tensor, V: Tensor
+                      ) -> Tuple[List[Tensor], List[Tensor]]:
+    """The graph-connected pieces and the cotangents ``∂b/∂piece`` of
+    ``b = Σ_k U_k J V_kᵀ = Σ_l Σ_{k,i} u_ki g_liᵀ (V_{k,l} a_li [+ v_{k,l}]) + Σ_b ⟨Uᵀ V_b, J_b⟩``.
+    """
+    K = U.shape[0]
+    outs, cots = [], []
+    for g in ghosts:
+        o, i = g.G.shape[1], g.A.shape[1]
+        VW = V[:, g.cols].reshape(K, o, i)
+        if not (g.A.requires_grad or g.G.requires_grad):
+            continue
+        if g.A.requires_grad:  # Σ_k diag(u_k) G V_k: (B, K·out) @ (K·out, in)
+            UG = (U.T[:, :, None] * g.G[:, None, :]).reshape(-1, K * o)
+            outs.append(g.A)
+            cots.append(UG @ VW.reshape(K * o, i))
+        if g.G.requires_grad:  # Σ_k diag(u_k) (A V_kᵀ + v_k): (B, in) @ (in, K·out)
+            AV = (g.A.detach() @ VW.permute(2, 0, 1).reshape(i, K * o)).reshape(-1, K, o)
+            cG = (U.T[:, :, None] * AV).sum(1)
+            if g.bias_cols is not None:
+                cG = cG + U.T @ V[:, g.bias_cols]
+            outs.append(g.G)
+            cots.append(cG)
+    for b in blocks:
+        if b.J.requires_grad:
+            outs.append(b.J)
+            cots.append(U.T @ _take(V, b.cols))
+    return outs, cots
 
 
 def _check_overlaps(pieces: List[Tuple[int, int]]) -> None:
@@ -333,6 +369,10 @@ class LayerGramJacobian(JacobianOperator):
         batch of the same model may check the first build only.
     :param check_tol: default ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
     :param max_rest_columns: most columns of z outside every layer (computed by jvp).
+    :param keep_graph: build from ``z`` itself with a ``create_graph`` backward and keep that
+        graph, so that :meth:`bilinear` (the implicit gradient of a projection) differentiates
+        this build's forward/backward instead of running the network again; default: when
+        ``z`` requires grad and grad mode is on. Memory: the graph lives as long as the operator.
 
     Raises :class:`LayerGramNotApplicable` (a ``NotImplementedError``) for weight sharing,
     non-view / non-contiguous weights, inputs without a leading B dimension, batch statistics,
@@ -345,22 +385,32 @@ class LayerGramJacobian(JacobianOperator):
 
     def __init__(self, fn: RowFn, z: Tensor, *, check: bool = True,
                  check_tol: Optional[float] = None,
-                 max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS):
+                 max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS,
+                 keep_graph: Optional[bool] = None):
+        if keep_graph is None:
+            keep_graph = torch.is_grad_enabled() and z.requires_grad
         # Building needs autograd whatever the caller's mode (e.g. prediction under no_grad).
         with torch.enable_grad():
-            self._build(fn, z, check, check_tol, max_rest_columns)
+            self._build(fn, z, check, check_tol, max_rest_columns, keep_graph)
 
     def _build(self, fn: RowFn, z: Tensor, check: bool, check_tol: Optional[float],
-               max_rest_columns: int) -> None:
-        x = z.detach()
-        x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
-        rows, calls = _record_forward(fn, x)
+               max_rest_columns: int, keep_graph: bool) -> None:
+        # keep_graph: record from z itself and differentiate the backward (create_graph), so that
+        # bilinear() reuses this forward/backward (costs about nothing more here).
+        keep_graph = keep_graph and z.dim() == 1 and z.stride(0) == 1 and z.requires_grad
+        x = z if keep_graph else z.detach()
+        if not keep_graph:
+            x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
+        rows, calls = _record_forward(fn, x, keep_graph=keep_graph)
         B, D = rows.shape[0], x.shape[0]
         super().__init__((B, D), z.dtype, z.device)
         self.fn, self.z = fn, z
         _validate(calls, B)
-        Gs = _output_grads(rows, calls, retain=check)
-        self._ghosts, self._blocks = _pieces(calls, Gs, B)
+        Gs = _output_grads(rows, calls, retain=check or keep_graph, create_graph=keep_graph)
+        pieces = _pieces(calls, Gs, B)
+        #: the factored pieces as differentiable functions of z (``keep_graph``), else None
+        self._graph_pieces = pieces if keep_graph else None
+        self._ghosts, self._blocks = _detached(*pieces)
         self.num_layers = len(calls)
         self._add_rest(x, max_rest_columns)
         self._gram: Optional[Tensor] = None
@@ -400,7 +450,8 @@ class LayerGramJacobian(JacobianOperator):
         u = (2 * u - 1).to(x.dtype)
         ref = None
         if rows.requires_grad:
-            (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True)
+            (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True,
+                                         retain_graph=self._graph_pieces is not None)
         ref = torch.zeros_like(x) if ref is None else ref.detach()
         got = self.rmv(u[None])[0]
         err = float((got - ref).norm() / ref.norm().clamp_min(torch.finfo(x.dtype).tiny))
@@ -451,14 +502,32 @@ class LayerGramJacobian(JacobianOperator):
             self._gram = K
         return self._gram
 
+    def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """``∇_z Σ_k U_k J(z) V_kᵀ`` (U, V constant).
+
+        From the build's graph (``keep_graph``): the cotangents of the pieces in closed form,
+        ``∂/∂A_l = Σ_k diag(u_k) G_l V_{k,l}``, ``∂/∂G_l = Σ_k diag(u_k) (A_l V_{k,l}ᵀ + v_{k,b})``,
+        ``∂/∂J_b = Uᵀ V_b`` (two matmuls per layer, no forward of the bilinear form), then one
+        backward through the build's backward and forward. Otherwise autograd through
+        :meth:`bilinear`."""
+        if self._graph_pieces is None or self.rest_columns.numel() or not self.z.requires_grad:
+            return super().bilinear_grad(U, V)
+        outs, cots = _piece_cotangents(*self._graph_pieces, U, V)
+        if not outs:
+            return (None,)
+        with torch.enable_grad():
+            return torch.autograd.grad(outs, (self.z,), cots, allow_unused=True,
+                                       retain_graph=True)
+
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
         """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z``.
 
         The factored form with the layer inputs ``A_l(z)`` and output gradients ``G_l(z)``
-        kept differentiable: one forward and one ``create_graph`` backward of ``fn`` whatever
-        K, where :func:`~pyro_viking.linalg.per_example.autograd_bilinear` needs K of them (the
-        implicit gradient of the projection calls this with 2K rows). Columns outside the
-        layers (``rest_columns``) use ``autograd_bilinear``.
+        kept differentiable: one more forward and ``create_graph`` backward of ``fn`` whatever
+        K, where :func:`~pyro_viking.linalg.per_example.autograd_bilinear` needs K of them.
+        Columns outside the layers (``rest_columns``) use ``autograd_bilinear``. (The
+        projection's implicit gradient calls :meth:`bilinear_grad`, which reuses the build's
+        graph instead.)
         """
         if not self.z.requires_grad:
             return (U * self.mv(V)).sum()

@@ -73,6 +73,18 @@ class JacobianOperator:
         """
         return (U * self.mv(V)).sum()
 
+    def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """``∇ Σ_k U_k J V_kᵀ`` w.r.t. each of the :attr:`params` that requires grad (``None``
+        where J does not depend on it), U and V held constant: the second-order term of the
+        implicit gradient of a projection. Default: autograd through :meth:`bilinear`."""
+        params = tuple(p for p in self.params if p.requires_grad)
+        with torch.enable_grad():
+            b = self.bilinear(U, V)
+            if not params or not b.requires_grad:  # J does not depend on its params
+                return (None,) * len(params)
+            # retained: an operator may keep its graph for later calls
+            return torch.autograd.grad(b, params, allow_unused=True, retain_graph=True)
+
 
 class DenseJacobian(JacobianOperator):
     """An explicit matrix ``J`` of shape ``(B, D)``; differentiable w.r.t. ``J``."""

@@ -218,22 +218,44 @@ class KernelProjector:
     def kernel_and_image(self, E: Tensor, num_image: Optional[int] = None,
                          generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """``(P E, I)``: the kernel part of ``E`` ``(K, D)`` and ``num_image`` (default K)
-        independent draws ``I`` of ``N(0, I − P)``, as constants (no gradient through P).
+        independent draws ``I`` of ``N(0, I − P)``.
 
-        With a direct solver (eigh, Cholesky) the image draws are ``C J``
+        With a direct solver (eigh, Cholesky) the image draws are ``ν = C J``
         (:meth:`image_coefficients`) and share the kernel part's ``rmv``: one ``mv`` and one
         ``rmv`` in all, where projecting fresh noise ``η`` to ``η − P η`` would cost a second
         ``mv``, ``rmv`` and refinement. CG projects fresh noise.
+
+        **Gradient** (when the projector is ``differentiable``, grad mode is on and the
+        operator's params require grad; E itself is noise and gets none): ``P E`` as in
+        :meth:`__call__`, and the image draws as ``ν − P(θ) ν`` (value ``ν``: ``P ν = 0``), whose
+        implicit gradient needs no further solve (``(J Jᵀ)⁺ J ν = C``). This is an unbiased
+        reparametrisation gradient: writing ``η = Pη + (I − P)η``, the term of ``η − P(θ)η``
+        that it drops, ``−∂P · Pη``, is linear in ``Pη``, which has mean zero and is independent
+        of the sample (Rao–Blackwellised). Otherwise both parts are constants.
         """
         E = E.reshape(-1, self.dim)
         n = E.shape[0] if num_image is None else int(num_image)
+        params = self._grad_params()
         if not self.samples_image_directly:
             eta = torch.randn(n, self.dim, dtype=E.dtype, device=E.device, generator=generator)
-            with torch.no_grad():
+            with torch.set_grad_enabled(bool(params)):
                 both = self(torch.cat([E, eta]))
             return both[:E.shape[0]], eta - both[E.shape[0]:]
-        X, _, self.info, img = self._project_with_image(E, self.image_coefficients(n, generator))
-        return X, img
+        C = self.image_coefficients(n, generator)
+        X, Lam, self.info, img = self._project_with_image(E, C)
+        if not params:
+            return X, img
+        K = E.shape[0]
+        pre = (torch.cat([X, torch.zeros_like(img)]), torch.cat([Lam, C.to(Lam.dtype)]))
+        out = _ProjectFunction.apply(self, pre, torch.cat([E, img]), *params)
+        return out[:K], img - out[K:]
+
+    def _grad_params(self) -> Tuple[Tensor, ...]:
+        """The operator's params the projection is differentiated w.r.t. now (none unless
+        ``differentiable`` and grad mode is on)."""
+        if not (self.differentiable and torch.is_grad_enabled()):
+            return ()
+        return tuple(p for p in self.operator.params if p.requires_grad)
 
     # -- public -----------------------------------------------------------------------------
     def __call__(self, E: Tensor) -> Tensor:
@@ -243,10 +265,9 @@ class KernelProjector:
                              f"got shape {tuple(E.shape)}")
         squeeze = E.dim() == 1
         E2 = E.reshape(-1, self.dim)
-        params = self.operator.params if self.differentiable else ()
-        params = tuple(p for p in params if p.requires_grad)
+        params = self._grad_params()
         if torch.is_grad_enabled() and (E2.requires_grad or params):
-            X = _ProjectFunction.apply(self, E2, *params)
+            X = _ProjectFunction.apply(self, None, E2, *params)
         else:
             X, _, self.info = self._project_nograd(E2)
         return X[0] if squeeze else X.reshape(E.shape)
@@ -288,9 +309,13 @@ class _ProjectFunction(torch.autograd.Function):
     """``X = P(θ) E`` with the implicit-differentiation backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, projector: KernelProjector, E: Tensor, *params: Tensor) -> Tensor:
-        X, Lam, info = projector._project_nograd(E)
-        projector.info = info
+    def forward(ctx, projector: KernelProjector, pre: Optional[Tuple[Tensor, Tensor]],
+                E: Tensor, *params: Tensor) -> Tensor:
+        # pre: (P E, Λ) already computed by the caller (kernel_and_image), else solved here
+        if pre is None:
+            X, Lam, projector.info = projector._project_nograd(E)
+        else:
+            X, Lam = pre
         ctx.projector = projector
         ctx.num_params = len(params)
         ctx.save_for_backward(X, Lam)
@@ -308,20 +333,17 @@ class _ProjectFunction(torch.autograd.Function):
         A, Xb = _row_basis(Xbar)
         Xi_xb, Xi_lamb, _ = proj._project_nograd(Xb)
         Xi_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             Xi_x = Xi_xb if A is None else A.to(Xi_xb.dtype) @ Xi_xb
         grads = [None] * ctx.num_params
-        if ctx.num_params and any(ctx.needs_input_grad[2:]):
-            params = tuple(p for p in proj.operator.params if p.requires_grad)
+        if ctx.num_params and any(ctx.needs_input_grad[3:]):
             if A is not None:  # Σ_k λ_k J (ξ_x)_kᵀ = Σ_j (Aᵀλ)_j J (ξ_xb)_jᵀ, likewise for X
                 At = A.T.to(Lam.dtype)
                 Lam, X = At @ Lam, At @ X
-            with torch.enable_grad():
-                b = proj.operator.bilinear(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
-                # b is constant when J does not depend on its params (a model linear in θ)
-                if b.requires_grad:
-                    grads = torch.autograd.grad(-b, params, allow_unused=True)
-        return (None, Xi_x, *grads)
+            got = proj.operator.bilinear_grad(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
+            # None where J does not depend on a param (a model linear in θ, rows without θ)
+            grads = [None if g is None else -g for g in got]
+        return (None, None, Xi_x, *grads)
 
 
 def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
