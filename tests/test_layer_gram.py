@@ -352,7 +352,7 @@ def test_pyro_module_bnn_through_make_rows_fn():
 
 # --------------------------------------------------------------------------- selection
 def test_selection():
-    kw = dict(batch_size=16, num_vectors=1)
+    kw = dict(batch_size=16)
     fn, z = mlp_tanh()
     assert isinstance(select_jacobian_backend(fn, z, **kw), LayerGramJacobian)
     assert isinstance(select_jacobian_backend(fn, z, prefer="per_example", **kw),

@@ -11,11 +11,11 @@ from problems import dense_projector, jacobian_with_rank
 
 from pyro_viking.linalg import (
     ConvergenceWarning,
-    DenseJacobian,
     DenseProjector,
     FunctionalJacobian,
     KernelProjector,
     MatrixFreeProjector,
+    PerExampleJacobian,
 )
 
 SOLVERS = [dict(solver="eigh"), dict(solver="cholesky"), dict(solver="cg", rtol=1e-13)]
@@ -72,7 +72,7 @@ def test_tall_full_column_rank_jacobian_has_trivial_kernel(kw):
 def test_matrix_free_cg_on_ill_conditioned_jacobian():
     J = jacobian_with_rank(128, 256, 128, cond=1e6)
     V = torch.randn(4, 256)
-    for P in (KernelProjector(DenseJacobian(J), solver="cg", rtol=1e-7),
+    for P in (KernelProjector(PerExampleJacobian.from_matrix(J), solver="cg", rtol=1e-7),
               MatrixFreeProjector(lambda W: W @ J.T, lambda U: U @ J, (128, 256), rtol=1e-7)):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
@@ -80,7 +80,7 @@ def test_matrix_free_cg_on_ill_conditioned_jacobian():
         assert _rel_jpv(J, X, V) <= 1e-5
         assert P.info.converged and P.info.iterations <= 128
         assert P.info.residual == pytest.approx(_rel_jpv(J, X, V), rel=1e-3)
-    P = KernelProjector(DenseJacobian(J), solver="cg", rtol=1e-7, maxiter=10)
+    P = KernelProjector(PerExampleJacobian.from_matrix(J), solver="cg", rtol=1e-7, maxiter=10)
     with pytest.warns(ConvergenceWarning, match=r"after 10 iterations"):
         P(V)
     assert not P.info.converged and P.info.residual > 1e-5
@@ -239,7 +239,8 @@ def test_kernel_and_image_draws_have_the_exact_law(solver, rank, method):
     D = 7
     J = jacobian_with_rank(4, D, rank, cond=5.0)  # rank 3 of 4 rows: a singular Gram
     P_ref = dense_projector(J)
-    proj = KernelProjector(DenseJacobian(J), solver=solver, rtol=1e-13, differentiable=False)
+    proj = KernelProjector(PerExampleJacobian.from_matrix(J), solver=solver, rtol=1e-13,
+                           differentiable=False)
     E = torch.randn(3, D)
     K, img = proj.kernel_and_image(E, num_image=40_000)
     assert proj.info.method == method
@@ -253,16 +254,17 @@ def test_kernel_and_image_draws_have_the_exact_law(solver, rank, method):
 
 def test_auto_solver_is_cholesky_for_a_cheap_gram_and_falls_back_when_singular():
     J = jacobian_with_rank(5, 12, 5, cond=10.0)
-    P = KernelProjector(DenseJacobian(J))
+    P = KernelProjector(PerExampleJacobian.from_matrix(J))
     assert P.solver == "cholesky" and P.samples_image_directly
     P(torch.randn(2, 12))
     assert P.info.method == "cholesky" and P.kernel_dim == 7
     Js = jacobian_with_rank(5, 12, 3, duplicates=2)
-    Ps = KernelProjector(DenseJacobian(Js))
+    Ps = KernelProjector(PerExampleJacobian.from_matrix(Js))
     X = Ps(torch.randn(2, 12))
     assert Ps.info.method == "cholesky->eigh" and Ps.kernel_dim == 9
     assert float((X @ Js.T).abs().max()) < 1e-10
-    assert not KernelProjector(DenseJacobian(J), solver="cg").samples_image_directly
+    cg = KernelProjector(PerExampleJacobian.from_matrix(J), solver="cg")
+    assert not cg.samples_image_directly
 
 
 def test_refinement_runs_only_while_the_residual_exceeds_refine_tol():
@@ -272,33 +274,33 @@ def test_refinement_runs_only_while_the_residual_exceeds_refine_tol():
     g = torch.Generator().manual_seed(3)
     J64 = jacobian_with_rank(40, 300, 40, cond=1e4, generator=g)
     E = torch.randn(2, 300, generator=g)
-    P64 = KernelProjector(DenseJacobian(J64))
+    P64 = KernelProjector(PerExampleJacobian.from_matrix(J64))
     P64(E)
     assert P64.info.refinements == 0
-    P64_always = KernelProjector(DenseJacobian(J64), refine_tol=0.0)
+    P64_always = KernelProjector(PerExampleJacobian.from_matrix(J64), refine_tol=0.0)
     P64_always(E)
     assert P64_always.info.refinements == 1
     J32, E32 = J64.float(), E.float()
-    first = KernelProjector(DenseJacobian(J32), refine=0)
+    first = KernelProjector(PerExampleJacobian.from_matrix(J32), refine=0)
     X0 = first(E32)
     res0 = _rel_jpv(J64, X0.double(), E)
     assert res0 > 1e-6 and first.info.refinements == 0
-    P32 = KernelProjector(DenseJacobian(J32))
+    P32 = KernelProjector(PerExampleJacobian.from_matrix(J32))
     X1 = P32(E32)
     assert P32.info.refinements == 1 and _rel_jpv(J64, X1.double(), E) < res0 / 10
     with pytest.raises(ValueError, match="refine"):
-        KernelProjector(DenseJacobian(J32), refine=-1)
+        KernelProjector(PerExampleJacobian.from_matrix(J32), refine=-1)
 
 
 def test_auto_solver_with_explicit_rcond_is_eigh():
     """An explicit ``rcond`` keeps the exact pseudo-inverse semantics (eigh): a Cholesky pivot
     can clear it while a smaller eigenvalue hides behind it."""
     J = jacobian_with_rank(5, 12, 5, cond=100.0)  # eigenvalues of J Jᵀ: 1, 0.1, …, 1e-4
-    P = KernelProjector(DenseJacobian(J), rcond=5e-4)
+    P = KernelProjector(PerExampleJacobian.from_matrix(J), rcond=5e-4)
     assert P.solver == "eigh"
     P(torch.randn(1, 12))
     assert P.rank == 4  # the 1e-4 eigenvalue is dropped
-    assert KernelProjector(DenseJacobian(J)).solver == "cholesky"
+    assert KernelProjector(PerExampleJacobian.from_matrix(J)).solver == "cholesky"
 
 
 @pytest.mark.parametrize("solver, rank", [("cholesky", 4), ("eigh", 3), ("cg", 4)])

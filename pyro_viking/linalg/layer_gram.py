@@ -551,7 +551,6 @@ def select_jacobian_backend(
     z: Tensor,
     *,
     batch_size: Optional[int] = None,
-    num_vectors: int = 1,
     prefer: Optional[str] = None,
     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
     check: bool = True,
@@ -566,9 +565,9 @@ def select_jacobian_backend(
     2. else :class:`PerExampleJacobian` when ``B · D · itemsize ≤ max_dense_bytes``;
     3. else ``None``: the caller uses the matrix-free (CG) projection.
 
-    ``num_vectors`` (K) is validated but does not change the order: both exact routes are
-    built once per batch and then serve any K, and CG is slower per vector and inexact at a
-    fixed iteration count (design §3).
+    Both exact routes are built once per batch and then serve any number of vectors, and CG is
+    slower per vector and inexact at a fixed iteration count (design §3), so the order does
+    not depend on how many vectors are projected.
 
     :param batch_size: B, the number of rows of ``fn`` (evaluated from ``fn`` when needed).
     :param prefer: ``"layer_gram"`` or ``"per_example"`` forces that backend (its errors
@@ -577,9 +576,8 @@ def select_jacobian_backend(
     """
     if prefer not in (None, "layer_gram", "per_example"):
         raise ValueError(f"prefer must be None, 'layer_gram' or 'per_example', got {prefer!r}")
-    if (batch_size is not None and batch_size < 1) or num_vectors < 1:
-        raise ValueError(f"batch_size and num_vectors must be positive, got {batch_size}, "
-                         f"{num_vectors}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if prefer == "layer_gram":
         return LayerGramJacobian(fn, z, check=check)
     if prefer == "per_example":

@@ -20,7 +20,6 @@ from torch import Tensor
 
 __all__ = [
     "JacobianOperator",
-    "DenseJacobian",
     "CallableJacobian",
     "FunctionalJacobian",
 ]
@@ -84,41 +83,6 @@ class JacobianOperator:
                 return (None,) * len(params)
             # retained: an operator may keep its graph for later calls
             return torch.autograd.grad(b, params, allow_unused=True, retain_graph=True)
-
-
-class DenseJacobian(JacobianOperator):
-    """An explicit matrix ``J`` of shape ``(B, D)``; differentiable w.r.t. ``J``."""
-
-    has_cheap_gram = True
-
-    def __init__(self, J: Tensor):
-        if not isinstance(J, Tensor) or J.dim() != 2:
-            raise ValueError(
-                f"J must be a 2-D tensor of shape (B, D), got "
-                f"{tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__}"
-            )
-        if not torch.isfinite(J).all():
-            raise ValueError("J contains non-finite values (NaN or inf); check the model's "
-                             "log-likelihood at the current parameters")
-        super().__init__(J.shape, J.dtype, J.device)
-        self.J = J
-
-    @property
-    def params(self) -> Tuple[Tensor, ...]:
-        return (self.J,)
-
-    def mv(self, V: Tensor) -> Tensor:
-        return V @ self.J.T
-
-    def rmv(self, U: Tensor) -> Tensor:
-        return U @ self.J
-
-    def to_dense(self) -> Tensor:
-        return self.J
-
-    def gram(self) -> Tensor:
-        J = self.J.detach().to(torch.float64)
-        return J @ J.T
 
 
 class CallableJacobian(JacobianOperator):

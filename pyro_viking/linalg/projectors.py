@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .operators import CallableJacobian, DenseJacobian, JacobianOperator
+from .operators import CallableJacobian, JacobianOperator
+from .per_example import PerExampleJacobian
 from .solvers import (
     SolveInfo,
     cg_solve,
@@ -371,7 +372,7 @@ def DenseProjector(J: Tensor, **kwargs) -> KernelProjector:
 
     Keyword arguments are those of :class:`KernelProjector`.
     """
-    return KernelProjector(DenseJacobian(J), **kwargs)
+    return KernelProjector(PerExampleJacobian.from_matrix(J), **kwargs)
 
 
 def MatrixFreeProjector(mv, rmv, shape, *, dtype=None, device=None, params=(), bilinear=None,
