@@ -198,6 +198,9 @@ def test_layer_gram_keeps_its_graph_only_when_asked_and_differentiable():
     with torch.no_grad():
         assert LayerGramJacobian(fn, z)._graph_pieces is None
     op = LayerGramJacobian(fn, z)
+    KernelProjector(op, differentiable=False)  # a projector that will not use the graph
+    assert op._graph_pieces is None
+    op = LayerGramJacobian(fn, z)
     U, V = torch.randn(2, op.shape[0]), torch.randn(2, op.shape[1])
     g1 = torch.autograd.grad(op.bilinear(U, V), z)[0]
     torch.testing.assert_close(op.bilinear_grad(U, V)[0], g1)

@@ -502,6 +502,9 @@ class LayerGramJacobian(JacobianOperator):
             self._gram = K
         return self._gram
 
+    def release_graph(self) -> None:
+        self._graph_pieces = None
+
     def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
         """``∇_z Σ_k U_k J(z) V_kᵀ`` (U, V constant).
 

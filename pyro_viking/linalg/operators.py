@@ -72,6 +72,10 @@ class JacobianOperator:
         """
         return (U * self.mv(V)).sum()
 
+    def release_graph(self) -> None:
+        """Drop any autograd graph kept for :meth:`bilinear_grad` (called by a projector that
+        will not be differentiated through its params)."""
+
     def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
         """``∇ Σ_k U_k J V_kᵀ`` w.r.t. each of the :attr:`params` that requires grad (``None``
         where J does not depend on it), U and V held constant: the second-order term of the

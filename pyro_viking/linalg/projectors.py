@@ -94,6 +94,8 @@ class KernelProjector:
             raise ValueError(f"refine must be >= 0 and refine_tol >= 0, got {refine} and "
                              f"{refine_tol}")
         self.differentiable = differentiable
+        if not differentiable:
+            operator.release_graph()  # (a layer-Gram build's graph, kept for the gradient)
         self.info: Optional[SolveInfo] = None
         self._gram: Optional[Tensor] = None
         self._eig: Optional[Tuple[Tensor, Tensor, Tensor]] = None
