@@ -427,7 +427,7 @@ class AutoViking(AutoContinuous):
         # instead of two of each (the image part is independent of the kernel part either way;
         # needs the exact rank, as the probes of the rank estimators come from projected noise).
         if (self.image_noise == "fresh" and proj.samples_image_directly
-                and q.kernel_dim_source == "exact"):
+                and not proj.differentiable and q.kernel_dim_source == "exact"):
             # (η is not used again: scale it in place)
             e = eta if restart else torch.add(eta.mul_(math.sqrt(1 - g)), k_prev,
                                                alpha=math.sqrt(g))
