@@ -349,6 +349,26 @@ class _ProjectFunction(torch.autograd.Function):
         return (None, None, Xi_x, *grads)
 
 
+#: Columns per float64 chunk of :func:`_gram64` (a reused buffer instead of a float64 copy of
+#: the whole ``(n, D)`` matrix: fresh large temporaries cost page faults on CPU).
+_GRAM64_CHUNK = 2**16
+
+
+def _gram64(M: Tensor) -> Tensor:
+    """``M Mᵀ`` accumulated in float64 over column chunks (a float32 Gram would bury small
+    singular values in rounding)."""
+    if M.dtype == torch.float64:
+        return M @ M.T
+    n, D = M.shape
+    G = M.new_zeros(n, n, dtype=torch.float64)
+    buf = M.new_empty(n, min(D, _GRAM64_CHUNK), dtype=torch.float64)
+    for s in range(0, D, _GRAM64_CHUNK):
+        c = buf[:, :min(_GRAM64_CHUNK, D - s)]
+        c.copy_(M[:, s:s + _GRAM64_CHUNK])
+        G.addmm_(c, c.T)
+    return G
+
+
 def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
     """``(A, Mb)`` with ``M ≈ A Mb`` and ``Mb`` an orthogonal basis of the rows' span (``(r, D)``,
     directions with singular values below ``100 eps · σ_max`` dropped), or ``(None, M)`` when
@@ -356,8 +376,7 @@ def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
     n = M.shape[0]
     if n == 1:
         return None, M
-    M64 = M.to(torch.float64)  # a float32 Gram would bury the small singular values in rounding
-    evals, V = torch.linalg.eigh(M64 @ M64.T)
+    evals, V = torch.linalg.eigh(_gram64(M))
     keep = evals > (100 * torch.finfo(M.dtype).eps) ** 2 * evals.max().clamp_min(0.0)
     r = int(keep.sum())
     if r == n:
