@@ -9,8 +9,9 @@ i.e. ``P = I − Jᵀ (J Jᵀ)⁺ J``. The image part is ``E − P E``.
 **Gradients.** ``(x, λ)`` solve the KKT system ``[[I, Jᵀ], [J, 0]] [x; λ] = [e; 0]``. For an
 incoming cotangent ``x̄`` the adjoint system (same matrix) gives ``ξ_x = P x̄`` and
 ``ξ_λ = (J Jᵀ)⁺ J x̄``; then ``∂/∂e = ξ_x`` and, for whatever J depends on,
-``∂/∂θ = −∇_θ [ λᵀ J(θ) ξ_x + ξ_λᵀ J(θ) x ]`` — two bilinear forms of J, provided by the
-operator (:meth:`~pyro_viking.linalg.operators.JacobianOperator.bilinear`). With
+``∂/∂θ = −∇_θ [ λᵀ J(θ) ξ_x + ξ_λᵀ J(θ) x ]`` — the gradient of two bilinear forms of J,
+provided by the operator
+(:meth:`~pyro_viking.linalg.operators.JacobianOperator.bilinear_grad`). With
 ``differentiable=False`` the projection is treated as a constant linear map of E (the gradient
 w.r.t. θ through P is stopped; the gradient w.r.t. E is still ``P x̄``).
 """
