@@ -260,10 +260,11 @@ def _loss_rows(site) -> Tensor:
     if rows.numel() == 1 and site["value"].numel() > 1:
         warnings.warn(
             f"observed site '{site['name']}' gives one Jacobian row for "
-            f"{site['value'].numel()} observed values ({type(site['fn']).__name__} does not "
-            "factorise over them), so the projection sees a single datum; put independent "
-            "data in a pyro.plate or use .to_event() on an element-wise distribution.",
-            stacklevel=2)
+            f"{site['value'].numel()} observed values, so the projection sees them as a single "
+            "datum: batch dimensions outside a pyro.plate are summed into one row, and so is a "
+            f"distribution that does not factorise over its values ({type(site['fn']).__name__}"
+            "); declare independent data with pyro.plate, or use .to_event() on an element-wise "
+            "distribution.", stacklevel=2)
     return rows
 
 
