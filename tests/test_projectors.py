@@ -337,3 +337,29 @@ def test_kernel_and_image_is_constant_without_gradient_through_p():
         with torch.set_grad_enabled(P.differentiable is False):
             k, img = P.kernel_and_image(torch.randn(2, 9))
         assert not k.requires_grad and not img.requires_grad
+
+
+def test_image_draw_gradient_is_unbiased_for_the_projected_noise_gradient():
+    """E[∇_J φ(ν − P(J)ν)] with ν = C J (``kernel_and_image``) equals E[∇_J φ(η − P(J)η)] with
+    η ~ N(0, I) (the reparametrisation through projected fresh noise) for a non-linear φ: the
+    dropped term −∂P·Pη has mean zero given the sample. 40 batches of 200 draws each; the batch
+    means agree within 5 standard errors, and the new route's spread is not larger."""
+    torch.manual_seed(3)
+    J = jacobian_with_rank(3, 6, 3, cond=3.0).requires_grad_()
+    R = torch.randn(6, 4)
+    batches, n = 40, 200
+
+    def grad_of_mean(img):
+        return torch.autograd.grad(torch.cos(img @ R).sum(-1).mean(), J)[0].flatten()
+
+    new, old = [], []
+    for _ in range(batches):
+        P = DenseProjector(J, solver="cholesky")
+        new.append(grad_of_mean(P.kernel_and_image(torch.zeros(1, 6), num_image=n)[1]))
+        eta = torch.randn(n, 6)
+        old.append(grad_of_mean(eta - DenseProjector(J, solver="cholesky")(eta)))
+    new, old = torch.stack(new), torch.stack(old)
+    diff = new.mean(0) - old.mean(0)
+    se = ((new.var(0) + old.var(0)) / batches).sqrt()
+    assert bool((diff.abs() <= 5 * se + 1e-12).all()), float((diff / se).abs().max())
+    assert float(new.var(0).sum()) <= 1.1 * float(old.var(0).sum())  # Rao–Blackwellised
