@@ -9,11 +9,15 @@ Three sections (``--sections``):
 ``step``
     One SVI step (``svi.step``) on one fixed minibatch of B data (the data plate covers the
     whole batch, so every method does the same work every step) for AutoViking +
-    TraceViking_ELBO (backend ``auto``, ``grad_through_projection`` False and True), relative to
-    MAP (AutoDelta + Trace_ELBO, one particle) and to a plain PyTorch forward/backward/Adam step
-    of the same network, and to AutoNormal and AutoLowRankMultivariateNormal(rank=10) with
-    Trace_ELBO and the same number of particles K. K > 1 uses ``vectorize_particles=True`` (the
-    models' layers accept particle-batched weights, see ``bench_models.py``).
+    TraceViking_ELBO (backend ``auto``; the default ``grad_through_projection=True`` and
+    stop-grad ``False``), relative to MAP (AutoDelta + Trace_ELBO, one particle), to a plain
+    PyTorch forward/backward/Adam step of the same network, and to AutoNormal with Trace_ELBO
+    and the same number of particles K (AutoLowRankMultivariateNormal(rank=10) at the first K).
+    K > 1 uses ``vectorize_particles=True`` (the models' layers accept particle-batched weights,
+    see ``bench_models.py``). Every K of a problem is timed in the same interleaved rounds; a
+    final table gives the ratios the speed issue's acceptance names (default and stop-grad
+    step / AutoNormal at K=1, K=4 / K=1, and ‖JPε‖/‖Jε‖ of the default projection at the
+    trained θ̂).
 ``accuracy``
     For each Jacobian backend and solver: time of ``build_projector`` +
     ``kernel_and_image`` of 2 vectors (the kernel parts of 2 vectors and 2 image draws: what
@@ -59,14 +63,6 @@ from bench_models import PROBLEMS, dense_bytes, layer_widths_bytes, make_problem
 from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
 from pyro_viking.jacobian_backends import build_projector  # noqa: E402
 from pyro_viking.model_likelihood import LatentLayout, make_rows_fn  # noqa: E402
-
-
-class AutoVikingStopGrad(AutoViking):
-    """AutoViking under its own parameter names (two AutoVikings share one param store)."""
-
-
-class AutoVikingImplicit(AutoViking):
-    """Likewise, for the ``grad_through_projection=True`` variant."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -134,50 +130,111 @@ def svi_stepper(prob, guide, elbo) -> Callable[[], float]:
 
 
 # --------------------------------------------------------------------------- step section
+STOP, DEFAULT = "AutoViking stop-grad P", "AutoViking default (grad through P)"
+
+
+def _named(cls, label: str, K: int):
+    """A subclass of guide ``cls`` with its own name (its own param-store prefix), so that all
+    guides of a table train side by side in one param store."""
+    return type(f"{cls.__name__}_{label.replace(' ', '_')}_K{K}", (cls,), {})
+
+
+def _guides(prob, K: int, with_lowrank: bool):
+    """label -> (guide, ELBO class) for K particles."""
+    init = init_to_value(values=prob.init_values)
+    vik = dict(init_loc_fn=init)
+    out = {"AutoNormal": (_named(AutoNormal, "n", K)(prob.model, init_loc_fn=init), Trace_ELBO)}
+    if with_lowrank:
+        out["AutoLowRankMVN(rank=10)"] = (_named(AutoLowRankMultivariateNormal, "lr", K)(
+            prob.model, init_loc_fn=init, rank=10), Trace_ELBO)
+    out[STOP] = (_named(AutoViking, "stop", K)(prob.model, grad_through_projection=False, **vik),
+                 TraceViking_ELBO)
+    out[DEFAULT] = (_named(AutoViking, "default", K)(prob.model, **vik), TraceViking_ELBO)
+    return out
+
+
+def _default_accuracy(prob, loc: torch.Tensor) -> float:
+    """``max ‖J Pε‖ / ‖J ε‖`` over 2 random ε of the default projection (backend and solver
+    ``auto``, default refinement) at ``loc``, against a float64 Jacobian-vector product."""
+    model, x, y = prob.model, prob.x, prob.y
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(x, y))
+    loc = loc.detach()
+    E = torch.randn(2, loc.numel(), generator=torch.Generator().manual_seed(1)).to(loc)
+    with torch.no_grad():
+        proj = build_projector(model, layout, (x, y), {}, loc, differentiable=False)
+        PE, _ = proj.kernel_and_image(E)
+    jv = _jvp64(prob, layout, loc)
+    return float((torch.stack([jv(v) for v in PE]).norm(dim=-1)
+                  / torch.stack([jv(e) for e in E]).norm(dim=-1)).max())
+
+
+def _jvp64(prob, layout, loc):
+    """``v ↦ J v`` in float64 (the model's rows function converted to float64)."""
+    y64 = prob.y if prob.classification else prob.y.double()
+    fn64 = make_rows_fn(prob.model, layout, (prob.x.double(), y64))
+    z64 = loc.double()
+    return lambda v: torch.func.jvp(fn64, (z64,), (v.double(),))[1]
+
+
 def step_section(args) -> None:
+    """One interleaved table per problem (every K in it, so that K-ratios are measured in the
+    same rounds), then the acceptance summary of the speed issue."""
     sync = _sync(args.device)
+    summary = []
     for name in args.problems:
         prob = make_problem(name, args.batch_size, quick=args.quick, device=args.device,
                             map_steps=args.map_steps)
         init = init_to_value(values=prob.init_values)
+        pyro.clear_param_store()
+        steppers = {
+            ("torch MAP step", 1): torch_stepper(prob),
+            ("MAP (AutoDelta)", 1): svi_stepper(prob, AutoDelta(prob.model, init_loc_fn=init),
+                                                Trace_ELBO(max_plate_nesting=1)),
+        }
+        guides = {}
         for K in args.particles:
-            pyro.clear_param_store()
             elbo_kw = dict(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=1)
-            vik = dict(init_loc_fn=init)
-            guides = {
-                "AutoNormal": (AutoNormal(prob.model, init_loc_fn=init), Trace_ELBO),
-                "AutoLowRankMVN(rank=10)": (AutoLowRankMultivariateNormal(
-                    prob.model, init_loc_fn=init, rank=10), Trace_ELBO),
-                "AutoViking, stop-grad P": (AutoVikingStopGrad(
-                    prob.model, grad_through_projection=False, **vik), TraceViking_ELBO),
-                "AutoViking, grad through P": (AutoVikingImplicit(
-                    prob.model, grad_through_projection=True, **vik), TraceViking_ELBO),
-            }
-            steppers = {
-                "torch MAP step": torch_stepper(prob),
-                "MAP (AutoDelta)": svi_stepper(prob, AutoDelta(prob.model, init_loc_fn=init),
-                                               Trace_ELBO(max_plate_nesting=1)),
-            }
-            for label, (guide, elbo_cls) in guides.items():
-                steppers[label] = svi_stepper(prob, guide, elbo_cls(**elbo_kw))
-            med, counts = time_interleaved(steppers, repeats=args.repeats,
-                                           target_s=args.target_seconds, sync=sync)
-            rows = []
-            for label, t in med.items():
-                guide = guides.get(label, (None,))[0]
-                backend = getattr(guide, "backend_used", None)
-                k = 1 if label in ("torch MAP step", "MAP (AutoDelta)") else K
-                rows.append([label + (f" [{backend}]" if backend else ""), k,
-                             f"{t * 1e3:.2f}", counts[label],
-                             _x(t / med["torch MAP step"]), _x(t / med["MAP (AutoDelta)"]),
-                             _x(t / med["AutoNormal"]), _x(t / med["AutoLowRankMVN(rank=10)"])])
-            print_table(
-                f"SVI step, {PROBLEMS[name]}{' (quick)' if args.quick else ''}, "
-                f"D={prob.num_params}, B={args.batch_size}, K={K} "
-                f"({'vectorised' if K > 1 else 'one'} particle{'s' if K > 1 else ''}); "
-                f"median of {args.repeats} interleaved rounds",
-                ["method", "K", "ms/step", "steps/round", "x torch MAP", "x MAP (AutoDelta)",
-                 "x AutoNormal", "x LowRank(10)"], rows)
+            for label, (guide, elbo_cls) in _guides(prob, K, K == args.particles[0]).items():
+                guides[label, K] = guide
+                steppers[label, K] = svi_stepper(prob, guide, elbo_cls(**elbo_kw))
+        med, counts = time_interleaved(steppers, repeats=args.repeats,
+                                       target_s=args.target_seconds, sync=sync)
+        K1 = args.particles[0]
+        rows = []
+        for (label, K), t in med.items():
+            backend = getattr(guides.get((label, K)), "backend_used", None)
+            own1 = med.get((label, K1))
+            rows.append([label + (f" [{backend}]" if backend else ""), K, f"{t * 1e3:.2f}",
+                         counts[label, K], _x(t / med["torch MAP step", 1]),
+                         _x(t / med["MAP (AutoDelta)", 1]),
+                         _x(t / med.get(("AutoNormal", K), float("nan"))),
+                         _x(t / own1) if own1 and K != K1 else ""])
+        print_table(
+            f"SVI step, {PROBLEMS[name]}{' (quick)' if args.quick else ''}, "
+            f"D={prob.num_params}, B={args.batch_size}, K particles (K > 1 vectorised); "
+            f"median of {args.repeats} interleaved rounds",
+            ["method", "K", "ms/step", "steps/round", "x torch MAP", "x MAP (AutoDelta)",
+             "x AutoNormal (same K)", f"x own K={K1}"], rows)
+        acc = _default_accuracy(prob, guides[DEFAULT, K1].loc)
+        summary.append((name, prob.num_params, med, acc))
+    _acceptance_table(args, summary)
+
+
+def _acceptance_table(args, summary) -> None:
+    """The ratios the speed issue's acceptance names, one row per problem and setting."""
+    K1, Ks = args.particles[0], args.particles[1:]
+    rows = []
+    for name, D, med, acc in summary:
+        for label in (DEFAULT, STOP):
+            row = [f"{PROBLEMS[name]} (D={D})", label, _x(med[label, K1] / med["AutoNormal", K1])]
+            row += [_x(med[label, K] / med[label, K1]) for K in Ks]
+            row.append(f"{acc:.1e}" if label == DEFAULT else "(same route)")
+            rows.append(row)
+    print_table(
+        f"Acceptance ratios (B={args.batch_size}; same interleaved rounds as the tables above)",
+        ["problem", "AutoViking", f"K={K1} step / AutoNormal K={K1}"]
+        + [f"K={K} vectorised / K={K1}" for K in Ks] + ["max |JPe|/|Je| (default route)"],
+        rows)
 
 
 # --------------------------------------------------------------------------- accuracy section
@@ -356,7 +413,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="step,accuracy,memory")
     p.add_argument("--problems", default=",".join(PROBLEMS))
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 8)")
-    p.add_argument("--particles", type=_ints, default=None, help="default 1,8 (quick: 1,2)")
+    p.add_argument("--particles", type=_ints, default=None, help="default 1,4 (quick: 1,2)")
     p.add_argument("--memory-batch-sizes", type=_ints, default=None,
                    help="default 32,64,128,256 (quick: 16)")
     p.add_argument("--map-steps", type=int, default=None,
@@ -368,7 +425,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
-    defaults = dict(batch_size=8 if q else 128, particles=[1, 2] if q else [1, 8],
+    defaults = dict(batch_size=8 if q else 128, particles=[1, 2] if q else [1, 4],
                     memory_batch_sizes=[16] if q else [32, 64, 128, 256],
                     map_steps=5 if q else 100, target_seconds=0.01 if q else 0.3)
     for k, v in defaults.items():

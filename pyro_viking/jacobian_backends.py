@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from .linalg import DenseProjector, FunctionalJacobian, KernelProjector
+from .linalg import SOLVERS, DenseProjector, FunctionalJacobian, KernelProjector
 from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, select_jacobian_backend
 from .model_likelihood import LatentLayout, make_rows_fn
 
@@ -36,7 +36,6 @@ __all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "SOLVERS", "ProjectorBuilder",
 
 BACKENDS = ("auto", "layer_gram", "per_example", "matrix_free")
 #: the solvers of :class:`~pyro_viking.linalg.KernelProjector`
-SOLVERS = ("auto", "eigh", "cholesky", "cg")
 
 
 def build_projector(

@@ -16,8 +16,10 @@ Rows (:func:`make_rows_fn`)
       zeroed where the site mask is ``False``, **not** multiplied by any scale (no ``N/B`` plate
       factor), then summed over every batch dim that is not the dim of a vectorised plate in the
       site's ``cond_indep_stack`` and flattened over the plate dims (leftmost plate slowest).
-      A site gives ``prod(plate sizes)`` rows, a site under no plate gives one row. The Jacobian
-      of ``f`` is then the per-datum gradient of the log-likelihood.
+      A site gives ``prod(plate sizes)`` rows. A site under no plate gives one row per element
+      of the dims its ``Independent`` wrappers (``.to_event``) reinterpret, as a plate would
+      (their base factorises over elements), and warns when it gives one row for several
+      values. The Jacobian of ``f`` is then the per-datum gradient of the log-likelihood.
     * ``jacobian="output"``: the natural output parameter of the (unwrapped ``Independent`` /
       ``MaskedDistribution`` / ``ExpandedDistribution``) distribution: ``logits`` if present
       (for ``Categorical`` these are the normalised logits), else ``loc``, else ``mean``;
@@ -37,6 +39,7 @@ Rows (:func:`make_rows_fn`)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -240,10 +243,49 @@ def _apply_mask(t: Tensor, mask, n_trailing: int) -> Tensor:
     return torch.where(mask, t, t.new_zeros(()))
 
 
+def _elementwise_log_prob(fn, value: Tensor) -> tuple[Tensor, int]:
+    """``(lp, k)``: ``fn.log_prob(value)`` *before* the sums of every ``Independent`` wrapper,
+    shaped ``(*fn.batch_shape, *reinterpreted)`` with ``k = len(reinterpreted)``.
+
+    The base of an ``Independent`` factorises over its batch elements, so each element is a
+    datum of its own (``Normal(loc, s).to_event(1)`` over 20 data gives 20 rows, as a plate
+    would). ``MaskedDistribution`` / ``ExpandedDistribution`` wrappers are applied on the way
+    out; any other distribution gives its own ``log_prob`` (``k = 0``)."""
+    if isinstance(fn, Independent):
+        lp, k = _elementwise_log_prob(fn.base_dist, value)
+        return lp, k + fn.reinterpreted_batch_ndims
+    if isinstance(fn, MaskedDistribution):
+        lp, k = _elementwise_log_prob(fn.base_dist, value)
+        return _apply_mask(lp, fn._mask, k), k
+    if isinstance(fn, ExpandedDistribution):
+        lp, k = _elementwise_log_prob(fn.base_dist, value)
+        event = lp.shape[lp.dim() - k:]
+        return lp.expand(torch.broadcast_shapes(lp.shape, fn.batch_shape + event)), k
+    return fn.log_prob(value), 0
+
+
 def _loss_rows(site) -> Tensor:
-    lp = site["fn"].log_prob(site["value"])
-    lp = _apply_mask(lp, site["mask"], 0)
-    return _plates_first(lp, _plates(site), 0).sum(-1)
+    """Per-datum log-likelihoods of an observed site: one row per element of its plates (other
+    dims summed). A site under no plate has one row per element of the dims its
+    ``Independent`` wrappers reinterpret (its data are the event's elements)."""
+    plates = _plates(site)
+    if plates:
+        lp, k = site["fn"].log_prob(site["value"]), 0
+    else:
+        lp, k = _elementwise_log_prob(site["fn"], site["value"])
+    lp = _apply_mask(lp, site["mask"], k)
+    n_event = math.prod(lp.shape[lp.dim() - k:])
+    rows = _plates_first(lp, plates, k)
+    rows = rows.reshape(rows.shape[0], -1, n_event).sum(1).reshape(-1)
+    if rows.numel() == 1 and site["value"].numel() > 1:
+        warnings.warn(
+            f"observed site '{site['name']}' gives one Jacobian row for "
+            f"{site['value'].numel()} observed values, so the projection sees them as a single "
+            "datum: batch dimensions outside a pyro.plate are summed into one row, and so is a "
+            f"distribution that does not factorise over its values ({type(site['fn']).__name__}"
+            "); declare independent data with pyro.plate, or use .to_event() on an element-wise "
+            "distribution.", stacklevel=2)
+    return rows
 
 
 def _output_param(fn) -> tuple[Tensor, int]:

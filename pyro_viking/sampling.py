@@ -117,7 +117,7 @@ class SamplingState:
         g, proj = self.gamma, q.projector
         restart = k_prev is None or g == 0
         if (self.image_noise == "fresh" and proj.samples_image_directly
-                and not proj.differentiable and q.kernel_dim_source == "exact"):
+                and q.kernel_dim_source == "exact"):
             # image noise straight from the Gram's factorisation: one mv + one rmv in all
             e = eta if restart else torch.add(eta.mul_(math.sqrt(1 - g)), k_prev,
                                                alpha=math.sqrt(g))

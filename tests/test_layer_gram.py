@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from pyro_viking.linalg import KernelProjector
 from pyro_viking.linalg.layer_gram import (
     LayerGramJacobian,
     LayerGramNotApplicable,
@@ -151,6 +152,10 @@ def check_bilinear(make, fn, z):
     (ref,) = torch.autograd.grad((U * (V @ J.T)).sum(), z)
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(op.bilinear(U, V).detach(), (U * (V @ J.T)).sum().detach())
+    (got,) = op.bilinear_grad(U, V)  # the closed-form cotangents of the kept graph
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+    (got,) = op.bilinear_grad(3 * U, V)  # and again, on the same graph
+    torch.testing.assert_close(got, 3 * ref, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
@@ -168,10 +173,31 @@ def test_rest_column_is_the_noise_scale():
     assert op.rest_columns.tolist() == [z.numel() - 1]
 
 
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["build-graph", "re-run"])
 @pytest.mark.parametrize("name", ["mlp_tanh", "mlp_rest", "lenet", "seq_linear"])
-def test_layer_gram_bilinear_gradient(name):
+def test_layer_gram_bilinear_gradient(name, keep_graph):
+    """The bilinear's gradient from the build's own graph (``keep_graph``) and from a new
+    forward/backward, against autograd through the dense Jacobian."""
     fn, z = PROBLEMS[name]()
-    check_bilinear(LayerGramJacobian, fn, z)
+    check_bilinear(lambda f, x: LayerGramJacobian(f, x, keep_graph=keep_graph), fn, z)
+
+
+def test_layer_gram_keeps_its_graph_only_when_asked_and_differentiable():
+    fn, z = PROBLEMS["mlp_tanh"]()
+    assert LayerGramJacobian(fn, z)._graph_pieces is None  # z does not require grad
+    z = z.clone().requires_grad_()
+    assert LayerGramJacobian(fn, z)._graph_pieces is not None
+    assert LayerGramJacobian(fn, z, keep_graph=False)._graph_pieces is None
+    with torch.no_grad():
+        assert LayerGramJacobian(fn, z)._graph_pieces is None
+    op = LayerGramJacobian(fn, z)
+    KernelProjector(op, differentiable=False)  # a projector that will not use the graph
+    assert op._graph_pieces is None
+    op = LayerGramJacobian(fn, z)
+    U, V = torch.randn(2, op.shape[0]), torch.randn(2, op.shape[1])
+    g1 = torch.autograd.grad(op.bilinear(U, V), z)[0]
+    torch.testing.assert_close(op.bilinear_grad(U, V)[0], g1)
+    torch.testing.assert_close(op.bilinear_grad(2 * U, V)[0], 2 * g1)  # the graph is kept
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -323,7 +349,7 @@ def test_pyro_module_bnn_through_make_rows_fn():
 
 # --------------------------------------------------------------------------- selection
 def test_selection():
-    kw = dict(batch_size=16, num_vectors=1)
+    kw = dict(batch_size=16)
     fn, z = mlp_tanh()
     assert isinstance(select_jacobian_backend(fn, z, **kw), LayerGramJacobian)
     assert isinstance(select_jacobian_backend(fn, z, prefer="per_example", **kw),
@@ -337,3 +363,46 @@ def test_selection():
         select_jacobian_backend(fn, z, prefer="layer_gram", **kw)
     with pytest.raises(ValueError):
         select_jacobian_backend(fn, z, prefer="cg", **kw)
+
+
+# ------------------------------------------------------------------ implicit gradient through P
+def _dense_P(fn, z):
+    J = torch.autograd.functional.jacobian(fn, z, create_graph=True)
+    return torch.eye(J.shape[1]) - torch.linalg.pinv(J) @ J
+
+
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["build-graph", "re-run"])
+@pytest.mark.parametrize("name", ["mlp_tanh", "mlp_rest", "lenet", "seq_linear"])
+def test_projection_gradient_through_layer_gram_matches_dense(name, keep_graph):
+    """``P(z) E`` and the differentiable ``kernel_and_image`` on the layer-Gram operator: the
+    gradients w.r.t. z (and E) for random cotangents equal autograd through a dense projection
+    ``I − J(z)⁺ J(z)`` (float64)."""
+    fn, z = PROBLEMS[name]()
+    z = z.clone().requires_grad_()
+    proj = KernelProjector(LayerGramJacobian(fn, z, keep_graph=keep_graph), solver="eigh")
+    D = z.numel()
+    E = torch.randn(2, D, requires_grad=True)
+    C = torch.randn(2, D)
+    got = torch.autograd.grad((proj(E) * C).sum(), (E, z))
+    Pd = _dense_P(fn, z)
+    ref = torch.autograd.grad(((E @ Pd) * C).sum(), (E, z), retain_graph=True)
+    for g, r in zip(got, ref):  # (relative to the largest entry: cond(J Jᵀ) reaches 1e8)
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * float(r.abs().max()))
+    k, img = proj.kernel_and_image(E.detach(), num_image=3)
+    Ck, Ci = torch.randn(2, D), torch.randn(3, D)
+    (got,) = torch.autograd.grad((k * Ck).sum() + (img * Ci).sum(), z)
+    nu = img.detach()
+    (ref,) = torch.autograd.grad(((E.detach() @ Pd) * Ck).sum()
+                                 + ((nu - nu @ Pd) * Ci).sum(), z)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_projection_through_layer_gram_gradcheck():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    fn, z = flat_fn(model, torch.randn(5, 2), regression)
+    E = torch.randn(2, z.numel(), requires_grad=True)
+
+    def project(e, t):
+        return KernelProjector(LayerGramJacobian(fn, t), solver="eigh")(e)
+
+    assert torch.autograd.gradcheck(project, (E, z.clone().requires_grad_()))

@@ -1,7 +1,8 @@
 """Numerical core: Jacobian operators, Gram solvers and kernel projectors (no Pyro inside)."""
 
-from .operators import CallableJacobian, DenseJacobian, FunctionalJacobian, JacobianOperator
-from .projectors import DenseProjector, KernelProjector, MatrixFreeProjector
+from .operators import CallableJacobian, FunctionalJacobian, JacobianOperator
+from .per_example import PerExampleJacobian
+from .projectors import SOLVERS, DenseProjector, KernelProjector, MatrixFreeProjector
 from .solvers import (
     ConvergenceWarning,
     SolveInfo,
@@ -14,12 +15,13 @@ from .solvers import (
 __all__ = [
     "CallableJacobian",
     "ConvergenceWarning",
-    "DenseJacobian",
     "DenseProjector",
     "FunctionalJacobian",
     "JacobianOperator",
     "KernelProjector",
     "MatrixFreeProjector",
+    "PerExampleJacobian",
+    "SOLVERS",
     "SolveInfo",
     "cg_solve",
     "cholesky_factor",

@@ -23,6 +23,8 @@ Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
 ``max_rest_columns`` of them is an error.
 
+The recording and the per-layer pieces live in :mod:`pyro_viking.linalg.layer_pieces`.
+
 Everything unsupported raises :class:`LayerGramNotApplicable` (a ``NotImplementedError``), so a
 caller can fall back to :class:`~pyro_viking.linalg.per_example.PerExampleJacobian` or CG;
 :func:`select_jacobian_backend` does exactly that.
@@ -30,15 +32,25 @@ caller can fall back to :class:`~pyro_viking.linalg.per_example.PerExampleJacobi
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch import Tensor
 
+from .layer_pieces import (
+    Block,
+    LayerGramNotApplicable,
+    RowFn,
+    check_overlaps,
+    default_check_tol,
+    detached,
+    factor_layers,
+    factored_mv,
+    output_grads,
+    piece_cotangents,
+    record_forward,
+    validate_calls,
+)
 from .operators import JacobianOperator
 from .per_example import (
     PerExampleJacobian,
@@ -61,260 +73,6 @@ DEFAULT_MAX_REST_COLUMNS = 64
 #: Largest ``B·D·itemsize`` for which :func:`select_jacobian_backend` builds a dense Jacobian.
 DEFAULT_MAX_DENSE_BYTES = 128 * 2**20
 
-RowFn = Callable[[Tensor], Tensor]
-Cols = Union[slice, Tensor]
-
-
-class LayerGramNotApplicable(NotImplementedError):
-    """The model is outside what :class:`LayerGramJacobian` computes exactly."""
-
-
-@dataclass
-class _Call:
-    """One recorded layer call: detached input, graph-connected output, columns in z."""
-
-    module: nn.Module
-    x: Tensor
-    out: Tensor
-    w_start: Optional[int]
-    b_start: Optional[int]
-    x_version: int
-    w_shape: Tuple[int, ...]
-
-
-@dataclass
-class _Ghost:
-    """Weight of a Linear layer on (B, in) inputs: per-example gradient ``g_i a_iᵀ``, and its
-    bias (per-example gradient ``g_i``) when ``bias_cols`` is set, so that the layer's Gram is
-    the one Hadamard product ``(G Gᵀ) ⊙ (A Aᵀ + 1)``."""
-
-    A: Tensor  # (B, in)
-    G: Tensor  # (B, out)
-    cols: slice  # out*in columns, row-major (out, in)
-    bias_cols: Optional[slice] = None  # out columns
-
-
-@dataclass
-class _Block:
-    """An explicit ``(B, n)`` Jacobian block on columns ``cols`` of z."""
-
-    cols: Cols
-    J: Tensor
-
-
-# --------------------------------------------------------------------------- recording
-def _depends_on(t: Tensor, z: Tensor) -> bool:
-    """Whether the autograd graph of ``t`` reaches the leaf ``z``."""
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if getattr(node, "variable", None) is z:
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
-
-
-def _z_offset(t: Optional[Tensor], z: Tensor, what: str) -> Optional[int]:
-    """First column of z occupied by ``t`` (a contiguous row-major view of z), or ``None``
-    when ``t`` does not depend on z (a constant)."""
-    if t is None:
-        return None
-    try:
-        shares = t.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError) as e:  # functorch-wrapped tensors
-        raise LayerGramNotApplicable(f"{what} has no storage ({e})") from e
-    start = t.storage_offset() - z.storage_offset()
-    if shares and start < z.numel() and start + t.numel() > 0:  # overlaps z
-        if t.dtype != z.dtype or not t.is_contiguous() or start < 0 \
-                or start + t.numel() > z.numel():
-            raise LayerGramNotApplicable(
-                f"{what} is a non-contiguous or reinterpreted view of z (shape "
-                f"{tuple(t.shape)}, strides {t.stride()}); slice z with z[a:b].view(shape)")
-        return start
-    if t.grad_fn is not None and _depends_on(t, z):
-        raise LayerGramNotApplicable(
-            f"{what} is computed from z (grad_fn {type(t.grad_fn).__name__}) rather than being "
-            "a view of it; pass the weights as z[a:b].view(shape)")
-    return None
-
-
-def _batch_stats(module: nn.Module) -> bool:
-    bn = nn.modules.batchnorm._BatchNorm
-    return isinstance(module, bn) and (module.training or not module.track_running_stats)
-
-
-class _Recorder:
-    """Global forward hook recording every Linear / Conv2d call whose weights live in z
-    (inputs detached, unless ``keep_graph``)."""
-
-    def __init__(self, z: Tensor, keep_graph: bool = False):
-        self.z, self.calls, self.seen, self.keep_graph = z, [], set(), keep_graph
-
-    def __call__(self, module: nn.Module, inputs, output):
-        if _batch_stats(module):
-            raise LayerGramNotApplicable(
-                f"{type(module).__name__} uses batch statistics: rows are not independent")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            return None
-        name = type(module).__name__
-        w = _z_offset(module.weight, self.z, f"the weight of {name}")
-        b = _z_offset(module.bias, self.z, f"the bias of {name}")
-        if w is None and b is None:
-            return None
-        if id(module) in self.seen:
-            raise LayerGramNotApplicable(f"{name} is called more than once (weight sharing)")
-        self.seen.add(id(module))
-        if isinstance(module, nn.Conv2d) and (module.groups != 1
-                                              or module.padding_mode != "zeros"):
-            raise LayerGramNotApplicable("Conv2d needs groups=1 and padding_mode='zeros'")
-        x = inputs[0] if inputs else None
-        if not isinstance(x, Tensor) or not isinstance(output, Tensor):
-            raise LayerGramNotApplicable(f"{name} called without a tensor input/output")
-        self.calls.append(_Call(module, x if self.keep_graph else x.detach(), output, w, b,
-                                x._version, tuple(module.weight.shape)))
-        # downstream in-place ops (ReLU(inplace=True)) must not overwrite the tensor whose
-        # gradient we take: hand the network a copy
-        return output.clone()
-
-
-def _record_forward(fn: RowFn, z: Tensor, keep_graph: bool = False
-                    ) -> Tuple[Tensor, List[_Call]]:
-    rec = _Recorder(z, keep_graph)
-    handle = register_module_forward_hook(rec)
-    try:
-        with torch.enable_grad():
-            rows = evaluate_rows(fn, z)
-    finally:
-        handle.remove()
-    return rows, rec.calls
-
-
-def _validate(calls: List[_Call], B: int) -> None:
-    for c in calls:
-        name = type(c.module).__name__
-        need = 4 if isinstance(c.module, nn.Conv2d) else None
-        if c.x.dim() < 2 or c.x.shape[0] != B or (need and c.x.dim() != need):
-            raise LayerGramNotApplicable(
-                f"{name} input has shape {tuple(c.x.shape)}; expected a leading data "
-                f"dimension of size B={B} (one row per datum)")
-        if c.x._version != c.x_version:
-            raise LayerGramNotApplicable(f"the input of {name} was modified in place")
-
-
-def _output_grads(rows: Tensor, calls: List[_Call], retain: bool,
-                  create_graph: bool = False) -> List[Tensor]:
-    """``G_l = ∂(Σ_i rows_i)/∂out_l`` for every recorded layer (zeros where unused); detached
-    unless ``create_graph``."""
-    Gs: List[Optional[Tensor]] = [None] * len(calls)
-    idx = [i for i, c in enumerate(calls) if c.out.requires_grad]
-    if rows.requires_grad and idx:
-        got = torch.autograd.grad(rows.sum(), [calls[i].out for i in idx], allow_unused=True,
-                                  retain_graph=retain or create_graph,
-                                  create_graph=create_graph)
-        for i, g in zip(idx, got):
-            Gs[i] = g
-    return [torch.zeros_like(c.out) if g is None else g if create_graph else g.detach()
-            for c, g in zip(calls, Gs)]
-
-
-# --------------------------------------------------------------------------- layer blocks
-def _conv_weight_grads(conv: nn.Conv2d, x: Tensor, G: Tensor) -> Tensor:
-    """Per-example weight gradients ``(B, C_out, C·kh·kw)`` of a Conv2d with input ``x``
-    ``(B, C, H, W)`` and output gradient ``G`` ``(B, C_out, H', W')``.
-
-    One weight-gradient convolution with the batch folded into the groups (input
-    ``(1, B·C, H, W)``, ``B`` groups): ``B·|W|·L`` work like ``bmm(G, unfold(x)ᵀ)``, without
-    materialising the ``(B, C·kh·kw, L)`` patches.
-    """
-    k, d, s, pad = conv.kernel_size, conv.dilation, conv.stride, conv.padding
-    if isinstance(pad, str):
-        if pad == "same":  # PyTorch puts the odd pixel on the right/bottom
-            tot = [d[i] * (k[i] - 1) for i in range(2)]
-            x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
-        pad = (0, 0)
-    B, C = x.shape[:2]
-    c_out = G.shape[1]
-    weight = G.new_empty(1).expand(B * c_out, C, *k)
-    W = torch.ops.aten.convolution_backward(
-        G.reshape(1, B * c_out, *G.shape[2:]), x.reshape(1, B * C, *x.shape[2:]), weight, None,
-        s, pad, d, False, [0, 0], B, (False, True, False))[1]
-    return W.reshape(B, c_out, -1)
-
-
-def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[_Ghost], List[_Block]]:
-    """Jacobian pieces of one layer: a ghost (Linear on 2-D input) or materialised blocks."""
-    out, nw = c.w_shape[0], math.prod(c.w_shape)
-    wcols = None if c.w_start is None else slice(c.w_start, c.w_start + nw)
-    bcols = None if c.b_start is None else slice(c.b_start, c.b_start + out)
-    ghosts, blocks = [], []
-    if isinstance(c.module, nn.Linear) and c.x.dim() == 2:
-        if wcols is not None:
-            ghosts.append(_Ghost(c.x, G, wcols, bcols))
-            return ghosts, blocks
-        Gb = G
-    else:
-        if isinstance(c.module, nn.Conv2d):
-            if G.dim() != 4:
-                raise LayerGramNotApplicable("Conv2d output is not (B, C_out, H, W)")
-            W = _conv_weight_grads(c.module, c.x, G)  # (B, C_out, C·kh·kw)
-            Gb = G.sum((-2, -1))
-        else:  # Linear on (B, ..., in): sum over the extra positions
-            A, Gr = c.x.reshape(B, -1, c.x.shape[-1]), G.reshape(B, -1, out)
-            W = torch.bmm(Gr.transpose(1, 2), A)  # (B, out, in)
-            Gb = Gr.sum(1)
-        if wcols is not None:
-            blocks.append(_Block(wcols, W.reshape(B, nw)))
-    if bcols is not None:
-        blocks.append(_Block(bcols, Gb))
-    return ghosts, blocks
-
-
-def _pieces(calls: List[_Call], Gs: List[Tensor], B: int
-            ) -> Tuple[List[_Ghost], List[_Block]]:
-    ghosts, blocks = [], []
-    for c, G in zip(calls, Gs):
-        g, b = _layer_blocks(c, G, B)
-        ghosts += g
-        blocks += b
-    return ghosts, blocks
-
-
-def _mv(ghosts: List[_Ghost], blocks: List[_Block], V: Tensor, B: int) -> Tensor:
-    """``V Jᵀ`` ``(K, B)`` from the factored pieces, one or two matmuls per layer."""
-    K = V.shape[0]
-    out = V.new_zeros(K, B)
-    for g in ghosts:
-        o, i = g.G.shape[1], g.A.shape[1]
-        VW = V[:, g.cols].reshape(K, o, i)
-        if i <= o:  # (K, B, in) intermediate
-            out = out + (torch.matmul(g.G, VW) * g.A).sum(-1)
-        else:  # (K, out, B) intermediate
-            out = out + (torch.matmul(VW, g.A.T) * g.G.T).sum(-2)
-        if g.bias_cols is not None:
-            out = out + V[:, g.bias_cols] @ g.G.T
-    for b in blocks:
-        out = out + _take(V, b.cols) @ b.J.T
-    return out
-
-
-def _check_overlaps(pieces: List[Tuple[int, int]]) -> None:
-    pieces = sorted(pieces)
-    for (_, a1), (b0, _) in zip(pieces, pieces[1:]):
-        if b0 < a1:
-            raise LayerGramNotApplicable(
-                f"columns [{b0}, {a1}) of z are used by two layers (weight sharing)")
-
-
-def _take(V: Tensor, cols: Cols) -> Tensor:
-    return V[:, cols] if isinstance(cols, slice) else V.index_select(1, cols)
-
-
-def _default_tol(dtype: torch.dtype) -> float:
-    return math.sqrt(torch.finfo(dtype).eps)
-
 
 # --------------------------------------------------------------------------- the operator
 class LayerGramJacobian(JacobianOperator):
@@ -333,6 +91,10 @@ class LayerGramJacobian(JacobianOperator):
         batch of the same model may check the first build only.
     :param check_tol: default ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
     :param max_rest_columns: most columns of z outside every layer (computed by jvp).
+    :param keep_graph: build from ``z`` itself with a ``create_graph`` backward and keep that
+        graph, so that :meth:`bilinear` (the implicit gradient of a projection) differentiates
+        this build's forward/backward instead of running the network again; default: when
+        ``z`` requires grad and grad mode is on. Memory: the graph lives as long as the operator.
 
     Raises :class:`LayerGramNotApplicable` (a ``NotImplementedError``) for weight sharing,
     non-view / non-contiguous weights, inputs without a leading B dimension, batch statistics,
@@ -345,34 +107,44 @@ class LayerGramJacobian(JacobianOperator):
 
     def __init__(self, fn: RowFn, z: Tensor, *, check: bool = True,
                  check_tol: Optional[float] = None,
-                 max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS):
+                 max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS,
+                 keep_graph: Optional[bool] = None):
+        if keep_graph is None:
+            keep_graph = torch.is_grad_enabled() and z.requires_grad
         # Building needs autograd whatever the caller's mode (e.g. prediction under no_grad).
         with torch.enable_grad():
-            self._build(fn, z, check, check_tol, max_rest_columns)
+            self._build(fn, z, check, check_tol, max_rest_columns, keep_graph)
 
     def _build(self, fn: RowFn, z: Tensor, check: bool, check_tol: Optional[float],
-               max_rest_columns: int) -> None:
-        x = z.detach()
-        x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
-        rows, calls = _record_forward(fn, x)
+               max_rest_columns: int, keep_graph: bool) -> None:
+        # keep_graph: record from z itself and differentiate the backward (create_graph), so that
+        # bilinear() reuses this forward/backward (costs about nothing more here).
+        keep_graph = keep_graph and z.dim() == 1 and z.stride(0) == 1 and z.requires_grad
+        x = z if keep_graph else z.detach()
+        if not keep_graph:
+            x = (x if x.dim() != 1 or x.stride(0) == 1 else x.contiguous()).requires_grad_()
+        rows, calls = record_forward(fn, x, keep_graph=keep_graph)
         B, D = rows.shape[0], x.shape[0]
         super().__init__((B, D), z.dtype, z.device)
         self.fn, self.z = fn, z
-        _validate(calls, B)
-        Gs = _output_grads(rows, calls, retain=check)
-        self._ghosts, self._blocks = _pieces(calls, Gs, B)
+        validate_calls(calls, B)
+        Gs = output_grads(rows, calls, retain=check or keep_graph, create_graph=keep_graph)
+        pieces = factor_layers(calls, Gs, B)
+        #: the factored pieces as differentiable functions of z (``keep_graph``), else None
+        self._graph_pieces = pieces if keep_graph else None
+        self._ghosts, self._blocks = detached(*pieces)
         self.num_layers = len(calls)
         self._add_rest(x, max_rest_columns)
         self._gram: Optional[Tensor] = None
         self.check_error: Optional[float] = None
         if check:
-            self._check(rows, x, _default_tol(z.dtype) if check_tol is None else check_tol)
+            self._check(rows, x, default_check_tol(z.dtype) if check_tol is None else check_tol)
 
     def _add_rest(self, x: Tensor, max_rest: int) -> None:
         ranges = [(p.cols.start, p.cols.stop) for p in self._ghosts + self._blocks]
         ranges += [(g.bias_cols.start, g.bias_cols.stop) for g in self._ghosts
                    if g.bias_cols is not None]
-        _check_overlaps(ranges)
+        check_overlaps(ranges)
         # the columns outside every range (no D-sized mask: D may be large)
         gaps, end = [], 0
         for a, b in sorted(ranges) + [(self.shape[1], self.shape[1])]:
@@ -388,7 +160,7 @@ class LayerGramJacobian(JacobianOperator):
                 "PerExampleJacobian or the matrix-free (CG) projection for this model")
         if idx.numel():
             J_rest = forward_jacobian_columns(self.fn, x.detach(), idx, self.shape[0])
-            self._blocks.append(_Block(idx, J_rest))
+            self._blocks.append(Block(idx, J_rest))
 
     def _check(self, rows: Tensor, x: Tensor, tol: float) -> None:
         # Random signs, not Gaussian weights: backpropagating ±1 instead of 1 from a row negates
@@ -400,7 +172,8 @@ class LayerGramJacobian(JacobianOperator):
         u = (2 * u - 1).to(x.dtype)
         ref = None
         if rows.requires_grad:
-            (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True)
+            (ref,) = torch.autograd.grad(rows, x, u, allow_unused=True,
+                                         retain_graph=self._graph_pieces is not None)
         ref = torch.zeros_like(x) if ref is None else ref.detach()
         got = self.rmv(u[None])[0]
         err = float((got - ref).norm() / ref.norm().clamp_min(torch.finfo(x.dtype).tiny))
@@ -417,7 +190,7 @@ class LayerGramJacobian(JacobianOperator):
 
     def mv(self, V: Tensor) -> Tensor:
         """``V Jᵀ``: ``(K, D) -> (K, B)``, one or two matmuls per layer."""
-        return _mv(self._ghosts, self._blocks, V, self.shape[0])
+        return factored_mv(self._ghosts, self._blocks, V, self.shape[0])
 
     def rmv(self, U: Tensor) -> Tensor:
         """``U J``: ``(K, B) -> (K, D)``, written layer by layer into the columns of z."""
@@ -451,26 +224,47 @@ class LayerGramJacobian(JacobianOperator):
             self._gram = K
         return self._gram
 
+    def release_graph(self) -> None:
+        self._graph_pieces = None
+
+    def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """``∇_z Σ_k U_k J(z) V_kᵀ`` (U, V constant).
+
+        From the build's graph (``keep_graph``): the cotangents of the pieces in closed form,
+        ``∂/∂A_l = Σ_k diag(u_k) G_l V_{k,l}``, ``∂/∂G_l = Σ_k diag(u_k) (A_l V_{k,l}ᵀ + v_{k,b})``,
+        ``∂/∂J_b = Uᵀ V_b`` (two matmuls per layer, no forward of the bilinear form), then one
+        backward through the build's backward and forward. Otherwise autograd through
+        :meth:`bilinear`."""
+        if self._graph_pieces is None or self.rest_columns.numel() or not self.z.requires_grad:
+            return super().bilinear_grad(U, V)
+        outs, cots = piece_cotangents(*self._graph_pieces, U, V)
+        if not outs:
+            return (None,)
+        with torch.enable_grad():
+            return torch.autograd.grad(outs, (self.z,), cots, allow_unused=True,
+                                       retain_graph=True)
+
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
         """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z``.
 
         The factored form with the layer inputs ``A_l(z)`` and output gradients ``G_l(z)``
-        kept differentiable: one forward and one ``create_graph`` backward of ``fn`` whatever
-        K, where :func:`~pyro_viking.linalg.per_example.autograd_bilinear` needs K of them (the
-        implicit gradient of the projection calls this with 2K rows). Columns outside the
-        layers (``rest_columns``) use ``autograd_bilinear``.
+        kept differentiable: one more forward and ``create_graph`` backward of ``fn`` whatever
+        K, where :func:`~pyro_viking.linalg.per_example.autograd_bilinear` needs K of them.
+        Columns outside the layers (``rest_columns``) use ``autograd_bilinear``. (The
+        projection's implicit gradient calls :meth:`bilinear_grad`, which reuses the build's
+        graph instead.)
         """
         if not self.z.requires_grad:
             return (U * self.mv(V)).sum()
         if self.rest_columns.numel() == 0:
             try:
                 with torch.enable_grad():
-                    rows, calls = _record_forward(self.fn, self.z, keep_graph=True)
+                    rows, calls = record_forward(self.fn, self.z, keep_graph=True)
                     if len(calls) == self.num_layers and rows.shape[0] == self.shape[0]:
-                        _validate(calls, self.shape[0])
-                        Gs = _output_grads(rows, calls, retain=True, create_graph=True)
-                        ghosts, blocks = _pieces(calls, Gs, self.shape[0])
-                        return (U * _mv(ghosts, blocks, V, self.shape[0])).sum()
+                        validate_calls(calls, self.shape[0])
+                        Gs = output_grads(rows, calls, retain=True, create_graph=True)
+                        ghosts, blocks = factor_layers(calls, Gs, self.shape[0])
+                        return (U * factored_mv(ghosts, blocks, V, self.shape[0])).sum()
             except LayerGramNotApplicable:
                 pass  # e.g. a non-contiguous z: the generic route below
         return autograd_bilinear(self.fn, self.z, U, V)
@@ -482,7 +276,6 @@ def select_jacobian_backend(
     z: Tensor,
     *,
     batch_size: Optional[int] = None,
-    num_vectors: int = 1,
     prefer: Optional[str] = None,
     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
     check: bool = True,
@@ -497,9 +290,9 @@ def select_jacobian_backend(
     2. else :class:`PerExampleJacobian` when ``B · D · itemsize ≤ max_dense_bytes``;
     3. else ``None``: the caller uses the matrix-free (CG) projection.
 
-    ``num_vectors`` (K) is validated but does not change the order: both exact routes are
-    built once per batch and then serve any K, and CG is slower per vector and inexact at a
-    fixed iteration count (design §3).
+    Both exact routes are built once per batch and then serve any number of vectors, and CG is
+    slower per vector and inexact at a fixed iteration count (design §3), so the order does
+    not depend on how many vectors are projected.
 
     :param batch_size: B, the number of rows of ``fn`` (evaluated from ``fn`` when needed).
     :param prefer: ``"layer_gram"`` or ``"per_example"`` forces that backend (its errors
@@ -508,9 +301,8 @@ def select_jacobian_backend(
     """
     if prefer not in (None, "layer_gram", "per_example"):
         raise ValueError(f"prefer must be None, 'layer_gram' or 'per_example', got {prefer!r}")
-    if (batch_size is not None and batch_size < 1) or num_vectors < 1:
-        raise ValueError(f"batch_size and num_vectors must be positive, got {batch_size}, "
-                         f"{num_vectors}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if prefer == "layer_gram":
         return LayerGramJacobian(fn, z, check=check)
     if prefer == "per_example":

@@ -20,7 +20,6 @@ from torch import Tensor
 
 __all__ = [
     "JacobianOperator",
-    "DenseJacobian",
     "CallableJacobian",
     "FunctionalJacobian",
 ]
@@ -73,40 +72,21 @@ class JacobianOperator:
         """
         return (U * self.mv(V)).sum()
 
+    def release_graph(self) -> None:
+        """Drop any autograd graph kept for :meth:`bilinear_grad` (called by a projector that
+        will not be differentiated through its params)."""
 
-class DenseJacobian(JacobianOperator):
-    """An explicit matrix ``J`` of shape ``(B, D)``; differentiable w.r.t. ``J``."""
-
-    has_cheap_gram = True
-
-    def __init__(self, J: Tensor):
-        if not isinstance(J, Tensor) or J.dim() != 2:
-            raise ValueError(
-                f"J must be a 2-D tensor of shape (B, D), got "
-                f"{tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__}"
-            )
-        if not torch.isfinite(J).all():
-            raise ValueError("J contains non-finite values (NaN or inf); check the model's "
-                             "log-likelihood at the current parameters")
-        super().__init__(J.shape, J.dtype, J.device)
-        self.J = J
-
-    @property
-    def params(self) -> Tuple[Tensor, ...]:
-        return (self.J,)
-
-    def mv(self, V: Tensor) -> Tensor:
-        return V @ self.J.T
-
-    def rmv(self, U: Tensor) -> Tensor:
-        return U @ self.J
-
-    def to_dense(self) -> Tensor:
-        return self.J
-
-    def gram(self) -> Tensor:
-        J = self.J.detach().to(torch.float64)
-        return J @ J.T
+    def bilinear_grad(self, U: Tensor, V: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """``∇ Σ_k U_k J V_kᵀ`` w.r.t. each of the :attr:`params` that requires grad (``None``
+        where J does not depend on it), U and V held constant: the second-order term of the
+        implicit gradient of a projection. Default: autograd through :meth:`bilinear`."""
+        params = tuple(p for p in self.params if p.requires_grad)
+        with torch.enable_grad():
+            b = self.bilinear(U, V)
+            if not params or not b.requires_grad:  # J does not depend on its params
+                return (None,) * len(params)
+            # retained: an operator may keep its graph for later calls
+            return torch.autograd.grad(b, params, allow_unused=True, retain_graph=True)
 
 
 class CallableJacobian(JacobianOperator):
@@ -188,7 +168,8 @@ class FunctionalJacobian(JacobianOperator):
         return torch.stack([f(x) for x in X])
 
     def _jvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        return torch.func.jvp(self.fn, (theta,), (v,))[1]
+        # cast: jvp of a 0-dim float32 value times a Python float gives a float64 tangent
+        return torch.func.jvp(self.fn, (theta,), (v,))[1].to(self.dtype)
 
     def mv(self, V: Tensor) -> Tensor:
         theta = self.theta.detach()
@@ -198,7 +179,7 @@ class FunctionalJacobian(JacobianOperator):
         if self._vjp_fn is None:
             _, self._vjp_fn = torch.func.vjp(self.fn, self.theta.detach())
         vjp_fn = self._vjp_fn
-        return self._batched(lambda u: vjp_fn(u)[0], U)
+        return self._batched(lambda u: vjp_fn(u.to(self.dtype))[0].to(self.dtype), U)
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
         return sum((u * self._jvp(self.theta, v)).sum() for u, v in zip(U, V))

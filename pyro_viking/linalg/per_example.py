@@ -70,6 +70,8 @@ def autograd_bilinear(fn: RowFn, z: Tensor, U: Tensor, V: Tensor) -> Tensor:
         x = z if z.requires_grad else z.detach().requires_grad_()
         rows = evaluate_rows(fn, x)
         total = rows.new_zeros(())
+        if not rows.requires_grad:  # the rows do not depend on z: J = 0
+            return total
         for k in range(U.shape[0]):
             (g,) = torch.autograd.grad(rows, x, U[k], create_graph=True, retain_graph=True,
                                        allow_unused=True)
@@ -86,7 +88,8 @@ def forward_jacobian_columns(fn: RowFn, z: Tensor, idx: Tensor, B: int) -> Tenso
     E[torch.arange(R, device=z.device), idx] = 1
 
     def jvp(v: Tensor) -> Tensor:
-        return torch.func.jvp(fn, (z,), (v,))[1]
+        # cast: jvp of a 0-dim float32 value times a Python float gives a float64 tangent
+        return torch.func.jvp(fn, (z,), (v,))[1].to(z.dtype)
 
     try:
         cols = torch.func.vmap(jvp)(E)
@@ -106,7 +109,7 @@ def _jacobian_vmap(fn: RowFn, z: Tensor, B: int, chunk_size: Optional[int]) -> T
     """``(B, D)`` Jacobian as ``vmap(vjp_fn)(I_B)``."""
     _, vjp_fn = torch.func.vjp(fn, z)
     eye = torch.eye(B, dtype=z.dtype, device=z.device)
-    return torch.func.vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
+    return torch.func.vmap(vjp_fn, chunk_size=chunk_size)(eye)[0].to(z.dtype)
 
 
 def _jacobian_loop(rows: Tensor, z: Tensor) -> Tensor:
@@ -123,7 +126,8 @@ def _jacobian_loop(rows: Tensor, z: Tensor) -> Tensor:
 
 
 class PerExampleJacobian(JacobianOperator):
-    """The explicit loss Jacobian ``J = ∂fn/∂z ∈ R^{B×D}`` at ``z``, built once.
+    """An explicit ``(B, D)`` Jacobian: ``J = ∂fn/∂z ∈ R^{B×D}`` at ``z``, built once, or a
+    given matrix (:meth:`from_matrix`).
 
     :param fn: ``z (D,) -> rows (B,)``, the per-datum log-likelihoods.
     :param z: the point ``(D,)``; ``params = (z,)`` and :meth:`bilinear` is differentiable
@@ -168,9 +172,25 @@ class PerExampleJacobian(JacobianOperator):
         self.J = J
         self._gram: Optional[Tensor] = None
 
+    @classmethod
+    def from_matrix(cls, J: Tensor) -> PerExampleJacobian:
+        """The operator of an explicit matrix ``J`` ``(B, D)``; ``params = (J,)``, so a projection
+        built on it is differentiable w.r.t. J itself."""
+        if not isinstance(J, Tensor) or J.dim() != 2:
+            raise ValueError(
+                f"J must be a 2-D tensor of shape (B, D), got "
+                f"{tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__}")
+        if not _all_finite(J.detach()):
+            raise ValueError("J contains non-finite values (NaN or inf); check the model's "
+                             "log-likelihood at the current parameters")
+        op = cls.__new__(cls)
+        JacobianOperator.__init__(op, J.shape, J.dtype, J.device)
+        op.fn, op.z, op.J, op.vectorized, op._gram = None, None, J, False, None
+        return op
+
     @property
     def params(self) -> Tuple[Tensor, ...]:
-        return (self.z,)
+        return (self.J,) if self.fn is None else (self.z,)
 
     def mv(self, V: Tensor) -> Tensor:
         return V @ self.J.T
@@ -189,13 +209,14 @@ class PerExampleJacobian(JacobianOperator):
             step = max(1, _GRAM_CHUNK_ELEMENTS // max(B, 1))
             G = torch.zeros(B, B, dtype=torch.float64, device=self.device)
             for s in range(0, D, step):
-                Jc = self.J[:, s:s + step].to(torch.float64)
+                Jc = self.J[:, s:s + step].detach().to(torch.float64)
                 G.addmm_(Jc, Jc.T)
             self._gram = G
         return self._gram
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:
-        """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z`` (and U, V) when ``z`` requires grad."""
-        if not self.z.requires_grad:
+        """``Σ_k U_k J V_kᵀ``, differentiable w.r.t. ``z`` (and U, V) when ``z`` requires grad
+        (w.r.t. J for :meth:`from_matrix`)."""
+        if self.fn is None or not self.z.requires_grad:
             return (U * self.mv(V)).sum()
         return autograd_bilinear(self.fn, self.z, U, V)

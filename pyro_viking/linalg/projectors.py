@@ -9,8 +9,9 @@ i.e. ``P = I − Jᵀ (J Jᵀ)⁺ J``. The image part is ``E − P E``.
 **Gradients.** ``(x, λ)`` solve the KKT system ``[[I, Jᵀ], [J, 0]] [x; λ] = [e; 0]``. For an
 incoming cotangent ``x̄`` the adjoint system (same matrix) gives ``ξ_x = P x̄`` and
 ``ξ_λ = (J Jᵀ)⁺ J x̄``; then ``∂/∂e = ξ_x`` and, for whatever J depends on,
-``∂/∂θ = −∇_θ [ λᵀ J(θ) ξ_x + ξ_λᵀ J(θ) x ]`` — two bilinear forms of J, provided by the
-operator (:meth:`~pyro_viking.linalg.operators.JacobianOperator.bilinear`). With
+``∂/∂θ = −∇_θ [ λᵀ J(θ) ξ_x + ξ_λᵀ J(θ) x ]`` — the gradient of two bilinear forms of J,
+provided by the operator
+(:meth:`~pyro_viking.linalg.operators.JacobianOperator.bilinear_grad`). With
 ``differentiable=False`` the projection is treated as a constant linear map of E (the gradient
 w.r.t. θ through P is stopped; the gradient w.r.t. E is still ``P x̄``).
 """
@@ -22,7 +23,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .operators import CallableJacobian, DenseJacobian, JacobianOperator
+from .operators import CallableJacobian, JacobianOperator
+from .per_example import PerExampleJacobian
 from .solvers import (
     SolveInfo,
     cg_solve,
@@ -35,7 +37,8 @@ from .solvers import (
 
 __all__ = ["KernelProjector", "DenseProjector", "MatrixFreeProjector"]
 
-_SOLVERS = ("auto", "eigh", "cholesky", "cg")
+#: the Gram solvers a :class:`KernelProjector` accepts
+SOLVERS = ("auto", "eigh", "cholesky", "cg")
 
 
 class KernelProjector:
@@ -76,8 +79,8 @@ class KernelProjector:
         refine_tol: float = 1e-6,
         differentiable: bool = True,
     ):
-        if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if solver == "auto":
             # An explicit rcond asks for its pseudo-inverse semantics exactly: eigh.
             direct = "cholesky" if rcond is None else "eigh"
@@ -93,6 +96,8 @@ class KernelProjector:
             raise ValueError(f"refine must be >= 0 and refine_tol >= 0, got {refine} and "
                              f"{refine_tol}")
         self.differentiable = differentiable
+        if not differentiable:
+            operator.release_graph()  # (a layer-Gram build's graph, kept for the gradient)
         self.info: Optional[SolveInfo] = None
         self._gram: Optional[Tensor] = None
         self._eig: Optional[Tuple[Tensor, Tensor, Tensor]] = None
@@ -218,22 +223,44 @@ class KernelProjector:
     def kernel_and_image(self, E: Tensor, num_image: Optional[int] = None,
                          generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """``(P E, I)``: the kernel part of ``E`` ``(K, D)`` and ``num_image`` (default K)
-        independent draws ``I`` of ``N(0, I − P)``, as constants (no gradient through P).
+        independent draws ``I`` of ``N(0, I − P)``.
 
-        With a direct solver (eigh, Cholesky) the image draws are ``C J``
+        With a direct solver (eigh, Cholesky) the image draws are ``ν = C J``
         (:meth:`image_coefficients`) and share the kernel part's ``rmv``: one ``mv`` and one
         ``rmv`` in all, where projecting fresh noise ``η`` to ``η − P η`` would cost a second
         ``mv``, ``rmv`` and refinement. CG projects fresh noise.
+
+        **Gradient** (when the projector is ``differentiable``, grad mode is on and the
+        operator's params require grad; E itself is noise and gets none): ``P E`` as in
+        :meth:`__call__`, and the image draws as ``ν − P(θ) ν`` (value ``ν``: ``P ν = 0``), whose
+        implicit gradient needs no further solve (``(J Jᵀ)⁺ J ν = C``). This is an unbiased
+        reparametrisation gradient: writing ``η = Pη + (I − P)η``, the term of ``η − P(θ)η``
+        that it drops, ``−∂P · Pη``, is linear in ``Pη``, which has mean zero and is independent
+        of the sample (Rao–Blackwellised). Otherwise both parts are constants.
         """
         E = E.reshape(-1, self.dim)
         n = E.shape[0] if num_image is None else int(num_image)
+        params = self._grad_params()
         if not self.samples_image_directly:
             eta = torch.randn(n, self.dim, dtype=E.dtype, device=E.device, generator=generator)
-            with torch.no_grad():
+            with torch.set_grad_enabled(bool(params)):
                 both = self(torch.cat([E, eta]))
             return both[:E.shape[0]], eta - both[E.shape[0]:]
-        X, _, self.info, img = self._project_with_image(E, self.image_coefficients(n, generator))
-        return X, img
+        C = self.image_coefficients(n, generator)
+        X, Lam, self.info, img = self._project_with_image(E, C)
+        if not params:
+            return X, img
+        K = E.shape[0]
+        pre = (torch.cat([X, torch.zeros_like(img)]), torch.cat([Lam, C.to(Lam.dtype)]))
+        out = _ProjectFunction.apply(self, pre, torch.cat([E, img]), *params)
+        return out[:K], img - out[K:]
+
+    def _grad_params(self) -> Tuple[Tensor, ...]:
+        """The operator's params the projection is differentiated w.r.t. now (none unless
+        ``differentiable`` and grad mode is on)."""
+        if not (self.differentiable and torch.is_grad_enabled()):
+            return ()
+        return tuple(p for p in self.operator.params if p.requires_grad)
 
     # -- public -----------------------------------------------------------------------------
     def __call__(self, E: Tensor) -> Tensor:
@@ -243,10 +270,9 @@ class KernelProjector:
                              f"got shape {tuple(E.shape)}")
         squeeze = E.dim() == 1
         E2 = E.reshape(-1, self.dim)
-        params = self.operator.params if self.differentiable else ()
-        params = tuple(p for p in params if p.requires_grad)
+        params = self._grad_params()
         if torch.is_grad_enabled() and (E2.requires_grad or params):
-            X = _ProjectFunction.apply(self, E2, *params)
+            X = _ProjectFunction.apply(self, None, E2, *params)
         else:
             X, _, self.info = self._project_nograd(E2)
         return X[0] if squeeze else X.reshape(E.shape)
@@ -288,9 +314,13 @@ class _ProjectFunction(torch.autograd.Function):
     """``X = P(θ) E`` with the implicit-differentiation backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, projector: KernelProjector, E: Tensor, *params: Tensor) -> Tensor:
-        X, Lam, info = projector._project_nograd(E)
-        projector.info = info
+    def forward(ctx, projector: KernelProjector, pre: Optional[Tuple[Tensor, Tensor]],
+                E: Tensor, *params: Tensor) -> Tensor:
+        # pre: (P E, Λ) already computed by the caller (kernel_and_image), else solved here
+        if pre is None:
+            X, Lam, projector.info = projector._project_nograd(E)
+        else:
+            X, Lam = pre
         ctx.projector = projector
         ctx.num_params = len(params)
         ctx.save_for_backward(X, Lam)
@@ -308,20 +338,37 @@ class _ProjectFunction(torch.autograd.Function):
         A, Xb = _row_basis(Xbar)
         Xi_xb, Xi_lamb, _ = proj._project_nograd(Xb)
         Xi_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             Xi_x = Xi_xb if A is None else A.to(Xi_xb.dtype) @ Xi_xb
         grads = [None] * ctx.num_params
-        if ctx.num_params and any(ctx.needs_input_grad[2:]):
-            params = tuple(p for p in proj.operator.params if p.requires_grad)
+        if ctx.num_params and any(ctx.needs_input_grad[3:]):
             if A is not None:  # Σ_k λ_k J (ξ_x)_kᵀ = Σ_j (Aᵀλ)_j J (ξ_xb)_jᵀ, likewise for X
                 At = A.T.to(Lam.dtype)
                 Lam, X = At @ Lam, At @ X
-            with torch.enable_grad():
-                b = proj.operator.bilinear(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
-                # b is constant when J does not depend on its params (a model linear in θ)
-                if b.requires_grad:
-                    grads = torch.autograd.grad(-b, params, allow_unused=True)
-        return (None, Xi_x, *grads)
+            got = proj.operator.bilinear_grad(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
+            # None where J does not depend on a param (a model linear in θ, rows without θ)
+            grads = [None if g is None else -g for g in got]
+        return (None, None, Xi_x, *grads)
+
+
+#: Columns per float64 chunk of :func:`_gram64` (a reused buffer instead of a float64 copy of
+#: the whole ``(n, D)`` matrix: fresh large temporaries cost page faults on CPU).
+_GRAM64_CHUNK = 2**16
+
+
+def _gram64(M: Tensor) -> Tensor:
+    """``M Mᵀ`` accumulated in float64 over column chunks (a float32 Gram would bury small
+    singular values in rounding)."""
+    if M.dtype == torch.float64:
+        return M @ M.T
+    n, D = M.shape
+    G = M.new_zeros(n, n, dtype=torch.float64)
+    buf = M.new_empty(n, min(D, _GRAM64_CHUNK), dtype=torch.float64)
+    for s in range(0, D, _GRAM64_CHUNK):
+        c = buf[:, :min(_GRAM64_CHUNK, D - s)]
+        c.copy_(M[:, s:s + _GRAM64_CHUNK])
+        G.addmm_(c, c.T)
+    return G
 
 
 def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
@@ -331,8 +378,7 @@ def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
     n = M.shape[0]
     if n == 1:
         return None, M
-    M64 = M.to(torch.float64)  # a float32 Gram would bury the small singular values in rounding
-    evals, V = torch.linalg.eigh(M64 @ M64.T)
+    evals, V = torch.linalg.eigh(_gram64(M))
     keep = evals > (100 * torch.finfo(M.dtype).eps) ** 2 * evals.max().clamp_min(0.0)
     r = int(keep.sum())
     if r == n:
@@ -349,7 +395,7 @@ def DenseProjector(J: Tensor, **kwargs) -> KernelProjector:
 
     Keyword arguments are those of :class:`KernelProjector`.
     """
-    return KernelProjector(DenseJacobian(J), **kwargs)
+    return KernelProjector(PerExampleJacobian.from_matrix(J), **kwargs)
 
 
 def MatrixFreeProjector(mv, rmv, shape, *, dtype=None, device=None, params=(), bilinear=None,
