@@ -266,8 +266,6 @@ def test_predictive_parallel_with_autoviking():
                               atol=1e-4)
 
 
-@pytest.mark.xfail(reason="AutoViking reads a learned prior scale by running the model without "
-                   "private plate dims (guide helper, NOTES.md)", strict=False)
 def test_predictive_parallel_learned_prior():
     x, y = data(torch.float32, n=40)
     bnn = BayesianNetwork(mlp(torch.float32), "classification", prior_scale="learned")

@@ -97,7 +97,6 @@ def init_strategy(name):
             "feasible": init_to_feasible}[name]
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 @pytest.mark.parametrize("Elbo", [TraceViking_ELBO, Trace_ELBO, TraceMeanField_ELBO])
 @pytest.mark.parametrize("init", ["median", "mean", "sample", "feasible", "value"])
 def test_finite_loss_site_shapes_and_init_strategies(init, Elbo):
@@ -170,7 +169,6 @@ def predict(guide, x, seed=3):
     return Predictive(noisy_linreg, guide=guide, num_samples=10)(x)
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 @pytest.mark.parametrize("method", ["torch", "pickle"])
 def test_save_load_round_trip_predictions_identical(method):
     guide, x, y = trained_guide()
@@ -196,7 +194,6 @@ def test_save_load_round_trip_predictions_identical(method):
     assert torch.isfinite(train(noisy_linreg, loaded, (x, y), steps=1)).all()
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 def test_state_dict_round_trip():
     guide, x, y = trained_guide()
     state = guide.state_dict()
@@ -216,7 +213,6 @@ def test_state_dict_round_trip():
         assert torch.allclose(a[name], b[name], atol=1e-12), name
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 def test_clear_param_store_keeps_guide_usable():
     guide, x, y = trained_guide()
     loc = guide.loc.detach().clone()
@@ -296,7 +292,6 @@ class LinearRegression(PyroModule):
             return pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 def test_pyro_module_model():
     x, y = data()
     model = LinearRegression(3)

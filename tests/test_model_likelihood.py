@@ -247,7 +247,6 @@ def test_check_observations_keeps_rng_state():
     assert torch.equal(state, torch.get_rng_state())
 
 
-@pytest.mark.xfail_float32(reason="scalar latent: float64 Jacobian product (#11 failure 1)")
 @pytest.mark.parametrize("dim", [-1, -2])
 def test_isolated_from_outer_handlers(dim):
     X, y = data()
