@@ -56,8 +56,9 @@ def exact_problem():
 @pytest.mark.parametrize("Elbo", ELBOS, ids=ELBO_IDS)
 def test_exact_posterior_conjugate_linear_gaussian(Elbo):
     """150 SVI steps of decaying size (2 particles) from w = 0, σ_im = 0.1. Tolerances, in
-    posterior standard deviations: the mean's row-space part within 0.25 (0.06; 0.017–0.039 over seeds 0–5), its kernel part
-    within 0.2 (0.2; Trace_ELBO's Monte Carlo noise there is of order 0.1); σ_im within 10 % of
+    posterior standard deviations: the mean's row-space part within 0.25 (0.06; measured
+    0.017–0.039 over seeds 0–5), its kernel part within 0.2 (0.2; Trace_ELBO's Monte Carlo
+    noise there is of order 0.1); σ_im within 10 % of
     1/√17; σ_ker = 1 (the prior's). Predictive (no extra calls) gives the posterior variance
     along ker X and along the row space within 5 Monte Carlo standard errors (2000 draws), and
     the mean of 20 losses is −log p(y) within 0.05 + 5 standard errors."""
