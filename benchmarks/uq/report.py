@@ -118,8 +118,23 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
     return text
 
 
-if __name__ == "__main__":  # re-render from a results.json: report.py [folder]
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
-    sel = folder / "selection.json"
-    write_report(json.loads((folder / "results.json").read_text()), folder,
-                 json.loads(sel.read_text()) if sel.exists() else None)
+def merge(folders: List[Path], out: Path) -> None:
+    """Concatenate the results.json / selection.json of several runs (e.g. one process per
+    task) into ``out`` and render the report there."""
+    rows, selection = [], {}
+    for folder in folders:
+        rows += json.loads((folder / "results.json").read_text())
+        sel = folder / "selection.json"
+        if sel.exists():
+            selection.update(json.loads(sel.read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if selection:
+        (out / "selection.json").write_text(json.dumps(selection, indent=1))
+    write_report(rows, out, selection or None)
+
+
+if __name__ == "__main__":
+    # report.py FOLDER: re-render FOLDER's results; report.py OUT RUN1 RUN2 ...: merge runs
+    args = [Path(a) for a in sys.argv[1:]] or [Path(__file__).resolve().parent]
+    merge(args[1:] if len(args) > 1 else args[:1], args[0])

@@ -62,11 +62,13 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
     model = PyroBNN(_new_net(task, seed), task.kind, prior_scale=None)
     w, s, full = phase_epochs(budget.epochs, warmup)
     start = time.perf_counter()
-    map_guide = AutoDelta(model, init_loc_fn=init_to_value(values=init_values(model)))
-    run_svi(model, map_guide, Trace_ELBO(), task, w, budget,
-            optim=pyro.optim.Adam(_freeze(budget.lr, "prior_scale")))
-    map_values = {k: v.detach().clone()
-                  for k, v in map_guide.median(task.x_fit, task.y_fit).items()}
+    map_values = init_values(model)
+    if w > 0:  # warm-up = 0 (an ablation): AutoViking starts at the random initialisation
+        map_guide = AutoDelta(model, init_loc_fn=init_to_value(values=map_values))
+        run_svi(model, map_guide, Trace_ELBO(), task, w, budget,
+                optim=pyro.optim.Adam(_freeze(budget.lr, "prior_scale")))
+        map_values = {k: v.detach().clone()
+                      for k, v in map_guide.median(task.x_fit, task.y_fit).items()}
     options = {**DEFAULT_OPTIONS, **viking_options}
     guide = AutoViking(model, init_loc_fn=init_to_value(values=map_values), **options)
     loss = TraceViking_ELBO(beta=beta, num_particles=budget.particles)
