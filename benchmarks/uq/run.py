@@ -46,8 +46,8 @@ FIT = {"MAP": fit_map, "Ensemble": fit_ensemble, "IVON": fit_ivon, "Laplace": fi
 # value used without selection (--no-select, --quick). Ensemble and Laplace reuse the MAP's
 # prior scale (Laplace's own prior precision is fitted by its marginal likelihood).
 KNOBS = {
-    "MAP": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
-    "IVON": ("hess_init", (0.1, 0.3, 1.0), 1.0),
+    "MAP": ("prior_scale", (0.3, 1.0, 3.0), 1.0),
+    "IVON": ("hess_init", (0.3, 1.0, 3.0), 1.0),
     "AutoNormal": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
     "AutoLowRank": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
     "VIKING": ("beta", (1.0, 0.1, 0.01), 0.1),
