@@ -1,7 +1,8 @@
 """Ablations of VIKING's design choices (issue #10, point 6), run by ``run.py --ablations``.
 
 Every setting changes one thing of the benchmark's VIKING configuration (``viking_fit.py``;
-β as chosen on validation for the task in ``selection.json``, else the default) and is scored on
+β from ``--ablation-beta``, else as chosen on validation for the task in ``selection.json``,
+else 0.03, the library's default for classification BNNs) and is scored on
 the validation split (what a default should be chosen on) and on the test/OOD sets:
 
 - ``gamma``: memory γ ∈ {0, 0.2, 0.5, 0.8, 1} of the stochastic alternating projections;
@@ -76,7 +77,8 @@ def run_ablations(args) -> list:
 
         task = _quick_task(task_name) if args.quick else load_task(task_name)
         budget: Budget = budget_for(task_name, args.quick)
-        beta = selection.get(task_name, {}).get("VIKING", {}).get("chosen", 0.1)
+        beta = args.ablation_beta or selection.get(task_name, {}).get("VIKING", {}).get(
+            "chosen", 0.03)
         for ablation, settings in (QUICK if args.quick else ABLATIONS).items():
             for label, options in settings:
                 for seed in seeds:

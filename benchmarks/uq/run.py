@@ -121,7 +121,14 @@ def main(argv=None) -> list:
     p.add_argument("--ablations", action="store_true", help="run the VIKING ablations instead")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ablation-beta", type=float, default=None,
+                   help="β of the ablations (default: the validation choice, else 0.03)")
+    p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="tutorial",
+                   help="the flagship tutorial's recipe, or pyro_viking.recipe.fit_viking")
     args = p.parse_args(argv)
+    import viking_fit
+
+    viking_fit.RECIPE = args.viking_recipe
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     args.out.mkdir(parents=True, exist_ok=True)

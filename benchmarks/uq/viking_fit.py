@@ -46,6 +46,11 @@ def phase_epochs(epochs: int, warmup: Optional[int] = None):
     return w, s, max(1, epochs - w - s)
 
 
+#: "tutorial": the flagship tutorial's recipe below; "library": ``pyro_viking.recipe.fit_viking``
+#: (MAP warm-up → curvature start of the scales → full ELBO), when the package has it.
+RECIPE = "tutorial"
+
+
 def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
                warmup: Optional[int] = None, particles: Optional[int] = None,
                batch_size: Optional[int] = None, **viking_options) -> Fitted:
@@ -58,6 +63,8 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
 
         budget = replace(budget, particles=particles or budget.particles,
                          batch_size=batch_size or budget.batch_size)
+    if RECIPE == "library":
+        return _fit_library(task, seed, beta, budget, warmup, viking_options)
     _seed(seed)
     model = PyroBNN(_new_net(task, seed), task.kind, prior_scale=None)
     w, s, full = phase_epochs(budget.epochs, warmup)
@@ -83,6 +90,44 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
             "sigma_ker": float(guide.kernel_scale),
             "loc_norm": float(guide.loc.detach().norm()),
             "final_loss": losses[-1], "beta": beta}
+    inner = pyro_sampler(task, model, guide, budget.num_samples)
+
+    def sample(x):
+        guide.project_training_data(task.x_fit, task.y_fit, budget.batch_size,
+                                    num_samples=budget.num_samples)
+        return inner(x)
+
+    return Fitted(sample, secs / budget.epochs, noise=_noise(), info=info)
+
+
+def _fit_library(task: Task, seed: int, beta: float, budget: Budget, warmup: Optional[int],
+                 viking_options: dict) -> Fitted:
+    """The same budget through ``pyro_viking.recipe.fit_viking``: warm-up 1/12 of the epochs,
+    no scales-only phase (the recipe starts the scales from curvature), full ELBO for the
+    rest; the same optimiser, particles and AutoViking options as the tutorial recipe."""
+    from pyro_viking.recipe import fit_viking as recipe_fit_viking
+
+    _seed(seed)
+    model = PyroBNN(_new_net(task, seed), task.kind, prior_scale=None)
+    w, _, _ = phase_epochs(budget.epochs, warmup)
+    per_epoch = math.ceil(len(task.x_fit) / budget.batch_size)
+    options = {k: v for k, v in {**DEFAULT_OPTIONS, **viking_options}.items()
+               if k not in ("init_image_scale", "kernel_scale", "gamma")}
+    start = time.perf_counter()
+    fit = recipe_fit_viking(
+        model, task.x_fit, task.y_fit, budget.batch_size,
+        num_steps=max(1, (budget.epochs - w) * per_epoch // budget.particles),
+        warmup_steps=w * per_epoch, beta=beta, optim=pyro.optim.Adam({"lr": budget.lr}),
+        prior_scale_param="prior_scale", num_particles=budget.particles,
+        gamma=viking_options.get("gamma", DEFAULT_OPTIONS["gamma"]), guide_options=options,
+        progress=False)
+    secs = time.perf_counter() - start
+    guide = fit.guide
+    info = {"prior_scale": float(pyro.param("prior_scale").detach()),
+            "sigma_im": float(guide.image_scale.detach()),
+            "sigma_ker": float(guide.kernel_scale),
+            "loc_norm": float(guide.loc.detach().norm()), "beta": beta,
+            "init_sigma_im": float(fit.init["image_scale"])}
     inner = pyro_sampler(task, model, guide, budget.num_samples)
 
     def sample(x):
