@@ -41,12 +41,12 @@ def group(rows: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
     return out
 
 
-def per_pass_ratio(by_method: Dict[str, List[dict]]) -> Optional[float]:
-    """VIKING's mean seconds per pass over the fit split ÷ IVON's."""
-    if "VIKING" not in by_method or "IVON" not in by_method:
+def per_pass_ratio(by_method: Dict[str, List[dict]], other: str = "IVON") -> Optional[float]:
+    """VIKING's mean seconds per pass over the fit split ÷ ``other``'s."""
+    if "VIKING" not in by_method or other not in by_method:
         return None
     v, _ = mean_std([r["epoch_seconds"] for r in by_method["VIKING"]])
-    i, _ = mean_std([r["epoch_seconds"] for r in by_method["IVON"]])
+    i, _ = mean_std([r["epoch_seconds"] for r in by_method[other]])
     return v / i if v and i else None
 
 
@@ -67,7 +67,11 @@ def markdown(rows: List[dict]) -> str:
         ratio = per_pass_ratio(by_method)
         if ratio is not None:
             lines.append("")
-            lines.append(f"VIKING / IVON seconds per pass over the data: **{ratio:.1f}×**")
+            line = f"VIKING / IVON seconds per pass over the data: **{ratio:.1f}×**"
+            for other in ("MAP", "AutoNormal"):
+                r = per_pass_ratio(by_method, other)
+                line += f"; VIKING / {other}: {r:.1f}×" if r else ""
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
 

@@ -123,6 +123,8 @@ def main(argv=None) -> list:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ablation-beta", type=float, default=None,
                    help="β of the ablations (default: the validation choice, else 0.03)")
+    p.add_argument("--ablation-epochs", type=int, default=None,
+                   help="epochs of the ablations (default: the main run's)")
     p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="tutorial",
                    help="the flagship tutorial's recipe, or pyro_viking.recipe.fit_viking")
     args = p.parse_args(argv)
