@@ -119,6 +119,8 @@ def main(argv=None) -> list:
     p.add_argument("--quick", action="store_true", help="tiny budgets, one seed, no selection")
     p.add_argument("--no-select", action="store_true", help="use the default knobs")
     p.add_argument("--ablations", action="store_true", help="run the VIKING ablations instead")
+    p.add_argument("--timing", action="store_true",
+                   help="only time one epoch per method, interleaved (timing.json)")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ablation-beta", type=float, default=None,
@@ -138,6 +140,10 @@ def main(argv=None) -> list:
         from ablations import run_ablations
 
         return run_ablations(args)
+    if args.timing:
+        from timing import run_timing
+
+        return run_timing(args)
     seeds = [args.seeds[0]] if args.quick else args.seeds
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     results, selection = [], {}
