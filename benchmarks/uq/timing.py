@@ -70,9 +70,9 @@ def _epoch_fns(task, budget):
 def run_timing(args) -> dict:
     from run import budget_for
 
-    pyro.clear_param_store()
     out = {}
     for task_name in args.tasks:
+        pyro.clear_param_store()  # guide parameters are named per guide class, not per task
         task = load_task(task_name)
         budget = budget_for(task_name, args.quick)
         fns = _epoch_fns(task, budget)
