@@ -1,7 +1,7 @@
 """Uncertainty benchmark: MAP, deep ensemble, IVON, last-layer Laplace, AutoNormal,
 AutoLowRank and VIKING on offline real tasks (see README.md in this folder).
 
-    python benchmarks/uq/run.py                       # the full run (~25 min on 2 cores)
+    python benchmarks/uq/run.py                       # the full run (README: run time)
     python benchmarks/uq/run.py --quick               # a smoke run (< 60 s), numbers meaningless
     python benchmarks/uq/run.py --tasks digits --methods MAP VIKING --seeds 0 1
     python benchmarks/uq/run.py --ablations           # VIKING ablations (ablations.py)
