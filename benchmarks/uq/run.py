@@ -1,0 +1,197 @@
+"""Uncertainty benchmark: MAP, deep ensemble, IVON, last-layer Laplace, AutoNormal,
+AutoLowRank and VIKING on offline real tasks (see README.md in this folder).
+
+    python benchmarks/uq/run.py                       # the full run (README: run time)
+    python benchmarks/uq/run.py --quick               # a smoke run (< 60 s), numbers meaningless
+    python benchmarks/uq/run.py --tasks digits --methods MAP VIKING --seeds 0 1
+    python benchmarks/uq/run.py --ablations           # VIKING ablations (ablations.py)
+
+Writes ``results.json`` (one object per task, method and seed), ``results.md`` (mean ± std
+table), ``selection.json`` (the validation choice of each method's knob) and figures to
+``--out`` (default: this folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parents[1]))  # the repository root: this checkout's pyro_viking
+
+import torch  # noqa: E402
+from methods import (  # noqa: E402
+    Budget,
+    fit_autolowrank,
+    fit_autonormal,
+    fit_ensemble,
+    fit_ivon,
+    fit_laplace,
+    fit_map,
+)
+from metrics import classification_metrics, regression_metrics  # noqa: E402
+from tasks import TASKS, load_task  # noqa: E402
+from viking_fit import fit_viking  # noqa: E402
+
+METHODS = ("MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING")
+FIT = {"MAP": fit_map, "Ensemble": fit_ensemble, "IVON": fit_ivon, "Laplace": fit_laplace,
+       "AutoNormal": fit_autonormal, "AutoLowRank": fit_autolowrank, "VIKING": fit_viking}
+# The one knob each method may choose on the validation split (seed 0, best BMA NLL), and the
+# value used without selection (--no-select, --quick). Ensemble and Laplace reuse the MAP's
+# prior scale (Laplace's own prior precision is fitted by its marginal likelihood).
+KNOBS = {
+    "MAP": ("prior_scale", (0.3, 1.0, 3.0), 1.0),
+    "IVON": ("hess_init", (0.3, 1.0, 3.0), 1.0),
+    "AutoNormal": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
+    "AutoLowRank": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
+    "VIKING": ("beta", (1.0, 0.1, 0.01), 0.1),
+}
+SHARES_KNOB = {"Ensemble": "MAP", "Laplace": "MAP"}
+# Epochs per task (passes over the fit split) for the full run and for --quick.
+EPOCHS = {"digits": 60, "mnist1d": 20, "diabetes": 50}
+QUICK_EPOCHS = {"digits": 2, "mnist1d": 1, "diabetes": 2}
+
+
+def budget_for(task: str, quick: bool) -> Budget:
+    if quick:
+        return Budget(epochs=QUICK_EPOCHS[task], num_samples=4, ensemble_size=2)
+    return Budget(epochs=EPOCHS[task], batch_size=32 if task == "diabetes" else 64)
+
+
+def evaluate(task, fitted, x_parts):
+    """Predict on the concatenated parts once (timed); return metrics and prediction seconds."""
+    x = torch.cat(x_parts)
+    start = time.perf_counter()
+    samples = fitted.sample(x).detach()
+    secs = time.perf_counter() - start
+    sizes = [len(p) for p in x_parts]
+    parts = list(torch.split(samples, sizes, dim=1))
+    return parts, secs
+
+
+def score(task, fitted, x_first, y_first, with_ood: bool):
+    parts_x = [x_first, task.x_ood] if with_ood else [x_first]
+    parts, secs = evaluate(task, fitted, parts_x)
+    ood = parts[1] if with_ood else None
+    if task.classification:
+        m = classification_metrics(parts[0], y_first, ood)
+    else:
+        m = regression_metrics(parts[0], fitted.noise, y_first, ood,
+                               task.y_ood if with_ood else None)
+    return m, secs
+
+
+def select_knobs(task, methods, budget, log) -> dict:
+    """Seed 0, fit split → validation BMA NLL for every value of each method's knob.
+
+    Returns the chosen values, the table of validation scores, and the seed-0 fits at the
+    chosen values (reused for the test scores of seed 0: the same seed, data and knob)."""
+    chosen, table, fits = {}, {}, {}
+    for method in methods:
+        if method not in KNOBS:
+            continue
+        name, grid, _ = KNOBS[method]
+        rows = []
+        for value in grid:
+            fitted = FIT[method](task, 0, value, budget)
+            fits[(method, value)] = fitted  # seed 0 at the chosen value is this very fit
+            m, _ = score(task, fitted, task.x_val, task.y_val, with_ood=False)
+            rows.append({name: value, "val_nll": m["nll"], "val_accuracy": m.get("accuracy"),
+                         "val_rmse": m.get("rmse")})
+            log(f"  select {task.name}/{method}: {name}={value:g} val NLL {m['nll']:.4f}")
+        best = min(rows, key=lambda r: r["val_nll"] if math.isfinite(r["val_nll"]) else math.inf)
+        chosen[method] = best[name]
+        table[method] = {"knob": name, "chosen": best[name], "grid": rows}
+    return chosen, table, {m: fits[(m, v)] for m, v in chosen.items()}
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="tiny budgets, one seed, no selection")
+    p.add_argument("--no-select", action="store_true", help="use the default knobs")
+    p.add_argument("--ablations", action="store_true", help="run the VIKING ablations instead")
+    p.add_argument("--timing", action="store_true",
+                   help="only time one epoch per method, interleaved (timing.json)")
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ablation-beta", type=float, default=None,
+                   help="β of the ablations (default: the validation choice, else 0.03)")
+    p.add_argument("--ablation-epochs", type=int, default=None,
+                   help="epochs of the ablations (default: the main run's)")
+    p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="tutorial",
+                   help="the flagship tutorial's recipe, or pyro_viking.recipe.fit_viking")
+    args = p.parse_args(argv)
+    import viking_fit
+
+    viking_fit.RECIPE = args.viking_recipe
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.ablations:
+        from ablations import run_ablations
+
+        return run_ablations(args)
+    if args.timing:
+        from timing import run_timing
+
+        return run_timing(args)
+    seeds = [args.seeds[0]] if args.quick else args.seeds
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    results, selection = [], {}
+    for task_name in args.tasks:
+        task = load_task(task_name) if not args.quick else _quick_task(task_name)
+        budget = budget_for(task_name, args.quick)
+        log(f"{task_name}: fit {len(task.x_fit)}, val {len(task.x_val)}, test "
+            f"{len(task.x_test)}, OOD {len(task.x_ood)}; {budget}")
+        chosen, reuse = {m: KNOBS[m][2] for m in KNOBS}, {}
+        if not (args.quick or args.no_select):
+            picked, selection[task_name], reuse = select_knobs(task, args.methods, budget, log)
+            chosen.update(picked)
+        for method in args.methods:
+            knob = chosen[SHARES_KNOB.get(method, method)]
+            for seed in seeds:
+                if seed == 0 and method in reuse:
+                    fitted = reuse.pop(method)
+                else:
+                    fitted = FIT[method](task, seed, knob, budget)
+                m, secs = score(task, fitted, task.x_test, task.y_test, with_ood=True)
+                row = {"task": task_name, "method": method, "seed": seed, **m,
+                       "epoch_seconds": fitted.epoch_seconds, "predict_seconds": secs,
+                       "epochs": budget.epochs, "knob": knob,
+                       **{k: v for k, v in fitted.info.items() if isinstance(v, (int, float))}}
+                results.append(row)
+                log(f"  {task_name}/{method} seed {seed}: NLL {m['nll']:.4f} "
+                    f"acc {m.get('accuracy')} {fitted.epoch_seconds:.3f} s/epoch")
+                _write(args.out, results, selection)
+    from report import write_report
+
+    write_report(results, args.out, selection)
+    return results
+
+
+def _write(out: Path, results: list, selection: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if selection:
+        (out / "selection.json").write_text(json.dumps(selection, indent=1))
+
+
+def _quick_task(name: str):
+    """The task with at most 300 fit inputs (MNIST-1D generated at 1,000 sequences)."""
+    from tasks import mnist1d_task
+
+    task = mnist1d_task(1000) if name == "mnist1d" else load_task(name)
+    task.x_fit, task.y_fit = task.x_fit[:300], task.y_fit[:300]
+    return task
+
+
+if __name__ == "__main__":
+    main()

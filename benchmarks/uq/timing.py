@@ -1,0 +1,95 @@
+"""Seconds per pass over the data, interleaved in one process (``run.py --timing``).
+
+The main run's ``epoch_seconds`` are measured method after method, so on a shared machine their
+ratios absorb changes of load. Here one epoch of each method (MAP, IVON, AutoNormal, VIKING)
+is timed in turn, ``rounds`` times, and the median per method is reported, with the ratios of
+issue #12 (VIKING ÷ IVON per pass). Settings are the main run's (batch size, K = 1, the
+VIKING options of ``viking_fit.DEFAULT_OPTIONS``); VIKING starts at a MAP point fitted for two
+untimed epochs, so its Jacobians are those of a trained-ish network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import pyro
+import torch
+from methods import _batches, _new_net, _nll, run_svi, train_map
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal, init_to_value
+from pyro_models import PyroBNN
+from tasks import load_task
+from viking_fit import DEFAULT_OPTIONS
+
+from pyro_viking import AutoViking, TraceViking_ELBO
+
+
+def _epoch_fns(task, budget):
+    """One-epoch closures of each method, all started from one trained-ish network."""
+    from dataclasses import replace
+
+    import ivon
+
+    net, log_noise, _ = train_map(task, 0, 1.0, replace(budget, epochs=2))
+    values = {f"net.{n}": p.detach().clone() for n, p in net.named_parameters()}
+    n, gen = len(task.x_fit), torch.Generator().manual_seed(0)
+    map_opt = torch.optim.Adam(net.parameters(), lr=budget.lr)
+    ivon_net = _new_net(task, 0)
+    ivon_net.load_state_dict(net.state_dict())
+    ivon_opt = ivon.IVON(ivon_net.parameters(), lr=budget.ivon_lr, ess=n)
+
+    def map_epoch():
+        for idx in _batches(n, budget.batch_size, gen):
+            map_opt.zero_grad()
+            _nll(task, net(task.x_fit[idx]), task.y_fit[idx], log_noise).backward()
+            map_opt.step()
+
+    def ivon_epoch():
+        for idx in _batches(n, budget.batch_size, gen):
+            with ivon_opt.sampled_params(train=True):
+                ivon_opt.zero_grad()
+                _nll(task, ivon_net(task.x_fit[idx]), task.y_fit[idx], log_noise).backward()
+            ivon_opt.step()
+
+    fns = {"MAP": map_epoch, "IVON": ivon_epoch}
+    for name, make_guide, loss in (
+            ("AutoNormal", lambda m: AutoNormal(m, init_loc_fn=init_to_value(values=values),
+                                                init_scale=1e-2), Trace_ELBO()),
+            ("VIKING", lambda m: AutoViking(m, init_loc_fn=init_to_value(values=values),
+                                            **DEFAULT_OPTIONS), TraceViking_ELBO(beta=0.01))):
+        model = PyroBNN(_new_net(task, 0), task.kind, 1.0 if name == "AutoNormal" else None)
+        guide = make_guide(model)
+        fns[name] = (lambda model=model, guide=guide, loss=loss: run_svi(
+            model, guide, loss, task, 1, budget))
+    return fns
+
+
+def run_timing(args) -> dict:
+    from run import budget_for
+
+    out = {}
+    for task_name in args.tasks:
+        pyro.clear_param_store()  # guide parameters are named per guide class, not per task
+        task = load_task(task_name)
+        budget = budget_for(task_name, args.quick)
+        fns = _epoch_fns(task, budget)
+        for fn in fns.values():  # one untimed epoch each (start-up costs)
+            fn()
+        times = {k: [] for k in fns}
+        for _ in range(2 if args.quick else 3):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[task_name] = {"seconds_per_epoch": med,
+                          "viking_over_ivon": med["VIKING"] / med["IVON"],
+                          "viking_over_map": med["VIKING"] / med["MAP"],
+                          "viking_over_autonormal": med["VIKING"] / med["AutoNormal"],
+                          "steps_per_epoch": math.ceil(len(task.x_fit) / budget.batch_size)}
+        print(task_name, json.dumps(out[task_name]), flush=True)
+    (args.out / "timing.json").write_text(json.dumps(out, indent=1))
+    return out
