@@ -5,6 +5,7 @@ per-datum loss Jacobian (Fadel et al., NeurIPS 2025).
 """
 
 from .autoguide import AutoViking
+from .bnn import BayesianNetwork
 from .distributions import KernelImageNormal
 from .elbo import TraceViking_ELBO
 from .linalg import DenseProjector, KernelProjector, MatrixFreeProjector
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoViking",
+    "BayesianNetwork",
     "DenseProjector",
     "KernelImageNormal",
     "KernelProjector",
