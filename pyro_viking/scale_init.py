@@ -34,7 +34,8 @@ so the objective in the scales is
 * *Fixed prior* (``α`` known): the first two are the answer.
 * *Tied kernel scale* (``v = 1/α``, the paper's choice): ``F = ½ A s + ½ K/α
   + (β/2)[r(αs − 1 − log αs) + αm] + const``; ``∂F/∂s = 0`` gives ``s(α)`` above, and, writing
-  ``u = 1/α = σ_ker²``, ``∂F/∂α = 0`` becomes ``m − r A u² / (A u + β r) = K u² / β``, i.e. the cubic
+  ``u = 1/α = σ_ker²``, ``∂F/∂α = 0`` becomes
+  ``m − r A u² / (A u + β r) = K u² / β``, i.e. the cubic
 
       (K A / β) u³ + r (K + A) u² − m A u − β m r = 0,
 
@@ -56,11 +57,24 @@ so the estimate is exact in expectation; it needs only per-example gradients (th
 guide's projector uses), works for any Pyro likelihood that can ``sample``, and needs no output
 Jacobian or likelihood Hessian. With ``G = J Jᵀ`` and ``C = J J̃ᵀ``:
 
-    tr(H (I − P)) ≈ (1/S) Σ_s Σ_i w_i c_{s,i}ᵀ G⁺ c_{s,i},      tr(H) ≈ (1/S) Σ_s Σ_i w_i ‖g̃_{s,i}‖²,
+    tr(H (I − P)) ≈ (1/S) Σ_s Σ_i w_i c_{s,i}ᵀ G⁺ c_{s,i},   tr(H) ≈ (1/S) Σ_s Σ_i w_i ‖g̃_{s,i}‖²,
 
 (``(I − P) g = Jᵀ G⁺ J g``), ``K = tr H − A``; ``G⁺`` is the eigen-thresholded pseudo-inverse
 (float64) and ``r`` its numerical rank. Cost per batch: ``1 + S`` per-example Jacobians
 ``(B, D)``; the relative Monte Carlo error of ``A`` is about ``√(2 / (S · B · batches))``.
+
+**Beyond the linearisation, along the kernel.** ``σ_im`` is small, so the image term is well
+described by the quadratic model; ``σ_ker`` is not: with the loss Jacobian the kernel is flat
+only to first order, ``tr(HP)`` is 0 for one output per datum, and the linearised optimum of a
+learned, tied prior scale is then the KL's own, ``σ_ker² ≈ ‖θ̂‖²/r`` — far outside the region
+where the network is linear. So the kernel term ``½ K v`` is replaced by its measured value
+
+    c(v) = E_{k ~ N(0, P)} [ −Σ w_i log p(y_i | θ̂ + √v k) ] + Σ w_i log p(y_i | θ̂),
+
+on a log-spaced grid of ``v`` (the same kernel draws for every ``v``, so ``c`` is smooth in
+``v``), interpolated linearly in ``log v``; for ``v`` below the grid, ``½ K v``. The scales
+then minimise ``F`` with ``c(v)`` in place of ``½ K v`` (a 1-D search in ``v``; ``s`` and ``α``
+stay in closed form). On a linear-Gaussian model ``c ≡ 0`` and the result is the closed form.
 """
 
 from __future__ import annotations
@@ -74,6 +88,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .linalg.solvers import default_rcond
 from .model_likelihood import LatentLayout, make_rows_fn
 
 __all__ = ["CurvatureStatistics", "curvature_statistics", "optimal_scales", "scale_objective"]
@@ -84,8 +99,24 @@ class CurvatureStatistics:
     """Batch-averaged quantities of the linearised ELBO at ``θ̂`` (see the module docstring).
 
     ``image_trace`` A = tr(H(I − P)); ``kernel_trace`` K = tr(HP); ``image_dim`` r = rank J;
-    ``latent_dim`` D; ``sq_distance`` m = ‖θ̂ − μ‖² (prior mean μ); ``num_batches``.
+    ``latent_dim`` D; ``sq_distance`` m = ‖θ̂ − μ‖² (prior mean μ); ``num_batches``;
+    optionally the measured kernel cost ``c(v)`` (``kernel_curve``) at the kernel variances
+    ``kernel_grid`` (``None``: the quadratic ``½ K v``).
     """
+
+    def kernel_cost(self, v: float) -> float:
+        """``c(v)``: the expected likelihood cost of kernel noise of variance ``v``."""
+        grid, curve = self.kernel_grid, self.kernel_curve
+        if grid is None or v <= grid[0]:
+            return 0.5 * max(self.kernel_trace, 0.0) * v
+        if v >= grid[-1]:
+            return curve[-1] * v / grid[-1]
+        lv = math.log(v)
+        j = next(i for i in range(1, len(grid)) if grid[i] >= v)
+        l0, l1 = math.log(grid[j - 1]), math.log(grid[j])
+        t = (lv - l0) / (l1 - l0)
+        return (1 - t) * curve[j - 1] + t * curve[j]
+
 
     image_trace: float
     kernel_trace: float
@@ -93,6 +124,8 @@ class CurvatureStatistics:
     latent_dim: int
     sq_distance: float
     num_batches: int = 1
+    kernel_grid: Optional[Tuple[float, ...]] = None
+    kernel_curve: Optional[Tuple[float, ...]] = None
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -106,7 +139,8 @@ def scale_objective(stats: CurvatureStatistics, beta: float, image_scale: float,
     R = D - r
     s, v, a = image_scale ** 2, kernel_scale ** 2, prior_precision
     kl = a * (r * s + R * v + m) - D * math.log(a) - R * math.log(v) - r * math.log(s)
-    return 0.5 * A * s + 0.5 * K * v + 0.5 * beta * kl
+    del K  # the kernel term is stats.kernel_cost (½ K v without a measured curve)
+    return 0.5 * A * s + stats.kernel_cost(v) + 0.5 * beta * kl
 
 
 def _tied_kernel_variance(A: float, K: float, r: float, m: float, beta: float) -> float:
@@ -163,12 +197,25 @@ def optimal_scales(
     def kernel_var(alpha: float) -> float:
         return beta * R / (K + beta * R * alpha) if R > 0 else 1.0 / alpha
 
+    curve = stats.kernel_grid is not None
+    if curve:  # c(v) measured: the kernel variance by a 1-D search (module docstring)
+        lo, hi = stats.kernel_grid[0] * 1e-3, stats.kernel_grid[-1] * 10
+
+        def kernel_var(alpha: float) -> float:  # noqa: F811 - replaces the closed form
+            return _argmin_log(lambda v: stats.kernel_cost(v) + 0.5 * beta * R * (
+                alpha * v - math.log(v)), lo, hi)
+
     if prior_scale is not None:
         alpha = float(prior_scale) ** -2
         v = 1.0 / alpha if kernel == "prior" else kernel_var(alpha)
         s = image_var(alpha)
-    elif kernel == "prior":
+    elif kernel == "prior" and not curve:
         v = _tied_kernel_variance(A, K, r, m, beta)
+        alpha = 1.0 / v
+        s = image_var(alpha)
+    elif kernel == "prior":
+        v = _argmin_log(lambda u: scale_objective(stats, beta, math.sqrt(image_var(1 / u)),
+                                                  math.sqrt(u), 1 / u), lo, hi)
         alpha = 1.0 / v
         s = image_var(alpha)
     else:
@@ -176,13 +223,36 @@ def optimal_scales(
         for _ in range(max_iter):
             s, v = image_var(alpha), kernel_var(alpha)
             new = D / (r * s + R * v + m)
-            done = abs(new - alpha) <= 1e-13 * alpha
+            done = abs(new - alpha) <= 1e-10 * alpha
             alpha = new
             if done:
                 break
         s, v = image_var(alpha), kernel_var(alpha)
     return {"image_scale": math.sqrt(s), "kernel_scale": math.sqrt(v),
             "prior_scale": 1.0 / math.sqrt(alpha)}
+
+
+def _argmin_log(fn: Callable[[float], float], lo: float, hi: float, num: int = 241) -> float:
+    """Minimiser of ``fn`` on ``[lo, hi]``: a log-spaced grid, then golden section around the
+    best grid point."""
+    ll, lh = math.log(lo), math.log(hi)
+    xs = [ll + (lh - ll) * i / (num - 1) for i in range(num)]
+    vals = [fn(math.exp(x)) for x in xs]
+    i = min(range(num), key=vals.__getitem__)
+    a, b = xs[max(i - 1, 0)], xs[min(i + 1, num - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = fn(math.exp(c)), fn(math.exp(d))
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = fn(math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = fn(math.exp(d))
+    return math.exp(0.5 * (a + b))
 
 
 # -- per-example gradients ----------------------------------------------------------------------
@@ -222,8 +292,9 @@ def per_example_gradients(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
                             for i in range(rows.shape[0])]).detach()
 
 
-def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond):
-    """``(A, T = tr H, r)`` of one batch (float64 Python floats)."""
+def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid,
+                  num_kernel_samples):
+    """``(A, T = tr H, r, c(grid))`` of one batch (float64 Python floats; ``c`` may be None)."""
     trace = _trace_at(model, layout, z, args, kwargs)
     subsample = {name: site["value"] for name, site in trace.nodes.items()
                  if site["type"] == "sample" and site_is_subsample(site)}
@@ -235,6 +306,8 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond):
         make_rows_fn(model, layout, args, kwargs, subsample=subsample), z).double()
     if J.shape[0] != w.shape[0]:
         raise ValueError(f"{J.shape[0]} likelihood rows but {w.shape[0]} row weights")
+    if rcond is None:  # the guide's projector threshold, so r is the rank its KL uses
+        rcond = default_rcond(J.shape[0], z.dtype)
     evals, evecs = torch.linalg.eigh(J @ J.T)
     keep = evals > rcond * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
     basis = evecs[:, keep] / evals[keep].sqrt()  # G⁺ = basis basisᵀ on the numerical range
@@ -247,7 +320,20 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond):
         coef = basis.T @ (J @ Jt.T)  # (rank, B): coordinates of (I − P) g̃_i
         image += float((w * coef.pow(2).sum(0)).sum())
         total += float((w * Jt.pow(2).sum(1)).sum())
-    return image / num_label_samples, total / num_label_samples, int(keep.sum())
+    curve = None
+    if grid is not None:
+        rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
+        eps = torch.randn(num_kernel_samples, z.shape[0], dtype=torch.float64, device=z.device)
+        kernel = (eps - (eps @ J.T) @ basis @ basis.T @ J).to(z.dtype)  # rows of P ε
+        with torch.no_grad():
+            base = float((w * rows(z).double()).sum())
+            curve = []
+            for v in grid:
+                cost = [base - float((w * rows(z + math.sqrt(v) * k).double()).sum())
+                        for k in kernel]
+                cost = sum(cost) / len(cost)
+                curve.append(cost if math.isfinite(cost) else 1e300)
+    return image / num_label_samples, total / num_label_samples, int(keep.sum()), curve
 
 
 def _as_call(item) -> Tuple[tuple, dict]:
@@ -267,6 +353,8 @@ def curvature_statistics(
     batches: Optional[Iterable] = None,
     num_batches: int = 8,
     num_label_samples: int = 4,
+    kernel_curve: bool = True,
+    num_kernel_samples: int = 4,
     prior_loc: Optional[Dict[str, Tensor]] = None,
     rcond: Optional[float] = None,
     **kwargs,
@@ -280,9 +368,12 @@ def curvature_statistics(
     :param batches: alternatively an iterable of batches (argument tuples, kwargs dicts or
         ``(args, kwargs)`` pairs); at most ``num_batches`` are used.
     :param num_label_samples: S, labels drawn from the predictive per batch (Monte Carlo Fisher).
+    :param kernel_curve: measure the kernel cost ``c(v)`` (module docstring) with
+        ``num_kernel_samples`` kernel draws per batch, on 48 kernel variances log-spaced over
+        ``[10⁻⁶, 10²] · ‖θ̂‖²/D``.
     :param prior_loc: the prior mean ``μ`` per site (default 0) for ``m = ‖θ̂ − μ‖²``.
-    :param rcond: relative eigenvalue threshold of the Gram pseudo-inverse (default: ``1e-10``
-        in float64, ``1e-5`` in float32).
+    :param rcond: relative eigenvalue threshold of the Gram pseudo-inverse (default: the
+        projectors' :func:`~pyro_viking.linalg.solvers.default_rcond`).
     """
     with poutine.block(), torch.no_grad():
         proto = poutine.trace(model).get_trace(*args, **kwargs) if batches is None else None
@@ -293,17 +384,24 @@ def curvature_statistics(
             proto = poutine.trace(model).get_trace(*first[0], **first[1])
     layout = LatentLayout.from_trace(proto)  # latents only (observed sites are skipped)
     z = layout.pack({name: torch.as_tensor(loc[name]).detach() for name in layout.names})
-    if rcond is None:
-        rcond = 1e-10 if z.dtype == torch.float64 else 1e-5
     calls = [(args, kwargs)] * num_batches if batches is None \
         else [_as_call(b) for b in batches[:num_batches]]
-    stats = [_batch_traces(model, layout, z, a, kw, num_label_samples, rcond) for a, kw in calls]
+    mu = layout.pack(prior_loc) if prior_loc is not None else torch.zeros_like(z)
+    m = float((z - mu).double().pow(2).sum())
+    grid = None
+    if kernel_curve:
+        typical = max(float(z.double().pow(2).mean()), 1e-12)
+        grid = [typical * 10 ** (-6 + 8 * i / 47) for i in range(48)]
+    stats = [_batch_traces(model, layout, z, a, kw, num_label_samples, rcond, grid,
+                           num_kernel_samples) for a, kw in calls]
     A = sum(s[0] for s in stats) / len(stats)
     T = sum(s[1] for s in stats) / len(stats)
     r = sum(s[2] for s in stats) / len(stats)
-    mu = layout.pack(prior_loc) if prior_loc is not None else torch.zeros_like(z)
-    m = float((z - mu).double().pow(2).sum())
+    curve = None if grid is None else tuple(
+        sum(st[3][i] for st in stats) / len(stats) for i in range(len(grid)))
     return CurvatureStatistics(image_trace=A, kernel_trace=max(T - A, 0.0), image_dim=r,
                                latent_dim=layout.latent_dim, sq_distance=m,
-                               num_batches=len(stats))
+                               num_batches=len(stats),
+                               kernel_grid=None if grid is None else tuple(grid),
+                               kernel_curve=curve)
 
