@@ -42,6 +42,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
 
 from .autoguide import AutoViking
 from .elbo import TraceViking_ELBO
@@ -119,6 +120,19 @@ def _prior_scale_name(model: Callable, prior_scale_param: Optional[str]) -> Opti
     return getattr(model, "prior_scale_name", None)  # pyro_viking.bnn models expose it
 
 
+class _WeightPrior(Messenger):
+    """Multiply the log density of every latent (non-observed) sample site by ``weight``:
+    under ``AutoDelta`` the MAP loss becomes ``−log p(y | θ) − weight · log p(θ)``."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.weight
+
+
 def _hide(fn: Callable, name: Optional[str]) -> Callable:
     """``fn`` with the ``pyro.param`` ``name`` hidden from SVI (so no optimiser moves it)."""
     return fn if name is None else poutine.block(fn, hide=[name])
@@ -140,15 +154,21 @@ def _with_scale_lr(optim: PyroOptim, factor: float, is_scale: Callable[[str], bo
 # -- the phases ----------------------------------------------------------------------------------
 def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_steps: int = 1000,
             optim: Optional[PyroOptim] = None, prior_scale_param: Optional[str] = None,
-            progress: bool = True, history: Optional[Dict[str, list]] = None,
-            **kwargs) -> Dict[str, torch.Tensor]:
+            prior_weight: float = 1.0, progress: bool = True,
+            history: Optional[Dict[str, list]] = None, **kwargs) -> Dict[str, torch.Tensor]:
     """MAP by SVI with :class:`~pyro.infer.autoguide.AutoDelta`; returns ``{site: θ̂}``.
 
-    The ``pyro.param`` named ``prior_scale_param`` (a learned prior scale) is not optimised.
+    The loss is ``−log p(y | θ) − prior_weight · log p(θ)``. With ``prior_weight = β`` its
+    minimiser is the mean the β-tempered ELBO prefers (the ELBO's ``β α ‖θ̂‖²/2``), up to
+    the curvature term ``½ tr(HΣ)``. The ``pyro.param`` named ``prior_scale_param`` (a learned
+    prior scale) is not optimised.
     """
     name = _prior_scale_name(model, prior_scale_param)
+    target = _hide(model, name)
+    if prior_weight != 1.0:
+        target = _WeightPrior(prior_weight)(target)
     guide = AutoDelta(_hide(model, name))
-    svi = SVI(_hide(model, name), guide, optim or pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi = SVI(target, guide, optim or pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     history = history if history is not None else _new_history()
     nan = float("nan")
     prior = (lambda: float(pyro.param(name).detach())) if name else (lambda: nan)
@@ -162,6 +182,8 @@ def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_step
 def _fixed_prior_scale(model, args, kwargs, map_values) -> Optional[float]:
     with poutine.block(), torch.no_grad():
         trace = poutine.trace(poutine.condition(model, data=map_values)).get_trace(*args, **kwargs)
+    for name in map_values:  # conditioning marks them observed; they are the latents
+        trace.nodes[name]["is_observed"] = False
     scale = isotropic_prior_scale(trace, list(map_values))
     return None if scale is None else float(scale)
 
@@ -216,6 +238,7 @@ def fit_viking(
     gamma: float = 0.5,
     guide_options: Optional[dict] = None,
     map_values: Optional[Dict[str, torch.Tensor]] = None,
+    temper_warmup: bool = True,
     statistics: Optional[CurvatureStatistics] = None,
     curvature_batches: int = 8,
     num_label_samples: int = 4,
@@ -244,6 +267,8 @@ def fit_viking(
     :param gamma: memory of the stochastic alternating projections (``AutoViking(gamma=)``).
     :param guide_options: further ``AutoViking`` arguments (``backend``, ``jacobian``, ...).
     :param map_values: a MAP estimate to start from (skips the warm-up).
+    :param temper_warmup: weight the prior by ``beta`` in the warm-up (weight decay ``β α``),
+        so the warm-up ends near the mean the tempered ELBO prefers; ``False``: plain MAP.
     :param statistics: curvature statistics at ``map_values`` to reuse (skips their estimate).
     :param curvature_batches, num_label_samples: batches and Monte Carlo labels per batch of
         the curvature estimate (:func:`~pyro_viking.scale_init.curvature_statistics`).
@@ -256,7 +281,7 @@ def fit_viking(
         warmup = num_steps // 4 if warmup_steps is None else warmup_steps
         map_values = fit_map(model, *args, batches=batches, num_steps=warmup, optim=optim,
                              prior_scale_param=name, progress=progress, history=history,
-                             **kwargs)
+                             prior_weight=beta if temper_warmup else 1.0, **kwargs)
     if init_scales:
         init, statistics = initial_scales(
             model, map_values, *args, beta=beta, batches=batches, prior_scale_param=name,
