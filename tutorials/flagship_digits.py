@@ -55,7 +55,6 @@ from pyro.infer.autoguide import (
     AutoDelta,
     AutoLowRankMultivariateNormal,
     AutoNormal,
-    init_to_value,
 )
 from pyro.nn import PyroModule, PyroSample
 from sklearn.datasets import load_digits
@@ -64,7 +63,8 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 import pyro_viking.evaluation as ev
-from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking.beta_selection import select_beta
+from pyro_viking.recipe import DEFAULT_BETA, fit_viking
 
 # %% [markdown]
 # ## Settings
@@ -87,9 +87,8 @@ HIDDEN = 64
 LR = 3e-3
 BASELINE_PRIOR_SCALE = 0.5  # MAP / AutoNormal / LowRank: fixed prior N(0, 0.5² I)
 VIKING_INIT_PRIOR_SCALE = math.exp(-2)  # VIKING learns it; the paper's init log α = 4
-VIKING_INIT_IMAGE_SCALE = math.exp(-2)  # the paper's init log σ_im = −2
 VIKING_GAMMA = 0.5  # memory of the stochastic alternating projections
-VIKING_BETA = 0.03  # KL weight (1 = the true ELBO); the sweep below re-chooses it
+VIKING_BETA = DEFAULT_BETA  # KL weight (1 = the true ELBO); the sweep below re-chooses it
 BETA_GRID = [1.0, 0.03] if SMOKE_TEST else [1.0, 0.1, 0.03, 0.01, 0.001]
 BETA_SWEEP = os.environ.get("VIKING_BETA_SWEEP", "1") != "0"
 DATA_SEED = 0  # the train/test (and train/validation) split is the same for every seed
@@ -284,19 +283,23 @@ def fit_low_rank(model, seed):
 #
 #     KL = ½ [ (D − R)(σ_im²/s² − 1 − log(σ_im²/s²)) + ‖θ̂‖²/s² ],   R = dim ker,
 #
-# gives `prior_scale` its gradient. The 60 epochs follow the paper's three phases, 5 + 5 + 50:
+# gives `prior_scale` its gradient. The library's recipe, `pyro_viking.recipe.fit_viking`, runs
+# the whole fit in one call (60 epochs in all, the same budget as every other method):
 #
-# 1. **MAP warm-up** (`AutoDelta`, s frozen at its initial value, so this is MAP with weight
-#    decay α = e⁴): VIKING's kernel is only meaningful near a good fit.
-# 2. **scales only**: `AutoViking` starts at the MAP (`init_to_value`); an Adam whose
-#    per-parameter learning rate is 0 for `AutoViking.loc` trains σ_im (initialised at e⁻²,
-#    the paper's log σ_im = −2) and the prior scale s = σ_ker with θ̂ frozen.
-# 3. **full ELBO** (`TraceViking_ELBO(beta=VIKING_BETA)`): everything trains. The kernel is
-#    tracked by stochastic alternating projections with memory γ = 0.5, the value the paper
-#    reports as best (its code defaults to 0.2; in a check on the validation split described
-#    below, at β = 0.01, both gave a validation NLL of 0.125, so we kept the paper's
-#    recommendation). Only the loss Jacobian (one row per datum) is used, and gradients are
-#    not propagated through the projection (cheaper; see the design notes).
+# 1. **MAP warm-up** (15 epochs, `AutoDelta`): VIKING's kernel is only meaningful near a good
+#    fit. The prior is weighted by β (weight decay βα, as in the tempered ELBO, so the warm-up
+#    ends near the mean the ELBO prefers) and s is held at its initial value.
+# 2. **scales from curvature** (no steps): at the MAP θ̂ the recipe minimises the β-tempered
+#    ELBO in σ_im and s — σ_im from the curvature of the likelihood in the image (a Monte Carlo
+#    Fisher from per-example gradients), s = σ_ker from the measured cost of kernel noise on the
+#    training likelihood and the KL. This replaces the paper's "scales only" phase, whose
+#    result depended on the step count and the learning rate (see `pyro_viking/scale_init.py`
+#    for the derivation).
+# 3. **full ELBO** (`TraceViking_ELBO(beta=VIKING_BETA)`, 45 epochs): everything trains. The
+#    kernel is tracked by stochastic alternating projections with memory γ = 0.5, the value
+#    the paper reports as best (its code defaults to 0.2). Only the loss Jacobian (one row per
+#    datum) is used, and gradients are not propagated through the projection (cheaper; see
+#    the design notes).
 #
 # Before predicting, `project_training_data(x_train, y_train, BATCH_SIZE)` walks the training
 # plate in chunks of 64 and projects each of the S = 100 prediction samples on every chunk's
@@ -304,67 +307,41 @@ def fit_low_rank(model, seed):
 # Jacobian and never that of the test inputs.
 
 # %%
-VIKING_WARMUP, VIKING_SCALES_ONLY = (1, 1) if SMOKE_TEST else (5, 5)
+VIKING_WARMUP = 1 if SMOKE_TEST else 15  # epochs of the MAP warm-up, within EPOCHS
 
 
-def _freeze(*names):
-    """Adam arguments giving learning rate 0 to the named parameters (suffix match)."""
-    return lambda param_name: {"lr": 0.0 if param_name.endswith(names) else LR}
-
-
-def fit_viking(model, seed, beta=None, data=None, verbose=True, **viking_options):
-    """MAP warm-up, then AutoViking at the MAP: scales only, then the full ELBO.
-
-    `model` must use the learned prior scale; `data` defaults to the training set;
-    `viking_options` override the AutoViking arguments below. Returns (guide, losses,
-    seconds/epoch) and stores a trace of the scales in `guide.scale_history`."""
+def fit_viking_method(model, seed, beta=None, data=None, verbose=True):
+    """VIKING by the library recipe. Returns (guide, per-epoch losses, seconds/epoch) and
+    stores per-epoch scales in `guide.scale_history` and end values in `guide.diagnostics`."""
     beta = VIKING_BETA if beta is None else beta
     x, y = (x_train, y_train) if data is None else data
+    steps = math.ceil(len(x) / BATCH_SIZE)  # one epoch
     start = time.perf_counter()
-    map_guide = AutoDelta(model)
-    losses, _ = run_svi(model, map_guide, Trace_ELBO(), VIKING_WARMUP, f"VIKING MAP warm-up {seed}",
-                        optim=pyro.optim.Adam(_freeze("prior_scale")), data=(x, y))
-    map_median = {k: v.detach().clone() for k, v in map_guide.median(x, y).items()}
-    options = dict(init_image_scale=VIKING_INIT_IMAGE_SCALE, kernel_scale="prior",
-                   gamma=VIKING_GAMMA, jacobian="loss", grad_through_projection=False)
-    options.update(viking_options)
-    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_median), **options)
-    loss = TraceViking_ELBO(beta=beta, num_particles=NUM_PARTICLES)
-
-    # s is frozen during the warm-up; σ_im exists from the end of the warm-up on
-    history = {"epoch": list(range(VIKING_WARMUP + 1)),
-               "prior_scale": [VIKING_INIT_PRIOR_SCALE] * (VIKING_WARMUP + 1),
-               "image_scale": [float("nan")] * VIKING_WARMUP + [VIKING_INIT_IMAGE_SCALE]}
-
-    def record():
-        history["epoch"].append(history["epoch"][-1] + 1)
-        history["prior_scale"].append(float(pyro.param("prior_scale").detach()))
-        history["image_scale"].append(float(guide.image_scale.detach()))
-
-    more, _ = run_svi(model, guide, loss, VIKING_SCALES_ONLY, f"VIKING scales {seed}",
-                      optim=pyro.optim.Adam(_freeze("loc")), data=(x, y), on_epoch=record)
-    losses += more
-    more, _ = run_svi(model, guide, loss, EPOCHS - VIKING_WARMUP - VIKING_SCALES_ONLY,
-                      f"VIKING seed {seed}", data=(x, y), on_epoch=record)
-    losses += more
+    fit = fit_viking(model, x, y, BATCH_SIZE, warmup_steps=VIKING_WARMUP * steps,
+                     num_steps=(EPOCHS - VIKING_WARMUP) * steps, beta=beta,
+                     optim=pyro.optim.Adam({"lr": LR}), prior_scale_param="prior_scale",
+                     num_particles=NUM_PARTICLES, gamma=VIKING_GAMMA, progress=verbose)
     spe = (time.perf_counter() - start) / EPOCHS
-    guide.scale_history = history
+    guide, h = fit.guide, fit.history
+    per_epoch = lambda key: [sum(h[key][i:i + steps]) / steps  # noqa: E731
+                             for i in range(0, len(h[key]), steps)]
+    ends = [i + steps - 1 for i in range(0, len(h["loss"]), steps)]
+    guide.scale_history = {"epoch": list(range(1, len(ends) + 1)),
+                           "prior_scale": [h["prior_scale"][i] for i in ends],
+                           "image_scale": [h["image_scale"][i] for i in ends]}
     rank = guide.last_projector.rank  # D − R of the last training minibatch's Jacobian
-    guide.diagnostics = dict(prior_scale=float(pyro.param("prior_scale").detach()),
-                             sigma_ker=float(guide.kernel_scale),
-                             sigma_im=float(guide.image_scale.detach()),
+    guide.diagnostics = dict(prior_scale=h["prior_scale"][-1], sigma_ker=float(guide.kernel_scale),
+                             sigma_im=h["image_scale"][-1], init=fit.init,
                              loc_norm=float(guide.loc.detach().norm()), batch_rank=rank)
     if verbose:
         d = guide.diagnostics
         print(f"VIKING seed {seed} (beta={beta:g}): prior scale s = sigma_ker "
-              f"{VIKING_INIT_PRIOR_SCALE:.4f} -> {d['prior_scale']:.4f}, "
-              f"sigma_im {VIKING_INIT_IMAGE_SCALE:.4f} -> {d['sigma_im']:.4f}, "
+              f"{fit.init['prior_scale']:.4f} (curvature start) -> {d['prior_scale']:.4f}, "
+              f"sigma_im {fit.init['image_scale']:.4f} -> {d['sigma_im']:.4f}, "
               f"|theta_hat| = {d['loc_norm']:.2f}, rank of a batch Jacobian "
               f"D - R = {rank} of {BATCH_SIZE} rows (D = {guide.latent_dim})")
-    # S fresh samples, projected on the kernel of the whole training set's Jacobian: the guide
-    # walks the model's subsampled plate in chunks of BATCH_SIZE (the last one wraps around).
     guide.project_training_data(x, y, BATCH_SIZE, num_samples=NUM_SAMPLES, progress=verbose)
-    return guide, losses, spe
+    return guide, per_epoch("loss"), spe
 
 
 def viking_model():
@@ -372,7 +349,8 @@ def viking_model():
 
 
 METHODS = {"MAP": (fit_map, BayesianMLP), "AutoNormal": (fit_mean_field, BayesianMLP),
-           "LowRank(10)": (fit_low_rank, BayesianMLP), "VIKING": (fit_viking, viking_model)}
+           "LowRank(10)": (fit_low_rank, BayesianMLP),
+           "VIKING": (fit_viking_method, viking_model)}
 
 # %% [markdown]
 # ### Why four samples per step
@@ -488,40 +466,29 @@ def predict(model, guide, x, num_samples):
 
 # %%
 def beta_sweep(grid):
-    """Fit VIKING for each β on 80 % of the training set; score on the other 20 %."""
+    """`select_beta`: VIKING for each β on 80 % of the training set, scored on the other 20 %."""
     x_fit, x_val, y_fit, y_val = (
         torch.as_tensor(a) for a in train_test_split(
             x_train.numpy(), y_train.numpy(), test_size=0.2, stratify=y_train.numpy(),
             random_state=DATA_SEED))
-    rows = []
-    for beta in grid:
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        model = viking_model()
-        guide, _, _ = fit_viking(model, 0, beta=beta, data=(x_fit, y_fit), verbose=False)
-        probs = predict(model, guide, torch.cat([x_val, x_fit]), NUM_SAMPLES)
-        p_val, p_fit = probs[:, :len(x_val)], probs[:, len(x_val):]
-        pbar = ev.bayesian_model_average(p_val)
-        nll = -pbar[torch.arange(len(y_val)), y_val].clamp(min=1e-300).log()
-        rows.append(dict(beta=beta, nll=float(nll.mean()),
-                         se=float(nll.std() / math.sqrt(len(nll))),
-                         acc=ev.classification_metrics(p_val, y_val)["accuracy"],
-                         train_acc=float((p_fit.argmax(-1) == y_fit).double().mean()),
-                         **guide.diagnostics))
-    # The β with the best validation NLL (ties within 1e-3: the larger β, i.e. less tempering).
-    best = min(rows, key=lambda r: r["nll"])
-    chosen = max((r for r in rows if r["nll"] <= best["nll"] + 1e-3), key=lambda r: r["beta"])
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    steps = math.ceil(len(x_fit) / BATCH_SIZE)
+    choice = select_beta(viking_model(), x_fit, y_fit, BATCH_SIZE, validation=(x_val, y_val),
+                         betas=grid, warmup_steps=VIKING_WARMUP * steps,
+                         num_steps=(EPOCHS - VIKING_WARMUP) * steps, num_samples=NUM_SAMPLES,
+                         optim_factory=lambda: pyro.optim.Adam({"lr": LR}),
+                         prior_scale_param="prior_scale", progress=False,
+                         fit_options=dict(num_particles=NUM_PARTICLES, gamma=VIKING_GAMMA))
     print(f"\nβ sweep on a validation split ({len(x_fit)} fit / {len(x_val)} validation "
           "digits, seed 0)")
-    print(f"{'beta':>7} {'val NLL':>14} {'val acc':>8} {'train acc/θ':>12} {'s=σ_ker':>8} "
-          f"{'σ_im':>7} {'|θ̂|':>6} {'D−R':>4}")
-    for r in rows:
-        mark = "  <- chosen" if r is chosen else ""
-        print(f"{r['beta']:>7g} {r['nll']:>8.3f}±{r['se']:.3f} {r['acc']:>8.3f} "
-              f"{r['train_acc']:>12.3f} {r['prior_scale']:>8.3f} {r['sigma_im']:>7.3f} "
-              f"{r['loc_norm']:>6.2f} {r['batch_rank']:>4}{mark}")
-    print(f"best validation NLL at β = {chosen['beta']:g}\n")
-    return chosen["beta"]
+    print(f"{'beta':>7} {'val NLL':>14} {'s=σ_ker':>8} {'σ_im':>7}")
+    for r in choice.table:
+        mark = "  <- chosen" if r["beta"] == choice.beta else ""
+        print(f"{r['beta']:>7g} {r['val_nll']:>8.3f}±{r['val_nll_se']:.3f} "
+              f"{r['prior_scale']:>8.3f} {r['image_scale']:>7.3f}{mark}")
+    print(f"best validation NLL at β = {choice.beta:g}\n")
+    return choice.beta
 
 
 x_eval = torch.cat([x_test, x_ood, x_train])
@@ -633,11 +600,11 @@ print(header + "\n" + "-" * len(header))
 for name, rows in results.items():
     cells = [mean_std([r[key] for r in rows]) for key in COLUMNS]
     print(f"{name:<12}" + "".join(f"{m:>8.3f}±{s:.3f}" for m, s in cells))
-print("\nVIKING's learned scales per seed (prior scale s = σ_ker, initialised at "
-      f"{VIKING_INIT_PRIOR_SCALE:.3f}):")
+print("\nVIKING's learned scales per seed (prior scale s = σ_ker; curvature start → end):")
 for seed, g, row, map_row in zip(SEEDS, viking_runs, results["VIKING"], results["MAP"]):
     d = g.diagnostics
-    print(f"  seed {seed}: s = σ_ker = {d['prior_scale']:.4f}, σ_im = {d['sigma_im']:.4f}, "
+    print(f"  seed {seed}: s = σ_ker = {d['init']['prior_scale']:.4f} → {d['prior_scale']:.4f}, "
+          f"σ_im = {d['init']['image_scale']:.4f} → {d['sigma_im']:.4f}, "
           f"|θ̂| = {d['loc_norm']:.2f}, batch-Jacobian rank D−R = {d['batch_rank']}, "
           f"test accuracy {row['accuracy']:.3f} (MAP: {map_row['accuracy']:.3f})")
 
@@ -675,9 +642,7 @@ ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="sma
 h = viking_runs[0].scale_history
 ax2.plot(h["epoch"], h["prior_scale"], label="prior scale s = σ_ker (learned)")
 ax2.plot(h["epoch"], h["image_scale"], label="σ_im (learned)")
-ax2.axvspan(0, VIKING_WARMUP, color="0.9", label="MAP warm-up (s frozen)")
-ax2.axvspan(VIKING_WARMUP, VIKING_WARMUP + VIKING_SCALES_ONLY, color="0.8",
-            label="scales only (θ̂ frozen)")
+ax2.axvspan(0, VIKING_WARMUP, color="0.9", label="MAP warm-up (s frozen, σ_im not yet used)")
 ax2.set_xlabel("epoch")
 ax2.set_ylabel("scale")
 ax2.set_ylim(bottom=0)
