@@ -325,14 +325,16 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
         rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
         eps = torch.randn(num_kernel_samples, z.shape[0], dtype=torch.float64, device=z.device)
         kernel = (eps - (eps @ J.T) @ basis @ basis.T @ J).to(z.dtype)  # rows of P ε
+        roots = torch.tensor(grid, dtype=z.dtype, device=z.device).sqrt()
+        Z = (z + roots[:, None, None] * kernel).reshape(-1, z.shape[0])  # (grid · samples, D)
         with torch.no_grad():
             base = float((w * rows(z).double()).sum())
-            curve = []
-            for v in grid:
-                cost = [base - float((w * rows(z + math.sqrt(v) * k).double()).sum())
-                        for k in kernel]
-                cost = sum(cost) / len(cost)
-                curve.append(cost if math.isfinite(cost) else 1e300)
+            try:
+                L = torch.func.vmap(rows)(Z)
+            except Exception:  # noqa: BLE001 - model code that does not vectorise
+                L = torch.stack([rows(zz) for zz in Z])
+            cost = base - (L.double() @ w).reshape(len(grid), -1).mean(1)
+        curve = [float(c) if math.isfinite(c) else 1e300 for c in cost.tolist()]
     return image / num_label_samples, total / num_label_samples, int(keep.sum()), curve
 
 

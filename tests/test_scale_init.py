@@ -51,26 +51,33 @@ def ridge(X, y, alpha=1.0):
                               X.T @ y / NOISE**2)
 
 
-def dense_elbo_loss(X, y, theta_hat, batches, beta, sigma_im, sigma_ker, prior_scale):
-    """Exact negative (β-tempered) ELBO of the VIKING family, averaged over the batches."""
+def dense_elbo_loss(X, y, theta_hat, batches):
+    """The exact negative (β-tempered) ELBO of the VIKING family as a function
+    ``(beta, sigma_im, sigma_ker, prior_scale) -> float``, averaged over the batches."""
     X, y, theta_hat = X.double(), y.double(), theta_hat.double()
     N, D = X.shape
-    total = 0.0
+    eye = torch.eye(D, dtype=torch.float64)
+    parts = []
     for idx in batches:
         Xb, yb = X[idx], y[idx]
         res = yb - Xb @ theta_hat
         J = Xb * (res / NOISE**2)[:, None]  # per-datum gradients of log p
         image = J.T @ torch.linalg.pinv(J @ J.T) @ J
-        P = torch.eye(D, dtype=torch.float64) - image
-        cov = sigma_ker**2 * P + sigma_im**2 * image
-        w = N / len(idx)
-        quad = res.pow(2) + torch.einsum("bi,ij,bj->b", Xb, cov, Xb)
-        lik = w * (0.5 * len(idx) * math.log(2 * math.pi * NOISE**2) + quad.sum() / (2 * NOISE**2))
-        q = MultivariateNormal(theta_hat, cov)
-        p = MultivariateNormal(torch.zeros(D, dtype=torch.float64),
-                               prior_scale**2 * torch.eye(D, dtype=torch.float64))
-        total += float(lik + beta * kl_divergence(q, p))
-    return total / len(batches)
+        parts.append((Xb, res, image, N / len(idx)))
+
+    def loss(beta, sigma_im, sigma_ker, prior_scale):
+        total = 0.0
+        for Xb, res, image, w in parts:
+            cov = sigma_ker**2 * (eye - image) + sigma_im**2 * image
+            quad = res.pow(2) + torch.einsum("bi,ij,bj->b", Xb, cov, Xb)
+            lik = w * (0.5 * len(res) * math.log(2 * math.pi * NOISE**2)
+                       + quad.sum() / (2 * NOISE**2))
+            q = MultivariateNormal(theta_hat, cov)
+            p = MultivariateNormal(torch.zeros(D, dtype=torch.float64), prior_scale**2 * eye)
+            total += float(lik + beta * kl_divergence(q, p))
+        return total / len(parts)
+
+    return loss
 
 
 def brute_force(objective, x0):
@@ -103,9 +110,9 @@ def test_optimal_scales_minimise_objective(K, beta):
 
 
 # -- the whole estimate against brute force on the exact linear-Gaussian problem ----------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("beta", [1.0, 0.1])
-@pytest.mark.parametrize("num_batches", [1, 4])
+@pytest.mark.parametrize("dtype, beta, num_batches", [
+    (torch.float64, 1.0, 1), (torch.float64, 0.1, 4), (torch.float32, 0.1, 1),
+    (torch.float32, 1.0, 4)])
 def test_linear_gaussian_brute_force(dtype, beta, num_batches):
     """σ_im and the (learned, tied) prior scale match a numerical minimisation of the exact
     ELBO in the two scales within 5 %, with and without minibatches (N/B plate scaling)."""
@@ -117,13 +124,13 @@ def test_linear_gaussian_brute_force(dtype, beta, num_batches):
     theta_hat = ridge(X.double(), y.double()).to(dtype)
     model = make_model(X, y, learned_prior=True)
     stats = curvature_statistics(model, {"theta": theta_hat}, batches=[{"idx": b} for b in batches],
-                                 num_label_samples=64)
+                                 num_label_samples=32)
     assert stats.kernel_trace == pytest.approx(0.0, abs=1e-3 * stats.image_trace)
     assert stats.image_dim == pytest.approx(N / num_batches)
     got = optimal_scales(stats, beta, kernel="prior")
 
-    x = brute_force(lambda si, s: dense_elbo_loss(X, y, theta_hat, batches, beta, si, s, s),
-                    [0.1, 0.5])
+    loss = dense_elbo_loss(X, y, theta_hat, batches)
+    x = brute_force(lambda si, s: loss(beta, si, s, s), [0.1, 0.5])
     np.testing.assert_allclose([got["image_scale"], got["prior_scale"]], x, rtol=0.05)
 
 
@@ -138,8 +145,8 @@ def test_linear_gaussian_fixed_prior(dtype):
     theta_hat = ridge(X.double(), y.double()).to(dtype)
     model = make_model(X, y, learned_prior=False, fixed_scale=0.8)
     stats = curvature_statistics(model, {"theta": theta_hat}, batches=[{"idx": b} for b in batches],
-                                 num_label_samples=64)
+                                 num_label_samples=32)
     got = optimal_scales(stats, 0.3, prior_scale=0.8)
-    x = brute_force(lambda si: dense_elbo_loss(X, y, theta_hat, batches, 0.3, si, 0.8, 0.8),
-                    [0.1])
+    loss = dense_elbo_loss(X, y, theta_hat, batches)
+    x = brute_force(lambda si: loss(0.3, si, 0.8, 0.8), [0.1])
     assert got["image_scale"] == pytest.approx(float(x[0]), rel=0.05)
