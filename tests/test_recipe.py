@@ -133,3 +133,22 @@ def test_select_beta_and_validation_nll():
     ref = -probs.double().mean(0)[torch.arange(len(xv)), yv].log()
     assert nll.shape == (len(xv),)
     torch.testing.assert_close(nll, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_scales_lr_factor_and_scales_phase():
+    """`scales_lr_factor=0` freezes σ_im and the prior scale in the ELBO phase; the optional
+    scales-only phase leaves θ̂ at the MAP while the scales train."""
+    fit = _fit(torch.float32, 1e-2, num_steps=10, warmup_steps=30, scales_steps=10,
+               scales_lr_factor=0.0)
+    h = fit.history
+    assert h["phase"] == ["map"] * 30 + ["scales"] * 10 + ["elbo"] * 10
+    assert len(set(h["image_scale"][30:])) == 1  # lr 0 for the scales, in both phases
+    assert len(set(h["prior_scale"][30:])) == 1
+
+    fit = _fit(torch.float32, 1e-2, num_steps=0, warmup_steps=30, scales_steps=10)
+    h = fit.history
+    assert len(set(h["image_scale"][30:])) > 1
+    loc = fit.guide.loc.detach()
+    map_loc = torch.cat([fit.map_values[n].reshape(-1) for n in
+                         ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")])
+    torch.testing.assert_close(loc, map_loc)
