@@ -54,8 +54,9 @@ __all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales
 #: Default KL weight for classification BNNs (Pyro's convention: the plate already scales the
 #: likelihood by N/B, so β = 1 is the true ELBO). Chosen on a validation split of scikit-learn
 #: digits (MLP 64-64-64-8, 3 seeds, ``tutorials/flagship_digits.py``): validation NLL 0.90 at
-#: β = 1, 0.102 at 0.1, 0.074 at 0.03, 0.073 at 0.01 (a tie within the seed spread of ~0.01;
-#: the less tempered value is kept). :func:`~pyro_viking.select_beta` re-chooses it.
+#: β = 1 (one seed), 0.102 at 0.1, 0.074 at 0.03, 0.073 at 0.01 (a tie within the seed
+#: spread of ~0.01; the less tempered value is kept). :func:`~pyro_viking.select_beta`
+#: re-chooses it.
 DEFAULT_BETA = 0.03
 
 
