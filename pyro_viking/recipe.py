@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import pyro
 import pyro.poutine as poutine
@@ -325,12 +325,3 @@ def fit_viking(
     return VikingFit(guide=guide, history=history, statistics=statistics, init=init,
                      map_values=map_values, beta=beta)
 
-
-def history_summary(history: Dict[str, list]) -> List[Tuple[str, int, float]]:
-    """``(phase, steps, last loss)`` per phase, in order."""
-    out = []
-    for phase, group in itertools.groupby(zip(history["phase"], history["loss"]),
-                                          key=lambda t: t[0]):
-        items = list(group)
-        out.append((phase, len(items), items[-1][1]))
-    return out

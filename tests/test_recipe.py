@@ -130,7 +130,8 @@ def test_select_beta_and_validation_nll():
     assert choice.beta == min(choice.table, key=lambda r: r["val_nll"])["beta"]
     # the param store holds the chosen fit: its guide reports the chosen run's scales
     row = next(r for r in choice.table if r["beta"] == choice.beta)
-    assert float(choice.fit.guide.image_scale) == pytest.approx(row["image_scale"], rel=1e-5)
+    image_scale = float(choice.fit.guide.image_scale.detach())
+    assert image_scale == pytest.approx(row["image_scale"], rel=1e-5)
     # validation_nll is the NLL of the Bayesian model average of the predicted probabilities
     nll = validation_nll(model, choice.fit.guide, xv, yv, num_samples=8)
     probs = pyro.infer.Predictive(model, guide=choice.fit.guide, num_samples=8,
