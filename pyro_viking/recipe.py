@@ -1,0 +1,327 @@
+r"""The VIKING recipe as one call: MAP warm-up → scales from curvature → full ELBO.
+
+    fit = fit_viking(model, x, y, num_steps=2000, optim=pyro.optim.Adam({"lr": 3e-3}))
+    guide = fit.guide                                  # a fitted AutoViking
+    guide.project_training_data(x, y)                  # before Predictive
+    samples = Predictive(model, guide=guide, num_samples=100)(x_test)
+
+Phases (each a plain :class:`~pyro.infer.SVI` loop with the optimiser you pass):
+
+1. **MAP warm-up** (``warmup_steps``): :class:`~pyro.infer.autoguide.AutoDelta` with
+   :class:`~pyro.infer.Trace_ELBO`; a learned prior scale (``prior_scale_param``) is held at its
+   current value (hidden from the optimiser), so this is MAP with weight decay ``1/s²``.
+2. **Scales from curvature** (no steps): at the MAP ``θ̂``, the linearised β-tempered ELBO is
+   minimised in ``σ_im`` and the prior precision ``α = 1/s²`` (``σ_ker² = 1/α`` when tied) in
+   closed form from ``tr(H(I − P))``, ``tr(HP)``, ``rank J`` and ``‖θ̂‖²``
+   (:mod:`pyro_viking.scale_init`, where the derivation is). The learned prior scale is set in
+   Pyro's param store; the guide starts at ``θ̂`` with that ``σ_im``.
+3. optional **scales only** (``scales_steps``): the full ELBO with ``θ̂`` hidden from the
+   optimiser (the paper's phase; with the curvature start it is rarely needed).
+4. **full ELBO** (``num_steps``): :class:`~pyro_viking.TraceViking_ELBO` (``beta``).
+
+Data: either the model's own arguments, passed at every step (a model that subsamples its data
+plate, ``pyro.plate("data", N, subsample_size=B)``, draws a fresh minibatch per call), or
+``batches=``, an iterable of batches (argument tuples, kwargs dicts, or ``(args, kwargs)``
+pairs; e.g. a ``DataLoader``), cycled as often as needed. With ``batches``, the model must scale
+its likelihood to the full data set itself (``pyro.plate("data", N, subsample=idx)`` or
+``poutine.scale``), as any minibatch SVI in Pyro requires.
+
+No state is kept outside the returned :class:`VikingFit` and Pyro's param store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, init_to_value
+from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
+
+from .autoguide import AutoViking
+from .elbo import TraceViking_ELBO
+from .priors import isotropic_prior_scale
+from .scale_init import CurvatureStatistics, _as_call, curvature_statistics, optimal_scales
+
+__all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales"]
+
+#: Default KL weight for classification BNNs (Pyro's convention: the plate already scales the
+#: likelihood by N/B, so β = 1 is the true ELBO). Chosen on a validation split of scikit-learn
+#: digits (MLP 64-64-64-8, 3 seeds, ``tutorials/flagship_digits.py``): validation NLL 0.90 at
+#: β = 1 (one seed), 0.102 at 0.1, 0.074 at 0.03, 0.073 at 0.01 (a tie within the seed
+#: spread of ~0.01; the less tempered value is kept). :func:`~pyro_viking.select_beta`
+#: re-chooses it.
+DEFAULT_BETA = 0.03
+
+
+@dataclass
+class VikingFit:
+    """The result of :func:`fit_viking`.
+
+    :ivar guide: the fitted :class:`~pyro_viking.AutoViking`.
+    :ivar history: per SVI step: ``"phase"`` (``"map"``, ``"scales"``, ``"elbo"``), ``"loss"``,
+        ``"image_scale"`` (σ_im), ``"kernel_scale"`` (σ_ker), ``"prior_scale"`` (the learned
+        prior scale, or ``nan``); scales are ``nan`` during the MAP phase.
+    :ivar statistics: the curvature statistics at the MAP (``None`` without curvature start).
+    :ivar init: the scales the guide started from (``image_scale``, ``kernel_scale``,
+        ``prior_scale``).
+    :ivar map_values: the MAP estimate ``θ̂`` (``{site: value}``).
+    """
+
+    guide: AutoViking
+    history: Dict[str, list]
+    statistics: Optional[CurvatureStatistics]
+    init: Dict[str, float]
+    map_values: Dict[str, torch.Tensor]
+    beta: float = 1.0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+# -- data --------------------------------------------------------------------------------------
+def _calls(args: tuple, kwargs: dict, batches: Optional[Iterable]) -> Iterator[Tuple[tuple, dict]]:
+    """Endless ``(args, kwargs)`` of the model's training calls."""
+    if batches is None:
+        return itertools.repeat((args, kwargs))
+
+    def cycle():
+        while True:
+            empty = True
+            for item in batches:
+                empty = False
+                yield _as_call(item)
+            if empty:
+                raise ValueError("batches is empty")
+
+    return cycle()
+
+
+def _run(svi: SVI, calls: Iterator, steps: int, phase: str, history: Dict[str, list],
+         record: Callable[[], Tuple[float, float, float]], progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=f"VIKING {phase}", disable=not progress, leave=False)
+    for _ in bar:
+        a, kw = next(calls)
+        loss = svi.step(*a, **kw)
+        im, ker, prior = record()
+        for key, value in zip(("phase", "loss", "image_scale", "kernel_scale", "prior_scale"),
+                              (phase, loss, im, ker, prior)):
+            history[key].append(value)
+        if bar.n % 20 == 0:
+            bar.set_postfix(loss=f"{loss:.4g}", sigma_im=f"{im:.3g}", sigma_ker=f"{ker:.3g}")
+
+
+def _prior_scale_name(model: Callable, prior_scale_param: Optional[str]) -> Optional[str]:
+    if prior_scale_param is not None:
+        return prior_scale_param
+    return getattr(model, "prior_scale_name", None)  # pyro_viking.bnn models expose it
+
+
+class _WeightPrior(Messenger):
+    """Multiply the log density of every latent (non-observed) sample site by ``weight``:
+    under ``AutoDelta`` the MAP loss becomes ``−log p(y | θ) − weight · log p(θ)``."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.weight
+
+
+def _hide(fn: Callable, name: Optional[str]) -> Callable:
+    """``fn`` with the ``pyro.param`` ``name`` hidden from SVI (so no optimiser moves it)."""
+    return fn if name is None else poutine.block(fn, hide=[name])
+
+
+def _with_scale_lr(optim: PyroOptim, factor: float, is_scale: Callable[[str], bool]) -> PyroOptim:
+    """A copy of ``optim`` whose learning rate is multiplied by ``factor`` for scale params."""
+    base = optim.pt_optim_args
+
+    def args(name: str) -> dict:
+        a = dict(base(name) if callable(base) else base)
+        if is_scale(name) and "lr" in a:
+            a["lr"] = a["lr"] * factor
+        return a
+
+    return PyroOptim(optim.pt_optim_constructor, args, optim.pt_clip_args)
+
+
+# -- the phases ----------------------------------------------------------------------------------
+def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_steps: int = 1000,
+            optim: Optional[PyroOptim] = None, prior_scale_param: Optional[str] = None,
+            prior_weight: float = 1.0, progress: bool = True,
+            history: Optional[Dict[str, list]] = None, **kwargs) -> Dict[str, torch.Tensor]:
+    """MAP by SVI with :class:`~pyro.infer.autoguide.AutoDelta`; returns ``{site: θ̂}``.
+
+    The loss is ``−log p(y | θ) − prior_weight · log p(θ)``. With ``prior_weight = β`` its
+    minimiser is the mean the β-tempered ELBO prefers (the ELBO's ``β α ‖θ̂‖²/2``), up to
+    the curvature term ``½ tr(HΣ)``. The ``pyro.param`` named ``prior_scale_param`` (a learned
+    prior scale) is not optimised.
+    """
+    name = _prior_scale_name(model, prior_scale_param)
+    target = _hide(model, name)
+    if prior_weight != 1.0:
+        target = _WeightPrior(prior_weight)(target)
+    guide = AutoDelta(_hide(model, name))
+    svi = SVI(target, guide, optim or pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    history = history if history is not None else _new_history()
+    nan = float("nan")
+    prior = (lambda: float(pyro.param(name).detach())) if name else (lambda: nan)
+    _run(svi, _calls(args, kwargs, batches), num_steps, "map", history,
+         lambda: (nan, nan, prior()), progress)
+    first = _as_call(next(iter(batches))) if batches is not None else (args, kwargs)
+    with torch.no_grad():
+        return {k: v.detach().clone() for k, v in guide.median(*first[0], **first[1]).items()}
+
+
+def _fixed_prior_scale(model, args, kwargs, map_values) -> Optional[float]:
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(poutine.condition(model, data=map_values)).get_trace(*args, **kwargs)
+    for name in map_values:  # conditioning marks them observed; they are the latents
+        trace.nodes[name]["is_observed"] = False
+    scale = isotropic_prior_scale(trace, list(map_values))
+    return None if scale is None else float(scale)
+
+
+def initial_scales(model: Callable, map_values: Dict[str, torch.Tensor], *args,
+                   beta: float, batches: Optional[Iterable] = None,
+                   prior_scale_param: Optional[str] = None, kernel: str = "prior",
+                   statistics: Optional[CurvatureStatistics] = None,
+                   num_batches: int = 8, num_label_samples: int = 4,
+                   **kwargs) -> Tuple[Dict[str, float], CurvatureStatistics]:
+    """Scales minimising the linearised β-tempered ELBO at ``θ̂`` (see
+    :mod:`pyro_viking.scale_init`); returns ``(scales, statistics)``.
+
+    With a learned prior scale (``prior_scale_param``, or a model's ``prior_scale_name``) the
+    prior precision is optimised as well; otherwise the model's fixed isotropic prior scale is
+    read from its trace. ``statistics`` reuses an earlier estimate (e.g. across β).
+    """
+    name = _prior_scale_name(model, prior_scale_param)
+    if statistics is None:
+        statistics = curvature_statistics(model, map_values, *args, batches=batches,
+                                          num_batches=num_batches,
+                                          num_label_samples=num_label_samples, **kwargs)
+    fixed = None
+    if name is None:
+        first = _as_call(next(iter(batches))) if batches is not None else (args, kwargs)
+        fixed = _fixed_prior_scale(model, first[0], first[1], map_values)
+        if fixed is None:
+            raise ValueError("the curvature start needs an isotropic Normal prior (one scale for "
+                             "every latent); pass init_scales=False and set the scales yourself")
+    return optimal_scales(statistics, beta, prior_scale=fixed, kernel=kernel), statistics
+
+
+def _new_history() -> Dict[str, list]:
+    return {k: [] for k in ("phase", "loss", "image_scale", "kernel_scale", "prior_scale")}
+
+
+def fit_viking(
+    model: Callable,
+    *args,
+    batches: Optional[Iterable] = None,
+    num_steps: int = 1000,
+    warmup_steps: Optional[int] = None,
+    scales_steps: int = 0,
+    beta: float = DEFAULT_BETA,
+    optim: Optional[PyroOptim] = None,
+    scales_lr_factor: Optional[float] = None,
+    prior_scale_param: Optional[str] = None,
+    kernel_scale: str = "prior",
+    init_scales: bool = True,
+    init_image_scale: float = math.exp(-2),
+    num_particles: int = 1,
+    gamma: float = 0.5,
+    guide_options: Optional[dict] = None,
+    map_values: Optional[Dict[str, torch.Tensor]] = None,
+    temper_warmup: bool = True,
+    statistics: Optional[CurvatureStatistics] = None,
+    curvature_batches: int = 8,
+    num_label_samples: int = 4,
+    progress: bool = True,
+    **kwargs,
+) -> VikingFit:
+    """Fit an :class:`~pyro_viking.AutoViking` guide to ``model`` with the VIKING recipe.
+
+    :param model: a Pyro model; ``model(*args, **kwargs)`` (or each of ``batches``) is one step.
+    :param batches: an iterable of batches instead of ``args``/``kwargs`` (module docstring).
+    :param num_steps: SVI steps of the full ELBO phase.
+    :param warmup_steps: MAP steps (default ``num_steps // 4``; 0 with ``map_values``).
+    :param scales_steps: steps of the optional scales-only phase (``θ̂`` frozen).
+    :param beta: KL weight of :class:`~pyro_viking.TraceViking_ELBO` (:data:`DEFAULT_BETA`).
+    :param optim: any Pyro optimiser (default ``Adam(lr=1e-3)``), used in every phase.
+    :param scales_lr_factor: multiply the learning rate of σ_im, σ_ker and the learned prior
+        scale by this factor (needs an optimiser built from a dict or callable with ``lr``).
+    :param prior_scale_param: name of a ``pyro.param`` holding the prior's standard deviation
+        (a learned prior scale read by the model's priors); found on ``pyro_viking.bnn``
+        models automatically. ``None`` and no such attribute: the prior scale is fixed.
+    :param kernel_scale: ``"prior"`` (σ_ker tied to the prior scale) or ``"learned"``.
+    :param init_scales: start σ_im (and the learned prior scale) at the curvature optimum;
+        ``False`` starts σ_im at ``init_image_scale`` and leaves the prior scale alone.
+    :param num_particles: Monte Carlo samples per ELBO step (each draws its own minibatch of a
+        subsampled plate: Pyro re-runs the model per particle).
+    :param gamma: memory of the stochastic alternating projections (``AutoViking(gamma=)``).
+    :param guide_options: further ``AutoViking`` arguments (``backend``, ``jacobian``, ...).
+    :param map_values: a MAP estimate to start from (skips the warm-up).
+    :param temper_warmup: weight the prior by ``beta`` in the warm-up (weight decay ``β α``),
+        so the warm-up ends near the mean the tempered ELBO prefers; ``False``: plain MAP.
+    :param statistics: curvature statistics at ``map_values`` to reuse (skips their estimate).
+    :param curvature_batches, num_label_samples: batches and Monte Carlo labels per batch of
+        the curvature estimate (:func:`~pyro_viking.scale_init.curvature_statistics`).
+    :param progress: tqdm progress bars.
+    """
+    optim = optim or pyro.optim.Adam({"lr": 1e-3})
+    name = _prior_scale_name(model, prior_scale_param)
+    history = _new_history()
+    if map_values is None:
+        warmup = num_steps // 4 if warmup_steps is None else warmup_steps
+        map_values = fit_map(model, *args, batches=batches, num_steps=warmup, optim=optim,
+                             prior_scale_param=name, progress=progress, history=history,
+                             prior_weight=beta if temper_warmup else 1.0, **kwargs)
+    if init_scales:
+        init, statistics = initial_scales(
+            model, map_values, *args, beta=beta, batches=batches, prior_scale_param=name,
+            kernel=kernel_scale, statistics=statistics, num_batches=curvature_batches,
+            num_label_samples=num_label_samples, **kwargs)
+        if name is not None:
+            store = pyro.get_param_store()
+            like = store[name]
+            store[name] = torch.tensor(init["prior_scale"], dtype=like.dtype, device=like.device)
+            store[name].unconstrained().grad = None
+    else:
+        init = {"image_scale": init_image_scale, "kernel_scale": float("nan"),
+                "prior_scale": float(pyro.param(name).detach()) if name else float("nan")}
+    options = dict(init_image_scale=init["image_scale"], kernel_scale=kernel_scale, gamma=gamma,
+                   grad_through_projection=False)
+    if kernel_scale == "learned" and init_scales:
+        options["init_kernel_scale"] = init["kernel_scale"]
+    options.update(guide_options or {})
+    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_values), **options)
+    elbo = TraceViking_ELBO(beta=beta, num_particles=num_particles)
+    nan = float("nan")
+
+    def record():
+        prior = float(pyro.param(name).detach()) if name else nan
+        return float(guide.image_scale.detach()), float(guide.kernel_scale), prior
+
+    calls = _calls(args, kwargs, batches)
+    if scales_lr_factor is not None:
+        scale_names = {name} if name else set()
+        optim = _with_scale_lr(optim, scales_lr_factor, lambda n: n in scale_names or n.endswith(
+            ("image_scale", "kernel_scale", "kernel_scale_unconstrained")))
+    if scales_steps:
+        frozen = poutine.block(guide, hide_fn=lambda msg: msg["type"] == "param"
+                               and msg["name"].endswith(".loc"))
+        _run(SVI(model, frozen, optim, elbo), calls, scales_steps, "scales", history, record,
+             progress)
+    _run(SVI(model, guide, optim, elbo), calls, num_steps, "elbo", history, record, progress)
+    return VikingFit(guide=guide, history=history, statistics=statistics, init=init,
+                     map_values=map_values, beta=beta)
+
