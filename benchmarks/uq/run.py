@@ -127,7 +127,7 @@ def main(argv=None) -> list:
                    help="β of the ablations (default: the validation choice, else 0.03)")
     p.add_argument("--ablation-epochs", type=int, default=None,
                    help="epochs of the ablations (default: the main run's)")
-    p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="tutorial",
+    p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="library",
                    help="the flagship tutorial's recipe, or pyro_viking.recipe.fit_viking")
     args = p.parse_args(argv)
     import viking_fit

@@ -48,7 +48,7 @@ def phase_epochs(epochs: int, warmup: Optional[int] = None):
 
 #: "tutorial": the flagship tutorial's recipe below; "library": ``pyro_viking.recipe.fit_viking``
 #: (MAP warm-up → curvature start of the scales → full ELBO), when the package has it.
-RECIPE = "tutorial"
+RECIPE = "library"
 
 
 def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
