@@ -84,12 +84,17 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
     losses = run_svi(model, guide, loss, task, full, budget, particles=budget.particles)
     secs = time.perf_counter() - start
     store = pyro.get_param_store()
-    info = {"prior_scale": float(store["prior_scale"].detach()) if "prior_scale" in store
-            else INIT_PRIOR_SCALE,
-            "sigma_im": float(guide.image_scale.detach()),
-            "sigma_ker": float(guide.kernel_scale),
-            "loc_norm": float(guide.loc.detach().norm()),
-            "final_loss": losses[-1], "beta": beta}
+    prior = (float(store["prior_scale"].detach()) if "prior_scale" in store
+             else INIT_PRIOR_SCALE)
+    return _fitted(task, model, guide, budget, secs, prior_scale=prior,
+                   final_loss=losses[-1], beta=beta)
+
+
+def _fitted(task: Task, model, guide, budget: Budget, secs: float, **info) -> Fitted:
+    """The fitted guide's sampler (projected on the fit split before predicting) and its
+    scales, for the harness."""
+    info.update(sigma_im=float(guide.image_scale.detach()), sigma_ker=float(guide.kernel_scale),
+                loc_norm=float(guide.loc.detach().norm()))
     inner = pyro_sampler(task, model, guide, budget.num_samples)
 
     def sample(x):
@@ -122,17 +127,6 @@ def _fit_library(task: Task, seed: int, beta: float, budget: Budget, warmup: Opt
         gamma=viking_options.get("gamma", DEFAULT_OPTIONS["gamma"]), guide_options=options,
         progress=False)
     secs = time.perf_counter() - start
-    guide = fit.guide
-    info = {"prior_scale": float(pyro.param("prior_scale").detach()),
-            "sigma_im": float(guide.image_scale.detach()),
-            "sigma_ker": float(guide.kernel_scale),
-            "loc_norm": float(guide.loc.detach().norm()), "beta": beta,
-            "init_sigma_im": float(fit.init["image_scale"])}
-    inner = pyro_sampler(task, model, guide, budget.num_samples)
-
-    def sample(x):
-        guide.project_training_data(task.x_fit, task.y_fit, budget.batch_size,
-                                    num_samples=budget.num_samples)
-        return inner(x)
-
-    return Fitted(sample, secs / budget.epochs, noise=_noise(), info=info)
+    return _fitted(task, model, fit.guide, budget, secs,
+                   prior_scale=float(pyro.param("prior_scale").detach()), beta=beta,
+                   init_sigma_im=float(fit.init["image_scale"]))
