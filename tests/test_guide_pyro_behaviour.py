@@ -148,7 +148,8 @@ def test_quantiles_shapes_ordering_and_marginal_scales():
     std = (si2 + (sk2 - si2) * P.diagonal()).sqrt()
     z90 = dist.Normal(0.0, 1.0).icdf(torch.tensor(0.9))
     got = torch.cat([q["w"][2] - q["w"][1], (q["b"][2] - q["b"][1])[None]]) / z90
-    assert torch.allclose(got, std, rtol=1e-6)
+    rtol = 1e-6 if got.dtype == torch.float64 else 1e-4  # (float32: quantile arithmetic)
+    assert torch.allclose(got, std, rtol=rtol)
     # Without data, from cached training-data samples (diag P estimated): same shapes/order.
     guide.project_training_data(x, y, num_samples=200)
     q2 = guide.quantiles([0.1, 0.5, 0.9])
