@@ -68,6 +68,9 @@ class SamplingState:
 
     #: samples projected at once when the guide projects lazily for prediction
     LAZY_NUM_SAMPLES = 100
+    #: draws a run may take beyond the cached samples before they count as repeating: Predictive
+    #: runs the guide once more than ``num_samples`` (to find the plate nesting) and drops it
+    PROBE_DRAWS = 1
 
     def __init__(self, gamma: float, image_noise: str, num_chains: int = 1):
         if not 0.0 <= float(gamma) <= 1.0:
@@ -178,7 +181,7 @@ class SamplingState:
         costs about as much as predicting with that many samples)."""
         if self.noise is None or self.stale:
             return True
-        return self.lazy and self.counter + n > self.noise.shape[0]
+        return self.lazy and self.counter + n > self.noise.shape[0] + self.PROBE_DRAWS
 
     def begin_prediction(self, args: tuple, kwargs: dict) -> int:
         """A prediction call: calls on new inputs start again from the first sample (every
@@ -218,7 +221,7 @@ class SamplingState:
 
     def next_indices(self, n: int, S: int) -> Tensor:
         """Indices of the next ``n`` of ``S`` prediction samples (cycling)."""
-        if self.counter + n > S:
+        if self.counter + n > S + self.PROBE_DRAWS:
             self._warn_once("repeat", f"{self.counter + n} draws on the same inputs but only {S} "
                             "samples projected on the training data are cached; they repeat. "
                             f"Call guide.project_training_data(num_samples={self.counter + n}).")

@@ -219,6 +219,6 @@ def test_bench_step_quick_runs():
     assert out.count("SVI step,") == 3  # 3 models, K in {1, 2} in each table
     assert out.count("Projection accuracy and cost") == 3
     assert "Peak memory" in out and "Acceptance ratios" in out
-    for word in ("AutoViking stop-grad P [layer_gram]", "AutoViking default (grad through P)",
+    for word in ("AutoViking default (stop-grad P) [layer_gram]", "AutoViking grad through P",
                  "AutoNormal", "matrix_free, CG", "K=2 vectorised / K=1"):
         assert word in out
