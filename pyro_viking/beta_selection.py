@@ -15,8 +15,9 @@ import pyro
 import torch
 from pyro.infer import Predictive
 
+from .model_inspection import batch_call
 from .model_likelihood import LatentLayout, make_rows_fn
-from .recipe import VikingFit, _as_call, fit_viking
+from .recipe import VikingFit, fit_viking
 
 __all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "select_beta", "validation_nll"]
 
@@ -86,7 +87,7 @@ def select_beta(
     make_optim = optim_factory or (lambda: pyro.optim.Adam({"lr": 1e-3}))
     store = pyro.get_param_store()
     start = store.get_state()
-    val_args, val_kwargs = _as_call(tuple(validation) if isinstance(validation, list)
+    val_args, val_kwargs = batch_call(tuple(validation) if isinstance(validation, list)
                                     else validation)
     table, fits, states = [], [], []
     for beta in betas:

@@ -31,9 +31,9 @@ from .model_likelihood import (
     trace_model,
 )
 
-__all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "check_no_subsampled_latents",
-           "check_not_jit_traced", "inspect_model", "other_latents", "shape_signature",
-           "strip_blocks", "training_batches"]
+__all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "batch_call",
+           "check_no_subsampled_latents", "check_not_jit_traced", "inspect_model",
+           "other_latents", "shape_signature", "strip_blocks", "training_batches"]
 
 
 @dataclass
@@ -130,6 +130,17 @@ class SeveralDataPlates(ValueError):
     """The model subsamples several data plates: no single order walks its training data."""
 
 
+def batch_call(item) -> tuple[tuple, dict]:
+    """One batch as ``(args, kwargs)``: an argument tuple/list (or a single argument), a kwargs
+    dict, or an ``(args, kwargs)`` pair."""
+    if isinstance(item, dict):
+        return (), item
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) \
+            and isinstance(item[1], dict):
+        return item
+    return (tuple(item) if isinstance(item, (tuple, list)) else (item,)), {}
+
+
 def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
                      frames: dict[str, CondIndepStackFrame], device=None) -> Iterator[tuple]:
     """``(args, kwargs, subsample)`` of each batch of a pass over the training data: the items
@@ -138,13 +149,7 @@ def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
     wrapping around: repeated data only repeat rows of J), else the one call ``args, kwargs``."""
     if batches is not None:
         for item in batches:
-            if isinstance(item, dict):
-                yield (), item, {}
-            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) \
-                    and isinstance(item[0], tuple):
-                yield item[0], item[1], {}
-            else:
-                yield (tuple(item) if isinstance(item, (tuple, list)) else (item,)), {}, {}
+            yield (*batch_call(item), {})
         return
     if len(frames) > 1:
         raise SeveralDataPlates(f"the model subsamples several data plates {sorted(frames)}; "

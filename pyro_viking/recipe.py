@@ -46,8 +46,9 @@ from pyro.poutine.messenger import Messenger
 
 from .autoguide import AutoViking
 from .elbo import TraceViking_ELBO
+from .model_inspection import batch_call
 from .priors import isotropic_prior_scale
-from .scale_init import CurvatureStatistics, _as_call, curvature_statistics, optimal_scales
+from .scale_init import CurvatureStatistics, curvature_statistics, optimal_scales
 
 __all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales"]
 
@@ -94,7 +95,7 @@ def _calls(args: tuple, kwargs: dict, batches: Optional[Iterable]) -> Iterator[T
             empty = True
             for item in batches:
                 empty = False
-                yield _as_call(item)
+                yield batch_call(item)
             if empty:
                 raise ValueError("batches is empty")
 
@@ -177,7 +178,7 @@ def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_step
     prior = (lambda: float(pyro.param(name).detach())) if name else (lambda: nan)
     _run(svi, _calls(args, kwargs, batches), num_steps, "map", history,
          lambda: (nan, nan, prior()), progress)
-    first = _as_call(next(iter(batches))) if batches is not None else (args, kwargs)
+    first = batch_call(next(iter(batches))) if batches is not None else (args, kwargs)
     with torch.no_grad():
         return {k: v.detach().clone() for k, v in guide.median(*first[0], **first[1]).items()}
 
@@ -211,7 +212,7 @@ def initial_scales(model: Callable, map_values: Dict[str, torch.Tensor], *args,
                                           num_label_samples=num_label_samples, **kwargs)
     fixed = None
     if name is None:
-        first = _as_call(next(iter(batches))) if batches is not None else (args, kwargs)
+        first = batch_call(next(iter(batches))) if batches is not None else (args, kwargs)
         fixed = _fixed_prior_scale(model, first[0], first[1], map_values)
         if fixed is None:
             raise ValueError("the curvature start needs an isotropic Normal prior (one scale for "

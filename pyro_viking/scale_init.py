@@ -89,6 +89,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .linalg.solvers import default_rcond
+from .model_inspection import batch_call
 from .model_likelihood import LatentLayout, make_rows_fn
 
 __all__ = ["CurvatureStatistics", "curvature_statistics", "optimal_scales", "scale_objective"]
@@ -338,16 +339,6 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
     return image / num_label_samples, total / num_label_samples, int(keep.sum()), curve
 
 
-def _as_call(item) -> Tuple[tuple, dict]:
-    """A batch as ``(args, kwargs)``: a tuple/list of arguments, a kwargs dict, or a pair."""
-    if isinstance(item, dict):
-        return (), item
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) \
-            and isinstance(item[1], dict):
-        return item
-    return (tuple(item) if isinstance(item, (tuple, list)) else (item,)), {}
-
-
 def curvature_statistics(
     model: Callable,
     loc: Dict[str, Tensor],
@@ -381,13 +372,13 @@ def curvature_statistics(
         proto = poutine.trace(model).get_trace(*args, **kwargs) if batches is None else None
     if proto is None:
         batches = list(batches)
-        first = _as_call(batches[0])
+        first = batch_call(batches[0])
         with poutine.block(), torch.no_grad():
             proto = poutine.trace(model).get_trace(*first[0], **first[1])
     layout = LatentLayout.from_trace(proto)  # latents only (observed sites are skipped)
     z = layout.pack({name: torch.as_tensor(loc[name]).detach() for name in layout.names})
     calls = [(args, kwargs)] * num_batches if batches is None \
-        else [_as_call(b) for b in batches[:num_batches]]
+        else [batch_call(b) for b in batches[:num_batches]]
     mu = layout.pack(prior_loc) if prior_loc is not None else torch.zeros_like(z)
     m = float((z - mu).double().pow(2).sum())
     grid = None
