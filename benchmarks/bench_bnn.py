@@ -56,15 +56,22 @@ def _bench_models():
     return mod
 
 
-def make_runs(quick: bool, B: int, device: str):
+def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
     bm = _bench_models()
     torch.manual_seed(0)
     N = 8 * B
-    x = torch.randn(N, 1, 28, 28, device=device)
+    shape = (1, 28, 28) if net_name == "lenet" else (784,)
+    x = torch.randn(N, *shape, device=device)
     y = torch.randint(0, 10, (N,), device=device)
 
     def lenet():
         torch.manual_seed(1)
+        if net_name == "mlp":  # 784-256-256-10 relu, plain nn.Linear layers
+            w = (784, 32, 32, 10) if quick else (784, 256, 256, 10)
+            layers = []
+            for a, b in zip(w[:-1], w[1:]):
+                layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+            return torch.nn.Sequential(*layers[:-1]).to(device)
         net = bm.LeNet(2, 4, 12, 8, 10) if quick else bm.LeNet()
         return torch.nn.Sequential(net).to(device)  # plain nn.Linear/Conv2d subclasses
 
@@ -87,7 +94,8 @@ def make_runs(quick: bool, B: int, device: str):
         TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
     add("VIKING K=4 seq", AutoViking, TraceViking_ELBO(num_particles=4))
     add("VIKING K=1 fixed prior", AutoViking, TraceViking_ELBO(), prior=0.1)
-    prob = bm.make_problem("lenet", B, quick=quick, device=device, subsample_size=B)
+    problem = "lenet" if net_name == "lenet" else "mlp_784_256_256_10"
+    prob = bm.make_problem(problem, B, quick=quick, device=device, subsample_size=B)
     add("VIKING K=1 (PyroModule)", AutoViking, TraceViking_ELBO(), prob.model,
         init_to_value(values=prob.init_values))
     data = {name: (x, y) for name in runs}
@@ -103,10 +111,12 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--net", choices=("lenet", "mlp"), default="lenet",
+                    help="the LeNet-like CNN or the 784-256-256-10 relu MLP")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    runs, data = make_runs(args.quick, args.batch_size, args.device)
+    runs, data = make_runs(args.quick, args.batch_size, args.device, args.net)
     times = {name: [] for name in runs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for rnd in range(args.warmup + args.repeats):
@@ -120,7 +130,8 @@ def main(argv=None) -> None:
             if rnd >= args.warmup:
                 times[name].append(time.perf_counter() - t)
     base = statistics.median(times["VIKING K=1"])
-    print(f"LeNet{' (quick)' if args.quick else ''}, B = {args.batch_size}, device "
+    label = "LeNet" if args.net == "lenet" else "MLP 784-256-256-10"
+    print(f"{label}{' (quick)' if args.quick else ''}, B = {args.batch_size}, device "
           f"{args.device}, {args.threads} thread(s), {args.repeats} interleaved rounds")
     print(f"{'configuration':<26} {'median ms':>10} {'IQR ms':>14} {'× VIKING K=1':>13} backend")
     for name, ts in times.items():

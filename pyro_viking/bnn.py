@@ -18,10 +18,10 @@ fixed or learned noise scale σ. The user writes no ``PyroSample`` lambdas::
 The structure VIKING needs is kept: the network is evaluated on ``x[idx]`` *outside* the data
 plate (its weights are not per-datum), and the observed site ``"obs"`` has one row per datum
 inside it. With unbatched weights the network runs as itself (``torch.func.functional_call``
-with the sampled tensors), so ``nn.Linear``/``nn.Conv2d`` layers see ordinary weights and the
-layer-Gram Jacobian backend applies. With a leading batch of weight samples (vectorised
-particles, ``Predictive(parallel=True)``) the same call is mapped over the batch with
-``torch.vmap``: K samples run in one batched pass.
+with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers see ordinary
+weights and the layer-Gram Jacobian backend applies. With a leading batch of weight samples
+(vectorised particles, ``Predictive(parallel=True)``) the same call is mapped over the batch
+with ``torch.vmap``: K samples run in one batched pass.
 
 Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
 digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm

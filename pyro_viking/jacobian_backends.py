@@ -3,7 +3,7 @@
 Backends (``backend=``):
 
 * ``"layer_gram"`` — :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`: exact,
-  per-layer Gram of ``nn.Linear``/``nn.Conv2d`` networks (one forward + one backward);
+  per-layer Gram of ``nn.Linear``/``nn.Conv{1,2,3}d`` networks (one forward + one backward);
 * ``"per_example"`` — :class:`~pyro_viking.linalg.per_example.PerExampleJacobian`: the dense
   ``(B, D)`` Jacobian from vectorised per-example gradients;
 * ``"matrix_free"`` — :class:`~pyro_viking.linalg.operators.FunctionalJacobian` with CG;

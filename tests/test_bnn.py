@@ -203,8 +203,6 @@ def test_vectorised_particles_match_sequential_in_expectation(dtype):
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "cnn1d"])
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_autoviking_trains_on_the_layer_gram_backend(dtype, arch, vectorize):
-    """(The 12 Conv1d weights of ``cnn1d`` are outside the layer route; the layer-Gram backend
-    computes their Jacobian columns densely by forward mode.)"""
     make, shape = NETS[arch]
     x, y = data(dtype, n=40, shape=shape)
     bnn = BayesianNetwork(make(dtype), "classification", prior_scale="learned", batch_size=10)

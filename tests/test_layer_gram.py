@@ -83,6 +83,22 @@ def lenet(B=5, conv2=None):
     return flat_fn(model, x, classification)
 
 
+def cnn1d(B=6, conv2=None):
+    conv2 = conv2 or nn.Conv1d(3, 4, 5, stride=2, padding=2)
+    body = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Tanh(), conv2, nn.Flatten())
+    x = torch.randn(B, 1, 20)
+    model = nn.Sequential(*body, nn.Tanh(), nn.Linear(body(x).shape[1], 5))
+    return flat_fn(model, x, classification)
+
+
+def cnn3d(B=4):
+    body = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1, stride=(1, 2, 2)), nn.ReLU(),
+                         nn.Flatten())
+    x = torch.randn(B, 2, 3, 6, 6)
+    model = nn.Sequential(*body, nn.Linear(body(x).shape[1], 4))
+    return flat_fn(model, x, classification)
+
+
 class SeqModel(nn.Module):
     """Linear on (B, T, in) inputs (materialised path) followed by a 2-D head."""
 
@@ -118,6 +134,10 @@ PROBLEMS = {
     "lenet_stride_pad_dil": lambda: lenet(conv2=nn.Conv2d(4, 6, 3, stride=2, padding=2,
                                                           dilation=2)),
     "lenet_same_even_kernel": lambda: lenet(conv2=nn.Conv2d(4, 6, 4, padding="same")),
+    "cnn1d": cnn1d,
+    "cnn1d_same_even_dilated": lambda: cnn1d(conv2=nn.Conv1d(3, 4, 4, padding="same",
+                                                             dilation=2)),
+    "cnn3d": cnn3d,
     "seq_linear": seq_model,
     "frozen_first": frozen_first,
 }
@@ -167,6 +187,12 @@ def test_layer_gram_matches_jacrev(name):
     check_operator(op, fn, z)
 
 
+@pytest.mark.parametrize("name", ["cnn1d", "cnn1d_same_even_dilated", "cnn3d"])
+def test_conv1d_and_conv3d_are_layers_not_rest_columns(name):
+    fn, z = PROBLEMS[name]()
+    assert LayerGramJacobian(fn, z).rest_columns.numel() == 0
+
+
 def test_rest_column_is_the_noise_scale():
     fn, z = mlp_rest()
     op = LayerGramJacobian(fn, z)
@@ -174,7 +200,7 @@ def test_rest_column_is_the_noise_scale():
 
 
 @pytest.mark.parametrize("keep_graph", [True, False], ids=["build-graph", "re-run"])
-@pytest.mark.parametrize("name", ["mlp_tanh", "mlp_rest", "lenet", "seq_linear"])
+@pytest.mark.parametrize("name", ["mlp_tanh", "mlp_rest", "lenet", "cnn1d", "seq_linear"])
 def test_layer_gram_bilinear_gradient(name, keep_graph):
     """The bilinear's gradient from the build's own graph (``keep_graph``) and from a new
     forward/backward, against autograd through the dense Jacobian."""

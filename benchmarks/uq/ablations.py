@@ -28,7 +28,7 @@ from methods import Budget
 from metrics import classification_metrics, regression_metrics
 from report import mean_std
 from tasks import load_task
-from viking_fit import DEFAULT_OPTIONS, fit_viking, phase_epochs
+from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, fit_viking, phase_epochs
 
 ABLATIONS: Dict[str, List[tuple]] = {  # in order of priority (partial runs keep the first)
     "gamma": [(f"γ={g:g}", {"gamma": g}) for g in (0.0, 0.2, 0.5, 0.8, 1.0)],
@@ -46,8 +46,8 @@ QUICK = {"gamma": [ABLATIONS["gamma"][0]], "image_noise": ABLATIONS["image_noise
 
 def _key(options: dict, warmup: int) -> str:
     """Settings equal to the default configuration share one cache key."""
-    full = {**DEFAULT_OPTIONS, "warmup": warmup, "particles": 1, "batch_size": 64,
-            "rank_estimator": "auto", "image_noise": "fresh", **options}
+    full = {**DEFAULT_OPTIONS, "gamma": DEFAULT_GAMMA, "warmup": warmup, "particles": 1,
+            "batch_size": 64, "rank_estimator": "auto", "image_noise": "fresh", **options}
     return json.dumps(full, sort_keys=True)
 
 

@@ -50,6 +50,30 @@ def per_pass_ratio(by_method: Dict[str, List[dict]], other: str = "IVON") -> Opt
     return v / i if v and i else None
 
 
+def acceptance(by_method: Dict[str, List[dict]]) -> List[str]:
+    """Issue #10's bar, per metric: VIKING's mean against the best method's mean (accuracy:
+    against MAP's), *within one std* meaning within the reference method's seed std."""
+    if "VIKING" not in by_method:
+        return []
+    out = []
+    v = {k: mean_std([r.get(k) for r in by_method["VIKING"]]) for k in ("nll", "ece", "accuracy")}
+    for key in ("nll", "ece"):
+        if v[key][0] is None:
+            continue
+        stats = {m: mean_std([r.get(key) for r in rs]) for m, rs in by_method.items()}
+        best = min((m for m in stats if stats[m][0] is not None), key=lambda m: stats[m][0])
+        gap = v[key][0] - stats[best][0]
+        ok = gap <= stats[best][1]
+        out.append(f"{key.upper()}: VIKING {v[key][0]:.3f}, best {best} {stats[best][0]:.3f} ± "
+                   f"{stats[best][1]:.3f} (gap {gap:.3f}): **{'holds' if ok else 'missed'}**")
+    if v["accuracy"][0] is not None and "MAP" in by_method:
+        m, s = mean_std([r.get("accuracy") for r in by_method["MAP"]])
+        gap = m - v["accuracy"][0]
+        out.append(f"accuracy: VIKING {v['accuracy'][0]:.3f}, MAP {m:.3f} ± {s:.3f}: "
+                   f"**{'holds' if gap <= s else 'missed'}**")
+    return out
+
+
 def markdown(rows: List[dict]) -> str:
     lines = []
     for task, by_method in group(rows).items():
@@ -72,6 +96,10 @@ def markdown(rows: List[dict]) -> str:
                 r = per_pass_ratio(by_method, other)
                 line += f"; VIKING / {other}: {r:.1f}×" if r else ""
             lines.append(line)
+        bar = acceptance(by_method)
+        if bar:
+            lines += ["", "Issue #10's bar (within one std of the reference's seed spread): "
+                      + "; ".join(bar)]
         lines.append("")
     return "\n".join(lines)
 
@@ -134,14 +162,18 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
 
 
 def merge(folders: List[Path], out: Path) -> None:
-    """Concatenate the results.json / selection.json of several runs (e.g. one process per
-    task) into ``out`` and render the report there."""
+    """Merge the results.json / selection.json of several runs (e.g. one process per task, or
+    a re-run of one method) into ``out`` and render the report there. A later folder's rows
+    replace the earlier rows of the same (task, method), its selections the same method's."""
     rows, selection = [], {}
     for folder in folders:
-        rows += json.loads((folder / "results.json").read_text())
+        new = json.loads((folder / "results.json").read_text())
+        redone = {(r["task"], r["method"]) for r in new}
+        rows = [r for r in rows if (r["task"], r["method"]) not in redone] + new
         sel = folder / "selection.json"
         if sel.exists():
-            selection.update(json.loads(sel.read_text()))
+            for task, methods in json.loads(sel.read_text()).items():
+                selection.setdefault(task, {}).update(methods)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if selection:

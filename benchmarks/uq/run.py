@@ -50,7 +50,7 @@ KNOBS = {
     "IVON": ("hess_init", (0.3, 1.0, 3.0), 1.0),
     "AutoNormal": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
     "AutoLowRank": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
-    "VIKING": ("beta", (1.0, 0.1, 0.01), 0.1),
+    "VIKING": ("beta", (0.01, 0.001, 0.0001), 0.001),
 }
 SHARES_KNOB = {"Ensemble": "MAP", "Laplace": "MAP"}
 # Epochs per task (passes over the fit split) for the full run and for --quick.
@@ -127,12 +127,7 @@ def main(argv=None) -> list:
                    help="β of the ablations (default: the validation choice, else 0.03)")
     p.add_argument("--ablation-epochs", type=int, default=None,
                    help="epochs of the ablations (default: the main run's)")
-    p.add_argument("--viking-recipe", choices=("tutorial", "library"), default="library",
-                   help="the flagship tutorial's recipe, or pyro_viking.recipe.fit_viking")
     args = p.parse_args(argv)
-    import viking_fit
-
-    viking_fit.RECIPE = args.viking_recipe
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ The main run's ``epoch_seconds`` are measured method after method, so on a share
 ratios absorb changes of load. Here one epoch of each method (MAP, IVON, AutoNormal, VIKING)
 is timed in turn, ``rounds`` times, and the median per method is reported, with the ratios of
 issue #12 (VIKING ÷ IVON per pass). Settings are the main run's (batch size, K = 1, the
-VIKING options of ``viking_fit.DEFAULT_OPTIONS``); VIKING starts at a MAP point fitted for two
-untimed epochs, so its Jacobians are those of a trained-ish network.
+VIKING model and options of ``viking_fit``: a ``BayesianNetwork`` with a learned prior scale);
+every method starts at a MAP point fitted for two untimed epochs, so VIKING's Jacobians are
+those of a trained-ish network.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import time
 import pyro
 import torch
 from methods import _batches, _new_net, _nll, run_svi, train_map
-from pyro.infer import Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from pyro_models import PyroBNN
 from tasks import load_task
-from viking_fit import DEFAULT_OPTIONS
+from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, make_bnn
 
 from pyro_viking import AutoViking, TraceViking_ELBO
 
@@ -55,15 +56,20 @@ def _epoch_fns(task, budget):
             ivon_opt.step()
 
     fns = {"MAP": map_epoch, "IVON": ivon_epoch}
-    for name, make_guide, loss in (
-            ("AutoNormal", lambda m: AutoNormal(m, init_loc_fn=init_to_value(values=values),
-                                                init_scale=1e-2), Trace_ELBO()),
-            ("VIKING", lambda m: AutoViking(m, init_loc_fn=init_to_value(values=values),
-                                            **DEFAULT_OPTIONS), TraceViking_ELBO(beta=0.01))):
-        model = PyroBNN(_new_net(task, 0), task.kind, 1.0 if name == "AutoNormal" else None)
-        guide = make_guide(model)
-        fns[name] = (lambda model=model, guide=guide, loss=loss: run_svi(
-            model, guide, loss, task, 1, budget))
+    model = PyroBNN(_new_net(task, 0), task.kind, 1.0)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=values), init_scale=1e-2)
+    fns["AutoNormal"] = lambda: run_svi(model, guide, Trace_ELBO(), task, 1, budget)
+    bnn = make_bnn(task, 0, budget.batch_size)
+    bnn.net.load_state_dict(net.state_dict())  # the trained-ish start, as the others
+    viking = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn, gamma=DEFAULT_GAMMA, **DEFAULT_OPTIONS)
+    svi = SVI(bnn, viking, pyro.optim.Adam({"lr": budget.lr}), TraceViking_ELBO(beta=0.01))
+    steps = math.ceil(n / budget.batch_size)
+
+    def viking_epoch():
+        for _ in range(steps):
+            svi.step(task.x_fit, task.y_fit)
+
+    fns["VIKING"] = viking_epoch
     return fns
 
 

@@ -1,12 +1,13 @@
 """The VIKING fit used by the benchmark, behind one function (:func:`fit_viking`).
 
-Until ``pyro_viking.recipe`` lands this copies the recipe of ``tutorials/flagship_digits.py``
-(itself the paper's three phases, scaled to the epoch budget):
+What a user of the README writes: the task's network as a
+:class:`~pyro_viking.BayesianNetwork` (prior ``N(0, s²I)`` with the scale ``s`` a learned
+``pyro.param``, started at the paper's e⁻²; regression: a learned noise scale, started at 0.5
+as for every other method), fitted by the library recipe :func:`pyro_viking.fit_viking`:
 
-1. MAP warm-up (``AutoDelta``, prior scale frozen at its initial e⁻²) for ``warmup`` of the
-   epochs;
-2. ``AutoViking`` at the MAP (``init_to_value``), only the scales train (σ_im and the learned
-   prior scale s = σ_ker) for ``scales_only`` of the epochs;
+1. MAP warm-up (``AutoDelta``, prior scale held) for ``warmup`` epochs (default 1/12 of the
+   budget, the paper's 5 of 60);
+2. σ_im and the prior scale (= σ_ker) from curvature at the MAP (no steps);
 3. the full ELBO, ``TraceViking_ELBO(beta)``, for the rest of the budget.
 
 Prediction: ``guide.project_training_data`` projects S fresh samples on the kernel of the whole
@@ -20,113 +21,94 @@ import time
 from typing import Optional
 
 import pyro
-from methods import Budget, Fitted, _new_net, _noise, _seed, pyro_sampler, run_svi
-from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, init_to_value
-from pyro_models import INIT_PRIOR_SCALE, PyroBNN, init_values
+import torch
+from methods import Budget, Fitted, _new_net, _seed
+from pyro.infer import Predictive
+from pyro_models import INIT_PRIOR_SCALE
 from tasks import Task
 
-from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking import AutoViking, BayesianNetwork
+from pyro_viking.recipe import fit_viking as recipe_fit_viking
 
-INIT_IMAGE_SCALE = math.exp(-2)  # the paper's init log σ_im = −2
-DEFAULT_OPTIONS = dict(init_image_scale=INIT_IMAGE_SCALE, kernel_scale="prior", gamma=0.5,
-                       jacobian="loss", grad_through_projection=False)
-
-
-def _freeze(lr: float, *names):
-    """Adam arguments giving learning rate 0 to the named parameters (suffix match)."""
-    return lambda name: {"lr": 0.0 if name.endswith(names) else lr}
+#: AutoViking options of the benchmark (the library's defaults, spelled out for the ablations)
+DEFAULT_OPTIONS = dict(jacobian="loss", grad_through_projection=False)
+DEFAULT_GAMMA = 0.5
+INIT_NOISE_SCALE = 0.5  # every method's regression noise starts here (methods.py)
 
 
 def phase_epochs(epochs: int, warmup: Optional[int] = None):
-    """(warm-up, scales-only, full ELBO) epochs: 1/12, 1/12 and the rest (the paper's 5+5+50),
-    at least one each."""
+    """(warm-up, full ELBO) epochs: 1/12 of the budget (the paper's 5 of 60) and the rest."""
     w = max(1, round(epochs / 12)) if warmup is None else warmup
-    s = max(1, round(epochs / 12))
-    return w, s, max(1, epochs - w - s)
+    return w, max(1, epochs - w)
 
 
-#: "tutorial": the flagship tutorial's recipe below; "library": ``pyro_viking.recipe.fit_viking``
-#: (MAP warm-up → curvature start of the scales → full ELBO), when the package has it.
-RECIPE = "library"
+def make_bnn(task: Task, seed: int, batch_size: int) -> BayesianNetwork:
+    """The task's network (the seed's PyTorch initialisation) as the benchmark's VIKING model."""
+    kind = "classification" if task.classification else "regression"
+    return BayesianNetwork(_new_net(task, seed), kind, prior_scale="learned",
+                           init_prior_scale=INIT_PRIOR_SCALE, noise_scale="learned",
+                           init_noise_scale=INIT_NOISE_SCALE, batch_size=batch_size)
 
 
 def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
                warmup: Optional[int] = None, particles: Optional[int] = None,
-               batch_size: Optional[int] = None, **viking_options) -> Fitted:
+               batch_size: Optional[int] = None, gamma: float = DEFAULT_GAMMA,
+               kernel_scale: str = "prior", final_lr: Optional[float] = None,
+               **viking_options) -> Fitted:
     """Fit VIKING on the task's fit split (β is the one knob chosen on validation).
 
     ``viking_options`` override :data:`DEFAULT_OPTIONS` (AutoViking arguments); ``particles``
-    and ``batch_size`` override the budget's (the data budget stays ``epochs × N``)."""
-    if particles is not None or batch_size is not None:
-        from dataclasses import replace
-
-        budget = replace(budget, particles=particles or budget.particles,
-                         batch_size=batch_size or budget.batch_size)
-    if RECIPE == "library":
-        return _fit_library(task, seed, beta, budget, warmup, viking_options)
+    and ``batch_size`` override the budget's (the data budget stays ``epochs × N``: K
+    sequential particles each draw their own minibatch, so a step consumes K·B examples)."""
+    K = particles or budget.particles
+    B = batch_size or budget.batch_size
     _seed(seed)
-    model = PyroBNN(_new_net(task, seed), task.kind, prior_scale=None)
-    w, s, full = phase_epochs(budget.epochs, warmup)
-    start = time.perf_counter()
-    map_values = init_values(model)
-    if w > 0:  # warm-up = 0 (an ablation): AutoViking starts at the random initialisation
-        map_guide = AutoDelta(model, init_loc_fn=init_to_value(values=map_values))
-        run_svi(model, map_guide, Trace_ELBO(), task, w, budget,
-                optim=pyro.optim.Adam(_freeze(budget.lr, "prior_scale")))
-        map_values = {k: v.detach().clone()
-                      for k, v in map_guide.median(task.x_fit, task.y_fit).items()}
+    bnn = make_bnn(task, seed, B)
+    w, _ = phase_epochs(budget.epochs, warmup)
+    per_epoch = math.ceil(len(task.x_fit) / B)
     options = {**DEFAULT_OPTIONS, **viking_options}
-    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_values), **options)
-    loss = TraceViking_ELBO(beta=beta, num_particles=budget.particles)
-    run_svi(model, guide, loss, task, s, budget, optim=pyro.optim.Adam(_freeze(budget.lr, "loc")),
-            particles=budget.particles)
-    losses = run_svi(model, guide, loss, task, full, budget, particles=budget.particles)
+    num_steps = max(1, (budget.epochs - w) * per_epoch // K)
+    optim = pyro.optim.Adam({"lr": budget.lr})
+    if final_lr is not None:
+        lrd = (final_lr / budget.lr) ** (1 / num_steps)
+        optim = pyro.optim.ClippedAdam({"lr": budget.lr, "lrd": lrd, "clip_norm": 1e12})
+    start = time.perf_counter()
+    fit = recipe_fit_viking(
+        bnn, task.x_fit, task.y_fit,
+        num_steps=num_steps, warmup_steps=w * per_epoch, beta=beta, optim=optim,
+        num_particles=K, gamma=gamma, guide_options=options, progress=False,
+        kernel_scale=kernel_scale)
     secs = time.perf_counter() - start
-    store = pyro.get_param_store()
-    prior = (float(store["prior_scale"].detach()) if "prior_scale" in store
-             else INIT_PRIOR_SCALE)
-    return _fitted(task, model, guide, budget, secs, prior_scale=prior,
-                   final_loss=losses[-1], beta=beta)
+    return _fitted(task, bnn, fit.guide, budget, secs, beta=beta,
+                   prior_scale=float(pyro.param(bnn.prior_scale_name).detach()),
+                   init_sigma_im=float(fit.init["image_scale"]))
 
 
-def _fitted(task: Task, model, guide, budget: Budget, secs: float, **info) -> Fitted:
+def bnn_sampler(task: Task, bnn: BayesianNetwork, guide, num_samples: int):
+    """S samples of the class probabilities ``(S, N, C)`` or regression means ``(S, N)``."""
+
+    def sample(x):
+        with torch.no_grad():
+            out = Predictive(bnn, guide=guide, num_samples=num_samples,
+                             return_sites=[bnn.output_site])(x)[bnn.output_site]
+        if task.classification:
+            return out.reshape(num_samples, len(x), -1).softmax(-1)
+        return out.reshape(num_samples, len(x))
+    return sample
+
+
+def _fitted(task: Task, bnn: BayesianNetwork, guide: AutoViking, budget: Budget, secs: float,
+            **info) -> Fitted:
     """The fitted guide's sampler (projected on the fit split before predicting) and its
     scales, for the harness."""
     info.update(sigma_im=float(guide.image_scale.detach()), sigma_ker=float(guide.kernel_scale),
-                loc_norm=float(guide.loc.detach().norm()))
-    inner = pyro_sampler(task, model, guide, budget.num_samples)
+                loc_norm=float(guide.loc.detach().norm()), bnn=bnn, guide=guide)
+    inner = bnn_sampler(task, bnn, guide, budget.num_samples)
 
     def sample(x):
-        guide.project_training_data(task.x_fit, task.y_fit, budget.batch_size,
-                                    num_samples=budget.num_samples)
+        guide.project_training_data(task.x_fit, task.y_fit, num_samples=budget.num_samples)
         return inner(x)
 
-    return Fitted(sample, secs / budget.epochs, noise=_noise(), info=info)
-
-
-def _fit_library(task: Task, seed: int, beta: float, budget: Budget, warmup: Optional[int],
-                 viking_options: dict) -> Fitted:
-    """The same budget through ``pyro_viking.recipe.fit_viking``: warm-up 1/12 of the epochs,
-    no scales-only phase (the recipe starts the scales from curvature), full ELBO for the
-    rest; the same optimiser, particles and AutoViking options as the tutorial recipe."""
-    from pyro_viking.recipe import fit_viking as recipe_fit_viking
-
-    _seed(seed)
-    model = PyroBNN(_new_net(task, seed), task.kind, prior_scale=None)
-    w, _, _ = phase_epochs(budget.epochs, warmup)
-    per_epoch = math.ceil(len(task.x_fit) / budget.batch_size)
-    options = {k: v for k, v in {**DEFAULT_OPTIONS, **viking_options}.items()
-               if k not in ("init_image_scale", "kernel_scale", "gamma")}
-    start = time.perf_counter()
-    fit = recipe_fit_viking(
-        model, task.x_fit, task.y_fit, budget.batch_size,
-        num_steps=max(1, (budget.epochs - w) * per_epoch // budget.particles),
-        warmup_steps=w * per_epoch, beta=beta, optim=pyro.optim.Adam({"lr": budget.lr}),
-        prior_scale_param="prior_scale", num_particles=budget.particles,
-        gamma=viking_options.get("gamma", DEFAULT_OPTIONS["gamma"]), guide_options=options,
-        progress=False)
-    secs = time.perf_counter() - start
-    return _fitted(task, model, fit.guide, budget, secs,
-                   prior_scale=float(pyro.param("prior_scale").detach()), beta=beta,
-                   init_sigma_im=float(fit.init["image_scale"]))
+    noise = (float(pyro.param(bnn.noise_scale_name).detach())
+             if bnn.noise_scale_name else None)
+    return Fitted(sample, secs / budget.epochs, noise=noise, info=info)

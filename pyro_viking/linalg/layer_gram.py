@@ -12,12 +12,13 @@ the Jacobian restricted to the layer is ``vec(g_i a_iᵀ)`` (weight) and ``g_i``
 
 Only ``A_l``, ``G_l`` (B × width) and the B × B Gram are kept, never a ``(B, D)`` matrix.
 
-``nn.Conv2d`` (any stride / padding / dilation, ``groups=1``) and ``nn.Linear`` applied to
-``(B, …, in)`` inputs are handled by *materialising* their per-example weight gradients,
-``W_i = G_i U_iᵀ`` with ``U = unfold(A) ∈ R^{B×(C·kh·kw)×L}`` and ``G_i ∈ R^{C_out×L}``: an exact
-``(B, C_out·C·kh·kw)`` block, small for LeNet-sized nets, whose Gram costs ``B²·|W|`` (the
-Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²`` memory). For convolutions the
-block is one weight-gradient convolution with the batch folded into the groups (no unfold).
+``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (any stride / padding / dilation, ``groups=1``) and
+``nn.Linear`` applied to ``(B, …, in)`` inputs are handled by *materialising* their
+per-example weight gradients, ``W_i = G_i U_iᵀ`` with ``U = unfold(A) ∈ R^{B×(C·∏k)×L}`` and
+``G_i ∈ R^{C_out×L}``: an exact ``(B, C_out·C·∏k)`` block, small for LeNet-sized nets, whose
+Gram costs ``B²·|W|`` (the Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²``
+memory). For convolutions the block is one weight-gradient convolution with the batch folded
+into the groups (no unfold).
 
 Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
@@ -78,7 +79,7 @@ DEFAULT_MAX_DENSE_BYTES = 128 * 2**20
 class LayerGramJacobian(JacobianOperator):
     """Exact loss Jacobian of a layered network in factored (per-layer) form.
 
-    :param fn: ``z (D,) -> rows (B,)``; it must evaluate its ``nn.Linear`` / ``nn.Conv2d``
+    :param fn: ``z (D,) -> rows (B,)``; it must evaluate its ``nn.Linear`` / ``nn.Conv{1,2,3}d``
         modules (through their ``forward``, e.g. ``torch.func.functional_call``) with weights
         that are contiguous views ``z[a:b].view(shape)``; rows must be independent across
         data (no BatchNorm in train mode).
@@ -156,7 +157,7 @@ class LayerGramJacobian(JacobianOperator):
         if idx.numel() > max_rest:
             raise LayerGramNotApplicable(
                 f"{idx.numel()} of the {self.shape[1]} columns of z are used outside "
-                f"nn.Linear/nn.Conv2d layers (limit max_rest_columns={max_rest}); use "
+                f"nn.Linear/nn.ConvNd layers (limit max_rest_columns={max_rest}); use "
                 "PerExampleJacobian or the matrix-free (CG) projection for this model")
         if idx.numel():
             J_rest = forward_jacobian_columns(self.fn, x.detach(), idx, self.shape[0])
@@ -181,7 +182,7 @@ class LayerGramJacobian(JacobianOperator):
         if not err <= tol:
             raise LayerGramNotApplicable(
                 f"layer-Gram Jacobian does not match autograd (rel. err {err:.2e} > {tol:.1e}): "
-                "the model uses its weights outside nn.Linear/nn.Conv2d, or its rows are not "
+                "the model uses its weights outside nn.Linear/nn.ConvNd, or its rows are not "
                 "independent across data; use PerExampleJacobian or the CG projection")
 
     @property

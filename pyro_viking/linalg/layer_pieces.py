@@ -1,6 +1,6 @@
 """The pieces of :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`: recording a network's
-``nn.Linear`` / ``nn.Conv2d`` calls (inputs ``A_l``, outputs, columns of z), the output gradients
-``G_l``, the per-layer factors (a "ghost" ``(A_l, G_l)`` for a Linear layer on ``(B, in)``
+``nn.Linear`` / ``nn.Conv{1,2,3}d`` calls (inputs ``A_l``, outputs, columns of z), the output
+gradients ``G_l``, the per-layer factors (a "ghost" ``(A_l, G_l)`` for a Linear layer on ``(B, in)``
 inputs, an explicit ``(B, n)`` block otherwise), and the products built from them: ``V Jᵀ``
 (:func:`factored_mv`) and the cotangents of ``Σ_k U_k J V_kᵀ`` w.r.t. the pieces
 (:func:`piece_cotangents`). See :mod:`pyro_viking.linalg.layer_gram` for the math.
@@ -27,6 +27,9 @@ __all__ = [
 
 RowFn = Callable[[Tensor], Tensor]
 Cols = Union[slice, Tensor]
+
+#: convolutions whose per-example weight gradients are one grouped weight-gradient convolution
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LayerGramNotApplicable(NotImplementedError):
@@ -111,7 +114,7 @@ def _batch_stats(module: nn.Module) -> bool:
 
 
 class _Recorder:
-    """Global forward hook recording every Linear / Conv2d call whose weights live in z
+    """Global forward hook recording every Linear / Conv{1,2,3}d call whose weights live in z
     (inputs detached, unless ``keep_graph``)."""
 
     def __init__(self, z: Tensor, keep_graph: bool = False):
@@ -121,7 +124,7 @@ class _Recorder:
         if _batch_stats(module):
             raise LayerGramNotApplicable(
                 f"{type(module).__name__} uses batch statistics: rows are not independent")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (nn.Linear, *CONVS)):
             return None
         name = type(module).__name__
         w = _z_offset(module.weight, self.z, f"the weight of {name}")
@@ -131,9 +134,8 @@ class _Recorder:
         if id(module) in self.seen:
             raise LayerGramNotApplicable(f"{name} is called more than once (weight sharing)")
         self.seen.add(id(module))
-        if isinstance(module, nn.Conv2d) and (module.groups != 1
-                                              or module.padding_mode != "zeros"):
-            raise LayerGramNotApplicable("Conv2d needs groups=1 and padding_mode='zeros'")
+        if isinstance(module, CONVS) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise LayerGramNotApplicable(f"{name} needs groups=1 and padding_mode='zeros'")
         x = inputs[0] if inputs else None
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
             raise LayerGramNotApplicable(f"{name} called without a tensor input/output")
@@ -159,7 +161,7 @@ def record_forward(fn: RowFn, z: Tensor, keep_graph: bool = False
 def validate_calls(calls: List[_Call], B: int) -> None:
     for c in calls:
         name = type(c.module).__name__
-        need = 4 if isinstance(c.module, nn.Conv2d) else None
+        need = 2 + len(c.module.kernel_size) if isinstance(c.module, CONVS) else None
         if c.x.dim() < 2 or c.x.shape[0] != B or (need and c.x.dim() != need):
             raise LayerGramNotApplicable(
                 f"{name} input has shape {tuple(c.x.shape)}; expected a leading data "
@@ -185,26 +187,28 @@ def output_grads(rows: Tensor, calls: List[_Call], retain: bool,
 
 
 # --------------------------------------------------------------------------- layer blocks
-def _conv_weight_grads(conv: nn.Conv2d, x: Tensor, G: Tensor) -> Tensor:
-    """Per-example weight gradients ``(B, C_out, C·kh·kw)`` of a Conv2d with input ``x``
-    ``(B, C, H, W)`` and output gradient ``G`` ``(B, C_out, H', W')``.
+def _conv_weight_grads(conv: nn.Module, x: Tensor, G: Tensor) -> Tensor:
+    """Per-example weight gradients ``(B, C_out, C·∏k)`` of an n-d convolution (n = 1, 2, 3)
+    with input ``x`` ``(B, C, *spatial)`` and output gradient ``G`` ``(B, C_out, *spatial')``.
 
     One weight-gradient convolution with the batch folded into the groups (input
-    ``(1, B·C, H, W)``, ``B`` groups): ``B·|W|·L`` work like ``bmm(G, unfold(x)ᵀ)``, without
-    materialising the ``(B, C·kh·kw, L)`` patches.
+    ``(1, B·C, *spatial)``, ``B`` groups): ``B·|W|·L`` work like ``bmm(G, unfold(x)ᵀ)``, without
+    materialising the ``(B, C·∏k, L)`` patches.
     """
     k, d, s, pad = conv.kernel_size, conv.dilation, conv.stride, conv.padding
+    nd = len(k)
     if isinstance(pad, str):
-        if pad == "same":  # PyTorch puts the odd pixel on the right/bottom
-            tot = [d[i] * (k[i] - 1) for i in range(2)]
-            x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
-        pad = (0, 0)
+        if pad == "same":  # PyTorch puts the odd pixel on the right/bottom; F.pad: last dim first
+            tot = [d[i] * (k[i] - 1) for i in range(nd)]
+            x = F.pad(x, [p for i in reversed(range(nd)) for p in (tot[i] // 2,
+                                                                   tot[i] - tot[i] // 2)])
+        pad = (0,) * nd
     B, C = x.shape[:2]
     c_out = G.shape[1]
     weight = G.new_empty(1).expand(B * c_out, C, *k)
     W = torch.ops.aten.convolution_backward(
         G.reshape(1, B * c_out, *G.shape[2:]), x.reshape(1, B * C, *x.shape[2:]), weight, None,
-        s, pad, d, False, [0, 0], B, (False, True, False))[1]
+        s, pad, d, False, [0] * nd, B, (False, True, False))[1]
     return W.reshape(B, c_out, -1)
 
 
@@ -220,11 +224,13 @@ def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[Ghost], List[Block]
             return ghosts, blocks
         Gb = G
     else:
-        if isinstance(c.module, nn.Conv2d):
-            if G.dim() != 4:
-                raise LayerGramNotApplicable("Conv2d output is not (B, C_out, H, W)")
-            W = _conv_weight_grads(c.module, c.x, G)  # (B, C_out, C·kh·kw)
-            Gb = G.sum((-2, -1))
+        if isinstance(c.module, CONVS):
+            nd = len(c.module.kernel_size)
+            if G.dim() != 2 + nd:
+                raise LayerGramNotApplicable(f"{type(c.module).__name__} output is not "
+                                             f"(B, C_out, {nd} spatial dims)")
+            W = _conv_weight_grads(c.module, c.x, G)  # (B, C_out, C·∏k)
+            Gb = G.sum(tuple(range(2, 2 + nd)))
         else:  # Linear on (B, ..., in): sum over the extra positions
             A, Gr = c.x.reshape(B, -1, c.x.shape[-1]), G.reshape(B, -1, out)
             W = torch.bmm(Gr.transpose(1, 2), A)  # (B, out, in)
