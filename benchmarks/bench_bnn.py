@@ -1,4 +1,4 @@
-"""Cost of one SVI step of a ``BayesianNetwork`` CNN: K = 4 vectorised particles vs K = 1.
+"""Cost of one SVI step of a ``BayesianNetwork`` (CNN or MLP): K = 4 vectorised particles vs K = 1.
 
 The LeNet-like CNN of ``bench_models`` (1×28×28 inputs, 10 classes, ≈ 44k parameters;
 ``--quick``: a narrow one) wrapped by :class:`pyro_viking.bnn.BayesianNetwork` (learned prior
@@ -17,13 +17,15 @@ median and interquartile range in ms):
 * ``VIKING K=1 (PyroModule)``: the hand-written ``PyroSample`` BNN of ``bench_models`` (fixed
   prior scale, plate of B data), for the overhead of the wrapper.
 
-Usage: ``python benchmarks/bench_bnn.py [--quick] [--batch-size 128] [--repeats 20]``.
+Usage: ``python benchmarks/bench_bnn.py [--quick] [--net lenet|mlp] [--batch-size 128]
+[--repeats 20]``; ``--net mlp`` runs the 784-256-256-10 relu MLP instead of the CNN.
 
-Measured 2026-11-30 (2-core CPU shared with other jobs, 1 thread, B = 128, two runs of 12
-rounds; median ms, × VIKING K=1): MAP 108 / 108 (0.23 / 0.29), AutoNormal 165 / 121, VIKING K=1
-465 / 368 (1.00), K=4 vectorised 826 / 651 (1.78 / 1.77), K=4 sequential 1933 / 1602 (4.16 /
-4.35), K=1 fixed prior 421 / 360 (0.91 / 0.98), K=1 hand-written PyroModule BNN 422 / 359
-(0.91 / 0.98). All VIKING rows on the layer-Gram backend, default options (gradient through P).
+Measured 2026-11-30 ≈ 09:28 UTC (idle 2-core CPU, 1 thread, B = 128, 20 rounds, default options:
+stop-grad P; median ms, × VIKING K=1). LeNet: MAP 27.7 (0.48), AutoNormal 38.2 (0.67), VIKING
+K=1 57.3 (1.00), K=4 vectorised 146.8 (2.56), K=4 sequential 231.3 (4.04), K=1 fixed prior 56.1
+(0.98), K=1 PyroModule 53.2 (0.93). MLP: MAP 14.2 (0.68), AutoNormal 30.1 (1.44), VIKING K=1
+20.9, K=4 vectorised 55.3 (2.65), K=4 sequential 80.5 (3.85). All VIKING rows on the layer-Gram
+backend.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 import pyro_viking.evaluation as ev
 from pyro_viking.beta_selection import select_beta
-from pyro_viking.recipe import DEFAULT_BETA, fit_viking
+from pyro_viking.recipe import fit_viking
 
 # %% [markdown]
 # ## Settings
@@ -88,7 +88,8 @@ LR = 3e-3
 BASELINE_PRIOR_SCALE = 0.5  # MAP / AutoNormal / LowRank: fixed prior N(0, 0.5² I)
 VIKING_INIT_PRIOR_SCALE = math.exp(-2)  # VIKING learns it; the paper's init log α = 4
 VIKING_GAMMA = 0.5  # memory of the stochastic alternating projections
-VIKING_BETA = DEFAULT_BETA  # KL weight (1 = the true ELBO); the sweep below re-chooses it
+VIKING_BETA = 0.1  # KL weight (1 = the true ELBO): the sweep's choice in the run quoted below
+# (the sweep re-chooses it; the library's DEFAULT_BETA was set on other validation data)
 BETA_GRID = [1.0, 0.03] if SMOKE_TEST else [1.0, 0.1, 0.03, 0.01, 0.001]
 BETA_SWEEP = os.environ.get("VIKING_BETA_SWEEP", "1") != "0"
 DATA_SEED = 0  # the train/test (and train/validation) split is the same for every seed
@@ -442,9 +443,12 @@ def predict(model, guide, x, num_samples):
 # same split, one run per β and seed) β = 0.03 and 0.01 tie: validation NLL 0.071, 0.091, 0.061
 # (mean 0.074) against 0.071, 0.083, 0.065 (mean 0.073), with a seed-to-seed spread of about
 # 0.01; β = 0.1 is worse (0.098, 0.116, 0.091) and MAP scores 0.086, 0.079, 0.071 (mean 0.079).
-# `pyro_viking.recipe.DEFAULT_BETA` is 0.03 for classification BNNs: the choice of the
-# single-seed sweep above, and the less tempered of the two tied values. (The
-# paper's β, translated, would be 0.17.)
+# (The paper's β, translated, would be 0.17.) The library's `pyro_viking.DEFAULT_BETA` was
+# first set to 0.03 from these runs; it is now 0.001, chosen on the validation splits of the
+# uncertainty benchmark (`benchmarks/uq`: digits and MNIST-1D, `BayesianNetwork` models whose
+# MAP warm-up starts from PyTorch's initialisation, one sample per step; see
+# `pyro_viking/recipe.py`). This tutorial's model starts every method at Pyro's default
+# initialisation and takes four samples per step, and its sweep prefers larger values.
 #
 # The history of this choice (made with the earlier hand-written recipe), so that it can be
 # judged. The grid also held 0.3 and 0.003
@@ -581,9 +585,8 @@ for name, (fit, make_model) in METHODS.items():
 # the guide's sampling code was reorganised, which changed the random numbers) chose β = 0.03
 # and then beat MAP clearly on test: NLL 0.044 ± 0.006, ECE 0.015 ± 0.001, accuracy
 # 0.985 ± 0.002; on a validation split over 3 seeds that β also beat MAP (NLL 0.074 ± 0.015
-# against 0.079 ± 0.008, ECE 0.015 against 0.030). The library's `DEFAULT_BETA = 0.03` comes
-# from that 3-seed evidence; this tutorial keeps its single-seed sweep to show how the choice is
-# made, and what it costs when the sweep is noisy.
+# against 0.079 ± 0.008, ECE 0.015 against 0.030). This tutorial keeps its single-seed sweep
+# to show how the choice is made, and what it costs when the sweep is noisy.
 #
 # **Cost.** Four samples per step make every sampling method about four times slower per
 # epoch than with one; VIKING's epoch costs about four MAP epochs (for each sample: one extra

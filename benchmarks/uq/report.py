@@ -34,9 +34,13 @@ def _fmt(m, s, key) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+TASK_ORDER = ("digits", "mnist1d", "diabetes")
+
+
 def group(rows: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
     out: Dict[str, Dict[str, List[dict]]] = {}
-    for r in rows:
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    for r in sorted(rows, key=lambda r: order.get(r["task"], len(order))):  # stable
         out.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
     return out
 
@@ -141,7 +145,8 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
     text = markdown(rows)
     if selection:
         text += "\n### Validation choices (seed 0, BMA NLL on the validation split)\n\n"
-        for task, methods in selection.items():
+        for task, methods in sorted(selection.items(), key=lambda kv: TASK_ORDER.index(kv[0])
+                                    if kv[0] in TASK_ORDER else len(TASK_ORDER)):
             parts = [f"{m}: {v['knob']} = {v['chosen']:g}" for m, v in methods.items()]
             text += f"- {task}: " + "; ".join(parts) + "\n"
     timing = out / "timing.json"
