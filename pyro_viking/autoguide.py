@@ -1,8 +1,7 @@
 """``AutoViking``: ``q(z) = N(θ̂, σ_ker² P + σ_im² (I − P))`` over all continuous latents
 (flattened as in ``AutoContinuous``), ``P`` the projector onto the kernel of the Jacobian of the
 per-datum log-likelihoods of the call's data at θ̂. Prediction (``get_mask() is False``, as
-under ``Predictive``) draws from samples projected on the *training* data, never on its inputs.
-"""
+under ``Predictive``) draws from samples projected on the *training* data, never on its inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.nn import PyroParam
+from pyro.nn import PyroParam, pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
@@ -39,9 +38,9 @@ class AutoViking(AutoContinuous):
         backend, solver, solver_options``: see ``jacobian_backends.ProjectorBuilder``.
     :param grad_through_projection: differentiate the samples through ``P(θ̂)`` (the paper's
         gradient; off by default: no measurable gain in the ablations, 1.35–1.6× the step cost).
-    :param rank_estimator: how ``dim ker`` enters the KL (``distributions.RANK_ESTIMATORS``).
-    :param image_noise: ``"fresh"`` (image part a fresh draw of ``N(0, I − P_t)``, as the KL
-        assumes) or the paper's ``"carried"`` ``e − P_t e``; ``num_chains``: carried samples.
+    :param rank_estimator: how ``dim ker`` enters the KL (``distributions.RANK_ESTIMATORS``);
+        ``image_noise``: ``"fresh"`` (a fresh draw of ``N(0, I − P_t)``, as the KL assumes) or
+        the paper's ``"carried"`` ``e − P_t e``; ``num_chains``: carried samples.
     """
 
     def __init__(self, model: Callable, *, init_loc_fn: Callable = init_to_median,
@@ -115,38 +114,42 @@ class AutoViking(AutoContinuous):
     def _kernel_scale_now(self, args, kwargs, predicting: bool) -> Tensor:
         if self.kernel_scale_source == "learned":
             return self.kernel_scale_unconstrained
-        model = None if self._raw_model is None else self._raw_model[0]
-        return self._scale_source.value(model, args, kwargs, self.layout.names, predicting)
+        return self._scale_source.value((self._raw_model or (None,))[0], args, kwargs,
+                                        self.layout.names, predicting)
 
     @property
     def kernel_scale(self) -> Tensor:
         """``σ_ker`` (detached; a tied ``pyro.param`` prior scale at its current value)."""
         if self.prototype_trace is None:
             raise RuntimeError("AutoViking is not set up yet: train it or call guide(*args)")
-        with torch.no_grad():
-            return self._kernel_scale_now((), {}, predicting=True).detach()
+        return self._kernel_scale_now((), {}, predicting=True).detach()
 
     #: the Jacobian backend chosen at the first projection (``None`` before)
     backend_used = property(lambda self: self._builder.backend_used)
     #: ``(e, Pe)`` ``(n, D)`` of the last training draw (before / after projection)
     last_draw = property(lambda self: self._state.last)
-
     #: carried kernel samples per draw size (set by TraceViking_ELBO to its num_particles)
     num_chains = property(lambda self: self._state.num_chains,
                           lambda self, value: setattr(self._state, "num_chains", int(value)))
 
     def get_posterior(self, *args, **kwargs):
-        predicting = poutine.get_mask() is False
-        loc, si = self.loc, self.image_scale
-        sk = self._kernel_scale_now(args, kwargs, predicting)
+        if poutine.get_mask() is not False:
+            return self.training_posterior(args, kwargs)
+        loc, si, sk = self.loc, self.image_scale, self._kernel_scale_now(args, kwargs, True)
         check_parameters(loc, si, sk)
-        if predicting:
-            self._refresh_prediction_samples(self._state.begin_prediction(args, kwargs))
-            return PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
-        if torch.is_grad_enabled():  # a training step (evaluations do not move θ̂)
-            self._state.note_training_call(args, kwargs)
-        self.last_projector = self._projector(args, kwargs, self._subsample_indices(),
-                                              self.grad_through_projection, training=True)
+        self._refresh_prediction_samples(self._state.begin_prediction(args, kwargs))
+        return PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
+
+    @pyro_method  # a public method reading Pyro-managed attributes (loc, image_scale)
+    def training_posterior(self, args: tuple, kwargs: dict,
+                           rows: Optional[Callable[[Tensor], Tensor]] = None) -> VikingPosterior:
+        """``q`` of a training call (``rows``: ``z → (B,)`` likelihood rows instead of a trace)."""
+        loc, si, sk = self.loc, self.image_scale, self._kernel_scale_now(args, kwargs, False)
+        check_parameters(loc, si, sk)
+        self._state.note_training_call(args, kwargs)
+        self.last_projector = self._projector(
+            args, kwargs, self._subsample_indices(), self.grad_through_projection, True
+        ) if rows is None else self._builder.build_from_rows(rows, loc.detach(), training=True)
         return VikingPosterior(loc, sk, si, self.last_projector, state=self._state,
                                layout=self.layout, rank_estimator=self.rank_estimator,
                                validate_args=False)
@@ -173,7 +176,8 @@ class AutoViking(AutoContinuous):
         if not call.has_observations:
             return ProjectorBuilder.identity(self.latent_dim, self.loc)
         condition = inspection.other_latents(self, call, args, kwargs, subsample)
-        return self._builder.build(self._inspector.model, self.layout, args, kwargs, self.loc,
+        return self._builder.build(self._inspector.model, self.layout, args, kwargs,
+                                   self.loc if differentiable else self.loc.detach(),
                                    subsample=subsample, condition=condition,
                                    differentiable=differentiable, training=training)
 
@@ -181,10 +185,9 @@ class AutoViking(AutoContinuous):
                               num_samples: int = 100, num_passes: int = 1, progress: bool = False,
                               refresh_training_state: bool = False, **kwargs) -> Tensor:
         """Project ``num_samples`` fresh samples onto the kernel of the *whole* training set's
-        Jacobian by ``num_passes`` passes of alternating projections over its batches (see
-        :func:`~pyro_viking.model_inspection.training_batches`); cache ``(ε, k)`` for the
-        predictions; ``refresh_training_state`` restarts the training chains from them.
-        Returns the kernel samples ``k`` ``(S, D)``."""
+        Jacobian by ``num_passes`` passes of alternating projections over its batches
+        (``model_inspection.training_batches``); cache ``(ε, k)`` for predictions;
+        ``refresh_training_state`` restarts the training chains from them. Returns ``k (S, D)``."""
         if self.prototype_trace is None:
             if batches is not None:
                 raise RuntimeError("call the guide once (e.g. one SVI step) before "
@@ -204,11 +207,9 @@ class AutoViking(AutoContinuous):
 
     @property
     def projected_samples(self):
-        """``(ε, Pε)`` ``(S, D)`` projected on the training data (``None`` before): a posterior
-        sample is ``loc + σ_ker Pε + σ_im (ε − Pε)``."""
+        """``(ε, Pε)`` ``(S, D)`` on the training data (or None); see ``PredictionPosterior``."""
         return None if self._state.noise is None else (self._state.noise, self._state.kernel)
 
-    @torch.no_grad()
     def median(self, *args, **kwargs) -> Dict[str, Tensor]:
         """Posterior median (= mean θ̂) of each latent, in constrained space."""
         if self.prototype_trace is None:
@@ -216,12 +217,11 @@ class AutoViking(AutoContinuous):
         return {k: v.clone() for k, v in self.layout.unpack(self.loc.detach()).items()}
 
     def _loc_scale(self, *args, **kwargs):
-        """``(loc, marginal std)``, ``std² = σ_im² + (σ_ker² − σ_im²) diag P``: ``diag P`` exact
-        for the given call's data, else estimated from samples projected on the training data."""
+        """``(loc, √(σ_im² + (σ_ker² − σ_im²) diag P))``, ``diag P`` of the call, or estimated."""
         if self.prototype_trace is None:
             if not (args or kwargs):
-                raise RuntimeError("AutoViking is not set up yet: train it (or pass the "
-                                   "model's arguments) before asking for quantiles")
+                raise RuntimeError("AutoViking is not set up: train it (or pass the model's "
+                                   "arguments) before asking for quantiles")
             self._setup_prototype(*args, **kwargs)
         loc, sk, si = self.loc.detach(), self.kernel_scale, self.image_scale.detach()
         if not (args or kwargs):

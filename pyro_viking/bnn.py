@@ -266,7 +266,13 @@ class BayesianNetwork(nn.Module):
         init_t = torch.tensor(init, dtype=like.dtype, device=like.device)
         return pyro.param(name, init_t, constraint=constraints.positive)
 
-    def _plate(self, x: Tensor, y: Optional[Tensor]) -> pyro.plate:
+    def prior_scale_value(self, like: Tensor) -> Tensor:
+        """The prior's ``s`` now: the fixed value, or the learned ``pyro.param``."""
+        return self._scale(self.prior_scale, self.prior_scale_name, self.init_prior_scale, like)
+
+    def data_plate(self, x: Tensor, y: Optional[Tensor]) -> pyro.plate:
+        """The data plate of a call ``bnn(x, y)`` (a new random minibatch when it subsamples;
+        its ``indices`` select the rows of ``x``)."""
         n = x.shape[0]
         if y is not None and self.num_data is not None and self.num_data != n:
             return pyro.plate("data", self.num_data, subsample=torch.arange(n, device=x.device),
@@ -287,12 +293,12 @@ class BayesianNetwork(nn.Module):
         :returns: the network output at the plate's inputs, ``(..., B, *outputs)``.
         """
         like = next(iter(self.net.parameters()))
-        s = self._scale(self.prior_scale, self.prior_scale_name, self.init_prior_scale, like)
+        s = self.prior_scale_value(like)
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
         latent = {n: pyro.sample(self.site_name(n),
                                  dist.Normal(zero, s).expand(shape).to_event(len(shape)))
                   for n, shape in self.latent_shapes.items()}
-        data = self._plate(x, y)
+        data = self.data_plate(x, y)
         with data as idx:
             pass
         out = self.forward_network(latent, x[idx], linearise_at)  # outside the plate
@@ -304,17 +310,20 @@ class BayesianNetwork(nn.Module):
     def _observe(self, out: Tensor, obs: Optional[Tensor], like: Tensor) -> None:
         """The likelihood of the plate's data given the outputs ``(..., B, O)``."""
         pyro.deterministic(self.output_site, out, event_dim=1)
+        pyro.sample("obs", self.observation_distribution(out), obs=obs)
+
+    def observation_distribution(self, out: Tensor) -> dist.TorchDistribution:
+        """``p(y_i | f_i)`` for network outputs ``out`` ``(..., B, O)``: batch shape
+        ``(..., B)``, one datum per batch element (reads a learned noise scale from Pyro's
+        param store)."""
         if self.likelihood == "classification":
-            pyro.sample("obs", dist.Categorical(logits=out), obs=obs)
-            return
+            return dist.Categorical(logits=out)
         if self.likelihood == "binary":
             if out.shape[-1] != 1:
                 raise ValueError(f"likelihood='binary' needs outputs (B, 1), got "
                                  f"{tuple(out.shape)}")
-            pyro.sample("obs", dist.Bernoulli(logits=out.squeeze(-1)), obs=obs)
-            return
-        sigma = self._scale(self.noise_scale, self.noise_scale_name, self.init_noise_scale, like)
+            return dist.Bernoulli(logits=out.squeeze(-1))
+        sigma = self._scale(self.noise_scale, self.noise_scale_name, self.init_noise_scale, out)
         if out.shape[-1] == 1:
-            pyro.sample("obs", dist.Normal(out.squeeze(-1), sigma), obs=obs)
-        else:
-            pyro.sample("obs", dist.Normal(out, sigma).to_event(1), obs=obs)
+            return dist.Normal(out.squeeze(-1), sigma)
+        return dist.Normal(out, sigma).to_event(1)

@@ -32,7 +32,7 @@ from .linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, select_jacobian_backend
 from .model_likelihood import LatentLayout, make_rows_fn
 
 __all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "SOLVERS", "ProjectorBuilder",
-           "build_projector"]
+           "build_projector", "projector_from_rows"]
 
 BACKENDS = ("auto", "layer_gram", "per_example", "matrix_free")
 #: the solvers of :class:`~pyro_viking.linalg.KernelProjector`
@@ -67,6 +67,18 @@ def build_projector(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fn = make_rows_fn(model, layout, args, kwargs, jacobian=jacobian, subsample=subsample,
                       condition=condition)
+    return projector_from_rows(fn, loc, backend=backend, solver=solver,
+                               solver_options=solver_options, differentiable=differentiable,
+                               check=check, max_dense_bytes=max_dense_bytes)
+
+
+def projector_from_rows(fn: Callable[[Tensor], Tensor], loc: Tensor, *, backend: str = "auto",
+                        solver: str = "auto", solver_options: Optional[dict] = None,
+                        differentiable: bool = True, check: bool = True,
+                        max_dense_bytes: Optional[int] = None) -> KernelProjector:
+    """Projector onto the kernel of the Jacobian of ``fn: z (D,) -> rows (B,)`` at ``loc``
+    (the backend and solver choice of :func:`build_projector`, for a rows function given
+    directly)."""
     op = None
     if backend != "matrix_free":
         op = select_jacobian_backend(
@@ -108,14 +120,21 @@ class ProjectorBuilder:
               condition: Optional[Dict[str, Tensor]] = None, differentiable: bool = False,
               training: bool = False) -> KernelProjector:
         """Projector onto the kernel of the model's Jacobian at ``loc`` for this call's data."""
+        fn = make_rows_fn(model, layout, args, kwargs, jacobian=self.jacobian,
+                          subsample=subsample, condition=condition)
+        return self.build_from_rows(fn, loc, differentiable=differentiable, training=training)
+
+    def build_from_rows(self, fn: Callable[[Tensor], Tensor], loc: Tensor, *,
+                        differentiable: bool = False, training: bool = False) -> KernelProjector:
+        """As :meth:`build`, for rows ``fn: z (D,) -> (B,)`` computed by the caller (e.g. a
+        model that evaluates its own likelihood rows without a Pyro trace)."""
         options = self.solver_options
         if training and self._skip_refinement():
             options = {**options, "refine": 0}
-        proj = build_projector(
-            model, layout, args, kwargs, loc, jacobian=self.jacobian, subsample=subsample,
-            backend=self.backend_used or self.backend, solver=self.solver,
+        proj = projector_from_rows(
+            fn, loc, backend=self.backend_used or self.backend, solver=self.solver,
             solver_options=options, differentiable=differentiable,
-            check=self.backend_used is None, condition=condition)
+            check=self.backend_used is None)
         self.backend_used = proj.operator.backend_name
         if training:
             self._pending = proj

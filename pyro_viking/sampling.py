@@ -90,9 +90,11 @@ class SamplingState:
 
     # -- training -------------------------------------------------------------------------------
     def note_training_call(self, args: tuple, kwargs: dict) -> None:
-        """Record a training call (one with gradients: not a loss evaluation): prediction
-        samples are now stale; a new phase (after a prediction or projection) starts from this
-        call's data."""
+        """Record a training call (one with gradients; a loss evaluation without them does not
+        count): prediction samples are now stale; a new phase (after a prediction or
+        projection) starts from this call's data."""
+        if not torch.is_grad_enabled():
+            return
         if not self._training:
             self._training, self._data, self._varies = True, (args, kwargs), False
         elif not self._varies and not _same_call(self._data, (args, kwargs)):
