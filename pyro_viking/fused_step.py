@@ -15,11 +15,15 @@ and draws its random numbers in the traced step's order (the plate's permutation
 noise), so under one seed both give the same losses (``tests/test_fused_step.py``). Parameters
 are read through ``pyro.param`` (``SVI`` captures and updates them as usual).
 
-It is taken only where it is exactly the traced step: one particle, the guide set up by an
-earlier traced step on this very network and guiding its latents alone, the model called as
-``bnn(x, y)``, no gradient through ``P``, and no Pyro handler active other than ``SVI``'s
-parameter capture. Anything else goes through Pyro (``TraceViking_ELBO(fused=False)`` always
-does).
+With ``K`` vectorised particles (``vectorize_particles=True``) the K draws share the minibatch
+and the projector, the network runs once on the K weight samples (``torch.vmap``), and the
+loss is averaged over them, as in Pyro's vectorised ELBO.
+
+It is taken only where it is exactly the traced step: one particle or vectorised particles,
+the guide set up by an earlier traced step on this very network and guiding its latents alone,
+the model called as ``bnn(x, y)``, no gradient through ``P``, and no Pyro handler active other
+than ``SVI``'s parameter capture. Anything else goes through Pyro
+(``TraceViking_ELBO(fused=False)`` always does).
 """
 
 from __future__ import annotations
@@ -45,15 +49,26 @@ def _only_parameter_capture() -> bool:
     return all(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
 
 
+def _as_defined_by(obj, cls, *methods: str) -> bool:
+    """``obj`` is a ``cls`` whose ``methods`` are ``cls``'s own (a subclass may change them)."""
+    return isinstance(obj, cls) and all(getattr(type(obj), m) is getattr(cls, m)
+                                        for m in methods)
+
+
 def fused_applies(elbo, model, guide, args: tuple, kwargs: dict) -> bool:
     """Whether :func:`fused_loss_and_grads` computes exactly the traced step for this call."""
     from .autoguide import AutoViking
+    from .elbo import TraceViking_ELBO
 
-    return (getattr(elbo, "fused", False) and elbo.num_particles == 1
-            and not elbo.vectorize_particles
-            and isinstance(model, BayesianNetwork)
-            and type(model).forward is BayesianNetwork.forward
-            and isinstance(guide, AutoViking) and guide.prototype_trace is not None
+    return (getattr(elbo, "fused", False)
+            and (elbo.num_particles == 1 or elbo.vectorize_particles)
+            and _as_defined_by(elbo, TraceViking_ELBO, "_differentiable_loss_particle",
+                               "_get_trace", "_get_traces")
+            and _as_defined_by(model, BayesianNetwork, "forward", "forward_network",
+                               "observation_distribution", "data_plate")
+            and _as_defined_by(guide, AutoViking, "forward", "get_posterior",
+                               "training_posterior")
+            and guide.prototype_trace is not None
             and guide.master is None and poutine.unwrap(guide.model) is model
             and not guide.grad_through_projection and guide.jacobian == "loss"
             and set(guide.layout.names) == set(model.latent_sites)
@@ -62,7 +77,8 @@ def fused_applies(elbo, model, guide, args: tuple, kwargs: dict) -> bool:
 
 
 def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
-    """``z (D,) -> (B,)``: ``log p(y_i | f(x_i; z))`` with z's site views as the weights."""
+    """``z (..., D) -> (..., B)``: ``log p(y_i | f(x_i; z))`` with z's site views as the
+    weights (a leading batch of weight samples runs through ``torch.vmap``)."""
     names = {bnn.site_name(n): n for n in bnn.latent_shapes}
 
     def rows(z: Tensor) -> Tensor:
@@ -75,16 +91,24 @@ def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
 def fused_loss_and_grads(elbo, model: BayesianNetwork, guide, args: tuple,
                          kwargs: dict) -> Optional[float]:
     """The step's loss (after ``backward``), or ``None`` when :func:`fused_applies` is false."""
-    if not fused_applies(elbo, model, guide, args, kwargs):
+    # The traced step inspects each new call shape (observed values finite and in their
+    # support, ...): leave the first step of every shape to it.
+    seen = elbo.__dict__.setdefault("_fused_call_shapes", set())
+    shapes = (id(guide),) + tuple((getattr(a, "shape", None), getattr(a, "dtype", None))
+                                  for a in args)
+    new_shape = shapes not in seen
+    seen.add(shapes)
+    if new_shape or not fused_applies(elbo, model, guide, args, kwargs):
         return None
     x, y = args
     data = model.data_plate(x, y)
     idx = data.indices
     rows = _rows_fn(model, guide.layout, x[idx], y[idx])
+    K = elbo.num_particles  # > 1 only when vectorised: K draws on the one minibatch
     guide.num_chains = 1
     q = guide.training_posterior(args, kwargs, rows=rows)
-    z = q.rsample()
-    loglik = rows(z).sum() * (data.size / data.subsample_size)
+    z = q.rsample((K,)) if K > 1 else q.rsample()  # (K, D): the network runs vmapped
+    loglik = rows(z).sum() * (data.size / data.subsample_size) / K
     s = model.prior_scale_value(q.loc)
     kl = kl_kernel_image_normal_isotropic(q, torch.linalg.vecdot(q.loc, q.loc), s)
     loss = elbo.beta * kl - loglik

@@ -52,16 +52,37 @@ CASES = {
                                                          num_data=60), {}),
     "no subsampling, carried noise": ("regression", dict(prior_scale="learned"),
                                       dict(image_noise="carried", gamma=0.8)),
+    "4 vectorised particles": ("classification", dict(prior_scale="learned", batch_size=16),
+                               dict(elbo=dict(num_particles=4, vectorize_particles=True,
+                                              max_plate_nesting=1))),
 }
+
+
+def _count_fused(monkeypatch):
+    """Count the steps that took the fused path."""
+    from pyro_viking import fused_step
+
+    count = {"fused": 0}
+    original = fused_step.fused_loss_and_grads
+
+    def spy(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        count["fused"] += loss is not None
+        return loss
+
+    monkeypatch.setattr(fused_step, "fused_loss_and_grads", spy)
+    return count
 
 
 def _train(case, fused, steps=STEPS):
     likelihood, bnn_options, guide_options = CASES[case]
+    guide_options = dict(guide_options)
+    elbo_options = guide_options.pop("elbo", {})
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
     bnn = _bnn(likelihood, **bnn_options)
     guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn, init_image_scale=0.05, **guide_options)
-    elbo = TraceViking_ELBO(beta=0.1, fused=fused)
+    elbo = TraceViking_ELBO(beta=0.1, fused=fused, **elbo_options)
     svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
     x, y = _data(likelihood)
     losses, taken = [], []
@@ -78,10 +99,13 @@ def _train(case, fused, steps=STEPS):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_equals_the_traced_step(case, default_dtype):
+def test_fused_step_equals_the_traced_step(case, default_dtype, monkeypatch):
+    count = _count_fused(monkeypatch)
     fused, params_f, taken, guide = _train(case, fused=True)
+    assert count["fused"] == STEPS - 1  # the first step sets the guide up
     traced, params_t, taken_t, _ = _train(case, fused=False)
-    assert taken == [False] + [True] * (STEPS - 1)  # the first step sets the guide up
+    assert count["fused"] == STEPS - 1
+    assert taken == [False] + [True] * (STEPS - 1)
     assert not any(taken_t)
     tol = 1e-4 if default_dtype == torch.float32 else 1e-9
     for a, b in zip(fused, traced):
@@ -123,8 +147,7 @@ def test_fused_step_stays_out_of_what_it_does_not_cover():
     with pyro.plate("outer", 2):
         assert not fused_applies(elbo, bnn, guide, (x, y), {})
     assert not fused_applies(elbo, poutine.scale(bnn, 2.0), guide, (x, y), {})
-    for options in (dict(num_particles=2), dict(num_particles=2, vectorize_particles=True),
-                    dict(fused=False)):
+    for options in (dict(num_particles=2), dict(fused=False)):  # sequential particles
         bnn, guide, elbo, x, y = _setup(**options)
         assert not fused_applies(elbo, bnn, guide, (x, y), {}), options
     # gradient through P, and a guide that is one part of an AutoGuideList
@@ -141,6 +164,25 @@ def test_fused_step_stays_out_of_what_it_does_not_cover():
     guides.append(AutoDelta(poutine.block(bnn, expose=[]), init_loc_fn=bnn.init_loc_fn))
     SVI(bnn, guides, pyro.optim.Adam({"lr": 1e-2}), elbo).step(x, y)
     assert not fused_applies(elbo, bnn, guides[0], (x, y), {})
+
+
+def test_a_new_call_shape_is_traced_first(monkeypatch):
+    """The traced step inspects a call shape it has not seen (e.g. a loader's last, smaller
+    batch): non-finite labels in it get the traced path's clear error."""
+    count = _count_fused(monkeypatch)
+    pyro.clear_param_store()
+    bnn = _bnn("regression", prior_scale="learned", num_data=60)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
+    x, y = _data("regression")
+    for _ in range(3):
+        svi.step(x[:20], y[:20])
+    assert count["fused"] == 2
+    y_bad = y[:7].clone()
+    y_bad[3] = float("nan")
+    with pytest.raises(ValueError, match="finite|nan|NaN"):
+        svi.step(x[:7], y_bad)
+    assert count["fused"] == 2
 
 
 def test_fused_step_loss_is_finite_and_decreases():
