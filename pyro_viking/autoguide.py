@@ -149,7 +149,7 @@ class AutoViking(AutoContinuous):
         self._state.note_training_call(args, kwargs)
         self.last_projector = self._projector(
             args, kwargs, self._subsample_indices(), self.grad_through_projection, True
-        ) if rows is None else self._builder.build_from_rows(rows, loc.detach(), training=True)
+        ) if rows is None else self._builder.build_from_rows(rows, loc, training=True)
         return VikingPosterior(loc, sk, si, self.last_projector, state=self._state,
                                layout=self.layout, rank_estimator=self.rank_estimator,
                                validate_args=False)
@@ -176,8 +176,7 @@ class AutoViking(AutoContinuous):
         if not call.has_observations:
             return ProjectorBuilder.identity(self.latent_dim, self.loc)
         condition = inspection.other_latents(self, call, args, kwargs, subsample)
-        return self._builder.build(self._inspector.model, self.layout, args, kwargs,
-                                   self.loc if differentiable else self.loc.detach(),
+        return self._builder.build(self._inspector.model, self.layout, args, kwargs, self.loc,
                                    subsample=subsample, condition=condition,
                                    differentiable=differentiable, training=training)
 

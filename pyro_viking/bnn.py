@@ -304,10 +304,10 @@ class BayesianNetwork(nn.Module):
         out = self.forward_network(latent, x[idx], linearise_at)  # outside the plate
         obs = None if y is None else y[idx]
         with data:
-            self._observe(out, obs, like)
+            self._observe(out, obs)
         return out
 
-    def _observe(self, out: Tensor, obs: Optional[Tensor], like: Tensor) -> None:
+    def _observe(self, out: Tensor, obs: Optional[Tensor]) -> None:
         """The likelihood of the plate's data given the outputs ``(..., B, O)``."""
         pyro.deterministic(self.output_site, out, event_dim=1)
         pyro.sample("obs", self.observation_distribution(out), obs=obs)

@@ -32,7 +32,11 @@ from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Independent, Normal, kl_divergence
 
-from .distributions.kl import cross_entropy_diag_normal, kl_kernel_image_normal_isotropic
+from .distributions.kl import (
+    cross_entropy_diag_normal,
+    kl_kernel_image_normal_isotropic,
+    squared_norm,
+)
 from .priors import closed_form_prior, gaussian_prior_blocks, isotropic_prior_blocks
 from .sampling import VikingPosterior
 
@@ -158,7 +162,7 @@ def _kl_term(q: VikingPosterior, model_trace, guide_trace, beta: float) -> Tenso
     if iso is not None:  # one scalar prior scale: no D-sized prior vectors
         means, s, batch = iso
         if all(m.requires_grad is False and float(m) == 0.0 for m in means):
-            maha = _SquaredNorm.apply(q.loc)
+            maha = squared_norm(q.loc)
         else:
             maha = sum(((q.loc[..., site.offset:site.offset + site.numel] - m) ** 2).sum(-1)
                        for site, m in zip(layout.sites, means))
@@ -175,18 +179,3 @@ def _kl_term(q: VikingPosterior, model_trace, guide_trace, beta: float) -> Tenso
         term = guide_trace.nodes[name]["log_prob_sum"] - model_trace.nodes[name]["log_prob_sum"]
         mc = term if mc is None else mc + term
     return beta * kl + (beta - 1.0) * mc
-
-
-class _SquaredNorm(torch.autograd.Function):
-    """``‖x‖²`` over the last dim, with a one-pass backward ``2 ḡ x`` (``(x ** 2).sum(-1)``
-    takes three passes over D in its backward; this runs on every training step)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return torch.linalg.vecdot(x, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return x * (2 * grad)[..., None]

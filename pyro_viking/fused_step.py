@@ -31,14 +31,13 @@ from __future__ import annotations
 from typing import Optional
 
 import pyro.poutine as poutine
-import torch
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.util import warn_if_nan
 from torch import Tensor
 
 from .bnn import BayesianNetwork
-from .distributions.kl import kl_kernel_image_normal_isotropic
+from .distributions.kl import kl_kernel_image_normal_isotropic, squared_norm
 
 __all__ = ["fused_applies", "fused_loss_and_grads"]
 
@@ -91,6 +90,8 @@ def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
 def fused_loss_and_grads(elbo, model: BayesianNetwork, guide, args: tuple,
                          kwargs: dict) -> Optional[float]:
     """The step's loss (after ``backward``), or ``None`` when :func:`fused_applies` is false."""
+    if not (getattr(elbo, "fused", False) and isinstance(model, BayesianNetwork)):
+        return None  # every other model: no bookkeeping on its steps
     # The traced step inspects each new call shape (observed values finite and in their
     # support, ...): leave the first step of every shape to it.
     seen = elbo.__dict__.setdefault("_fused_call_shapes", set())
@@ -110,7 +111,7 @@ def fused_loss_and_grads(elbo, model: BayesianNetwork, guide, args: tuple,
     z = q.rsample((K,)) if K > 1 else q.rsample()  # (K, D): the network runs vmapped
     loglik = rows(z).sum() * (data.size / data.subsample_size) / K
     s = model.prior_scale_value(q.loc)
-    kl = kl_kernel_image_normal_isotropic(q, torch.linalg.vecdot(q.loc, q.loc), s)
+    kl = kl_kernel_image_normal_isotropic(q, squared_norm(q.loc), s)
     loss = elbo.beta * kl - loglik
     warn_if_nan(loss, "loss")
     loss.backward()

@@ -131,8 +131,9 @@ class ProjectorBuilder:
         options = self.solver_options
         if training and self._skip_refinement():
             options = {**options, "refine": 0}
-        proj = projector_from_rows(
-            fn, loc, backend=self.backend_used or self.backend, solver=self.solver,
+        proj = projector_from_rows(  # no gradient through P: no graph of the build to keep
+            fn, loc if differentiable else loc.detach(),
+            backend=self.backend_used or self.backend, solver=self.solver,
             solver_options=options, differentiable=differentiable,
             check=self.backend_used is None)
         self.backend_used = proj.operator.backend_name

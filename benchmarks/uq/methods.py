@@ -204,9 +204,10 @@ def run_svi(model, guide, loss, task: Task, epochs: int, budget: Budget, optim=N
     return losses
 
 
-def pyro_sampler(task: Task, model, guide, num_samples: int):
-    """S samples of the model's ``probs`` / ``mean`` site under ``guide``."""
-    site = "probs" if task.classification else "mean"
+def pyro_sampler(task: Task, model, guide, num_samples: int, site: Optional[str] = None):
+    """S samples of the model's ``site`` (default ``probs`` / ``mean``) under ``guide``:
+    ``(S, N, C)`` for classification, ``(S, N)`` for regression."""
+    site = site or ("probs" if task.classification else "mean")
 
     def sample(x):
         with torch.no_grad():

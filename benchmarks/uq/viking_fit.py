@@ -21,9 +21,7 @@ import time
 from typing import Optional
 
 import pyro
-import torch
-from methods import Budget, Fitted, _new_net, _seed
-from pyro.infer import Predictive
+from methods import Budget, Fitted, _new_net, _seed, pyro_sampler
 from pyro_models import INIT_PRIOR_SCALE
 from tasks import Task
 
@@ -86,15 +84,8 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
 
 def bnn_sampler(task: Task, bnn: BayesianNetwork, guide, num_samples: int):
     """S samples of the class probabilities ``(S, N, C)`` or regression means ``(S, N)``."""
-
-    def sample(x):
-        with torch.no_grad():
-            out = Predictive(bnn, guide=guide, num_samples=num_samples,
-                             return_sites=[bnn.output_site])(x)[bnn.output_site]
-        if task.classification:
-            return out.reshape(num_samples, len(x), -1).softmax(-1)
-        return out.reshape(num_samples, len(x))
-    return sample
+    outputs = pyro_sampler(task, bnn, guide, num_samples, site=bnn.output_site)
+    return (lambda x: outputs(x).softmax(-1)) if task.classification else outputs
 
 
 def _fitted(task: Task, bnn: BayesianNetwork, guide: AutoViking, budget: Budget, secs: float,
