@@ -85,10 +85,13 @@ class AutoViking(AutoContinuous):
         if getattr(self, "_plates_ready", False):
             return self.plates  # already created by this call's forward
         plates = super()._create_plates(*args, **kwargs)
-        if self.master is None:  # the data plates of this call, with their current sizes
-            for name, frame in sorted(self._call.data_frames.items()):
-                plates.setdefault(name, pyro.plate(name, frame.full_size, dim=frame.dim,
-                                                   subsample_size=frame.size))
+        # The data plates of this call, with their current sizes: their subsample indices fix
+        # the minibatch of both the projection and the model. In an AutoGuideList ``plates``
+        # is the list's own dict of this call, so the model replays the same indices.
+        for name, frame in sorted(self._call.data_frames.items()):
+            if name not in plates:
+                plates[name] = pyro.plate(name, frame.full_size, dim=frame.dim,
+                                          subsample_size=frame.size)
         return plates
 
     def forward(self, *args, **kwargs):

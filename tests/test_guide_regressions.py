@@ -262,6 +262,40 @@ def test_9_auto_guide_list_jacobian_at_other_guides_medians(dtype):
     assert all(map(math.isfinite, losses))
 
 
+def noisy_linreg_subsampled(x, y=None):
+    """Global latents only, data plate subsampled 8 at a time."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0], subsample_size=8) as idx:
+        return pyro.sample("y", dist.Normal((x[idx] * w).sum(-1), sigma),
+                           obs=None if y is None else y[idx])
+
+
+def test_9_auto_guide_list_with_a_subsampled_plate_and_global_latents(dtype):
+    """The list's own plates hold no data plate when every latent is global: the AutoViking part
+    adds it, so its projection and the model use the same minibatch (before: "plate 'data'
+    draws random subsample indices")."""
+    x, y = regression_data(40, 3)
+    model = noisy_linreg_subsampled
+    guide = AutoGuideList(model)
+    guide.append(AutoViking(poutine.block(model, hide=["sigma"])))
+    guide.append(AutoNormal(poutine.block(model, expose=["sigma"])))
+    guide(x, y)  # set up
+    guide_trace = poutine.trace(guide).get_trace(x, y)
+    idx = guide_trace.nodes["data"]["value"]
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    assert torch.equal(model_trace.nodes["data"]["value"], idx)
+    viking = guide[0]
+    sigma = guide[1].median()["sigma"]
+    J_ref = jacrev(make_rows_fn(model, viking.layout, (x, y), {}, subsample={"data": idx},
+                                condition={"sigma": sigma}))(viking.loc.detach())
+    torch.testing.assert_close(viking.last_projector.operator.to_dense(), J_ref)
+    svi = SVI(model, guide, Adam({"lr": 0.02}), TraceViking_ELBO())
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(10))
+    samples = Predictive(model, guide=guide, num_samples=4)(x)
+    assert samples["y"].shape == (4, 8)
+
+
 # -- 10, 11, 12, 13: clear errors ---------------------------------------------------------------
 def test_10_discrete_latent_hidden_from_the_guide_raises(float32):
     def model(y):
