@@ -266,7 +266,10 @@ def fit_viking(
 
     :param model: a Pyro model; ``model(*args, **kwargs)`` (or each of ``batches``) is one step.
     :param batches: an iterable of batches instead of ``args``/``kwargs`` (module docstring).
-    :param num_steps: SVI steps of the full ELBO phase.
+    :param num_steps: SVI steps of the full ELBO phase. ``0`` gives the posterior at the
+        (tempered) MAP with the curvature scales of phase 2, set up and ready for
+        ``Predictive``: no training under sampled weights (a post-hoc VIKING, as a Laplace
+        approximation is post-hoc).
     :param warmup_steps: MAP steps (default ``num_steps // 4``; 0 with ``map_values``).
     :param scales_steps: steps of the optional scales-only phase (``θ̂`` frozen).
     :param beta: KL weight of :class:`~pyro_viking.TraceViking_ELBO` (:data:`DEFAULT_BETA`).
@@ -339,6 +342,10 @@ def fit_viking(
         _run(SVI(model, frozen, optim, elbo), calls, scales_steps, "scales", history, record,
              progress)
     _run(SVI(model, guide, optim, elbo), calls, num_steps, "elbo", history, record, progress)
+    if guide.prototype_trace is None:  # no ELBO step: set the guide up on one training call
+        a, kw = next(calls)
+        with poutine.block():
+            guide(*a, **kw)
     return VikingFit(guide=guide, history=history, statistics=statistics, init=init,
                      map_values=map_values, beta=beta)
 

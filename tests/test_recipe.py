@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn as nn
+from pyro.infer import Predictive
 from pyro.nn import PyroModule, PyroSample
 from sklearn.datasets import make_moons
 from torch.distributions import constraints
@@ -158,6 +159,28 @@ def test_scales_lr_factor_and_scales_phase():
     map_loc = torch.cat([fit.map_values[n].reshape(-1) for n in
                          ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")])
     torch.testing.assert_close(loc, map_loc)
+
+
+def test_no_elbo_steps_gives_the_posterior_at_the_map(default_dtype):
+    """``num_steps=0``: the guide is set up at the MAP with the curvature scales (no ELBO
+    step) and predicts right away."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x, y = moons(default_dtype)
+    model = TinyBNN(default_dtype)
+    fit = fit_viking(model, x, y, 48, num_steps=0, warmup_steps=100, beta=0.1,
+                     prior_scale_param=PRIOR, optim=pyro.optim.Adam({"lr": 1e-2}),
+                     progress=False, curvature_batches=4)
+    guide = fit.guide
+    assert set(fit.history["phase"]) == {"map"}
+    map_loc = torch.cat([fit.map_values[n].reshape(-1) for n in
+                         ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")])
+    torch.testing.assert_close(guide.loc.detach(), map_loc)
+    assert float(guide.image_scale.detach()) == pytest.approx(fit.init["image_scale"], rel=1e-5)
+    assert float(guide.kernel_scale) == pytest.approx(fit.init["prior_scale"], rel=1e-5)
+    probs = Predictive(model, guide=guide, num_samples=8)(x)["probs"]
+    assert probs.shape == (8, len(x), 2) and probs.dtype == default_dtype
+    assert probs.std(0).max() > 0  # samples of the posterior, not a point
 
 
 def test_map_warmup_starts_from_the_networks_initialisation(default_dtype):
