@@ -80,6 +80,33 @@ def _select_latent(net: nn.Module, latent: Optional[Union[Rule, Sequence[Rule]]]
     return [n for n, _ in named if n in chosen]  # network order
 
 
+def _batch_dependent_modules(net: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Modules whose output can be random or depend on the other rows of the batch."""
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, kinds)]
+
+
+def _check_deterministic(modules: List[Tuple[str, nn.Module]]) -> None:
+    """Raise ``ValueError`` if a dropout layer is active or a batch norm uses the statistics of
+    its minibatch: ``f(x_i; θ)`` must be a fixed function of ``x_i`` and ``θ``."""
+    for name, m in modules:
+        kind = type(m).__name__
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
+            raise ValueError(
+                f"the network's module '{name}' ({kind}) is in training mode: dropout makes "
+                "f(x; θ) random, so the likelihood and its Jacobian change from call to call. "
+                "Call net.eval() before building the BayesianNetwork (the posterior over the "
+                "weights takes dropout's place), or remove the layer.")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training
+                                                               or m.running_mean is None):
+            raise ValueError(
+                f"the network's module '{name}' ({kind}) normalises with the statistics of "
+                "each minibatch, so one datum's likelihood depends on the other data and the "
+                "per-datum Jacobian rows VIKING needs do not exist. Call net.eval() to use its "
+                "running statistics (e.g. those of a pre-trained network), or use nn.LayerNorm "
+                "or nn.GroupNorm.")
+
+
 def _scale_arg(value, what: str) -> Optional[float]:
     """``None`` for ``"learned"``, else the positive float."""
     if value == "learned":
@@ -93,8 +120,10 @@ class BayesianNetwork(nn.Module):
     """The Pyro model of a Bayesian neural network built from ``net``.
 
     :param net: any ``nn.Module`` mapping inputs ``(B, ...)`` to outputs ``(B, ...)`` with
-        independent rows (no BatchNorm in train mode). Its current parameter values serve as
-        the initial posterior mean through :meth:`init_loc_fn`.
+        independent, deterministic rows: dropout and batch norm only in eval mode (a clear
+        error otherwise). Its current parameter values serve as the initial posterior mean
+        through :meth:`init_loc_fn`. Modules ``torch.vmap`` cannot batch (``nn.GRU``,
+        ``nn.LSTM``) run once per weight sample instead.
     :param likelihood: ``"classification"`` (``Categorical(logits=f)``, outputs ``(B, C)``,
         labels ``(N,)`` long), ``"binary"`` (``Bernoulli(logits=f)``, outputs ``(B, 1)``,
         labels ``(N,)`` float) or ``"regression"`` (``Normal(f, σ²)``; outputs ``(B, 1)`` give
@@ -154,6 +183,9 @@ class BayesianNetwork(nn.Module):
         self.latent_shapes: Dict[str, torch.Size] = {n: params[n].shape for n in latent_names}
         self.hidden_names: Tuple[str, ...] = tuple(n for n in params if n not in latent_names)
         self.output_site = "loc" if likelihood == "regression" else "logits"
+        self._batch_dependent = _batch_dependent_modules(net)
+        _check_deterministic(self._batch_dependent)
+        self._vmappable = True  # until torch.vmap fails on the network (e.g. nn.GRU)
 
     # -- names ----------------------------------------------------------------------------------
     def site_name(self, param_name: str) -> str:
@@ -238,6 +270,7 @@ class BayesianNetwork(nn.Module):
         ``Predictive(parallel=True)``): ``torch.vmap`` over the flattened batch; the output is
         ``(*batch', B, ...)`` with ``batch'`` the batch without a trailing 1 (the data dim).
         """
+        _check_deterministic(self._batch_dependent)  # the mode may have changed since
         hidden = self._hidden_values()
         ref = None if linearise_at is None else {
             n: linearise_at[self.site_name(n)].to(x.dtype) for n in self.latent_shapes}
@@ -247,9 +280,25 @@ class BayesianNetwork(nn.Module):
             return self._call(latent, hidden, x, ref)
         flat = {n: v.expand(batch + self.latent_shapes[n]).reshape((-1,) + self.latent_shapes[n])
                 for n, v in latent.items()}
-        out = torch.vmap(lambda p: self._call(p, hidden, x, ref), randomness="different")(flat)
+        out = self._map_samples(flat, hidden, x, ref)
         out_batch = batch[:-1] if batch[-1] == 1 else batch
         return out.reshape(out_batch + out.shape[1:])
+
+    def _map_samples(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor,
+                     ref: Optional[Dict[str, Tensor]]) -> Tensor:
+        """The network for each of the ``S`` weight samples ``flat`` (``(S, *shape)``):
+        ``torch.vmap``, or a loop over the samples for modules without a batching rule."""
+        if self._vmappable:
+            try:
+                return torch.vmap(lambda p: self._call(p, hidden, x, ref),
+                                  randomness="different")(flat)
+            except (RuntimeError, NotImplementedError) as e:
+                if "atching rule" not in str(e) and "vmap" not in str(e):
+                    raise
+                self._vmappable = False  # e.g. nn.GRU/LSTM: no batching rule; loop from now on
+        num = next(iter(flat.values())).shape[0]
+        return torch.stack([self._call({n: v[i] for n, v in flat.items()}, hidden, x, ref)
+                            for i in range(num)])
 
     def __getstate__(self):
         # The param store tags the hidden parameters with a weakref to themselves (Pyro's

@@ -44,7 +44,33 @@ def cnn1d(dtype, out=3):
                          ).to(dtype)
 
 
+class GRUClassifier(nn.Module):
+    """A recurrent classifier: ``torch.vmap`` has no batching rule for ``nn.GRU``."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.gru, self.head = nn.GRU(2, 4, batch_first=True), nn.Linear(4, out)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def gru(dtype, out=3):
+    torch.manual_seed(0)
+    return GRUClassifier(out).to(dtype)
+
+
+def batchnorm_eval(dtype, out=3):
+    """Batch norm in eval mode (fixed running statistics, here made non-trivial)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, out))
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.to(dtype).eval()
+
+
 NETS = {"mlp": (mlp, (4,)), "cnn": (cnn, (1, 4, 4)), "cnn1d": (cnn1d, (1, 6))}
+MORE_NETS = {**NETS, "gru": (gru, (3, 2)), "batchnorm_eval": (batchnorm_eval, (4,))}
 
 
 def data(dtype, likelihood="classification", n=30, shape=(4,), classes=3):
@@ -117,10 +143,11 @@ def test_log_joint_equals_hand_written_model(dtype, likelihood, prior):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("arch", sorted(NETS))
+@pytest.mark.parametrize("arch", sorted(MORE_NETS))
 @pytest.mark.parametrize("lead", [(4, 1), (4,), (2, 1, 1)])
 def test_batched_weights_equal_unbatched_calls(dtype, arch, lead):
-    make, shape = NETS[arch]
+    """Batched weights (vmap, or a loop where vmap has no batching rule) = one call each."""
+    make, shape = MORE_NETS[arch]
     bnn = BayesianNetwork(make(dtype), "classification", prior_scale=1.0)
     x, _ = data(dtype, n=5, shape=shape)
     torch.manual_seed(2)
@@ -383,6 +410,38 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="binary"):
         BayesianNetwork(net, "binary")(torch.randn(4, 4, dtype=torch.float32),
                                        torch.ones(4, dtype=torch.float32))
+
+
+def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
+    """Dropout in training mode (a random f) and batch norm with minibatch statistics (rows
+    that depend on each other) are refused with the fix; in eval mode they train and predict
+    with vectorised particles and parallel Predictive, as does a GRU (no vmap rule)."""
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
+    dropout.to(default_dtype)
+    with pytest.raises(ValueError, match=r"'2' \(Dropout\).*net\.eval\(\)"):
+        BayesianNetwork(dropout)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\).*statistics.*net\.eval\(\)"):
+        BayesianNetwork(batchnorm_eval(default_dtype).train())
+    no_stats = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False))
+    no_stats.to(default_dtype)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        BayesianNetwork(no_stats.eval())
+    bnn = BayesianNetwork(dropout.eval())
+    dropout.train()  # switched back after building: refused at the next call
+    with pytest.raises(ValueError, match="Dropout"):
+        bnn(torch.randn(5, 4))
+    for make, shape in ((lambda d: dropout.eval(), (4,)), MORE_NETS["batchnorm_eval"],
+                        MORE_NETS["gru"]):
+        pyro.clear_param_store()
+        x, y = data(default_dtype, n=40, shape=shape)
+        bnn = BayesianNetwork(make(default_dtype), prior_scale="learned", batch_size=10)
+        guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+        elbo = TraceViking_ELBO(num_particles=2, vectorize_particles=True)
+        svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+        assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+        pred = Predictive(bnn, guide=guide, num_samples=4, parallel=True)(x[:5])
+        assert pred["logits"].shape == (4, 5, 3)
 
 
 @pytest.mark.dtype_independent
