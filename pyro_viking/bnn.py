@@ -341,6 +341,9 @@ class BayesianNetwork(nn.Module):
             (site name → tensor, e.g. ``guide.median()`` of a MAP fit).
         :returns: the network output at the plate's inputs, ``(..., B, *outputs)``.
         """
+        if y is not None and y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"x and y must have one row per datum: x has {x.shape[0]} rows, "
+                             f"y has {y.shape[0] if y.dim() else 'none (a scalar)'}")
         like = next(iter(self.net.parameters()))
         s = self.prior_scale_value(like)
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -352,9 +355,31 @@ class BayesianNetwork(nn.Module):
             pass
         out = self.forward_network(latent, x[idx], linearise_at)  # outside the plate
         obs = None if y is None else y[idx]
+        if y is not None:
+            self._check_targets(out, y)
         with data:
             self._observe(out, obs)
         return out
+
+    def _check_targets(self, out: Tensor, y: Tensor) -> None:
+        """Raise ``ValueError`` if the labels/targets ``y`` ``(N, ...)`` do not fit the
+        likelihood and the outputs ``out`` ``(..., B, O)``."""
+        lik, n_out = self.likelihood, out.shape[-1]
+        if lik == "regression" and n_out > 1:
+            want, what = (n_out,), f"targets (N, {n_out}) for outputs (B, {n_out})"
+        else:
+            want = ()
+            what = {"classification": "class indices of shape (N,)",
+                    "binary": "0./1. labels of shape (N,)",
+                    "regression": "targets of shape (N,) for outputs (B, 1)"}[lik]
+        shape = tuple(y.shape[1:])
+        if shape != want:
+            fix = " (y.squeeze(-1))" if shape == (1,) and want == () else ""
+            raise ValueError(f"likelihood={lik!r} takes {what}; got y of shape "
+                             f"{tuple(y.shape)}{fix}")
+        if lik == "binary" and not y.is_floating_point():
+            raise ValueError(f"likelihood='binary' takes float labels (0. or 1.); got {y.dtype}"
+                             ": pass y.float() (or y.to(x.dtype))")
 
     def _observe(self, out: Tensor, obs: Optional[Tensor]) -> None:
         """The likelihood of the plate's data given the outputs ``(..., B, O)``."""

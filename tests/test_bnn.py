@@ -412,6 +412,25 @@ def test_invalid_arguments():
                                        torch.ones(4, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("likelihood, out, y, message", [
+    ("regression", 1, torch.zeros(6, 1), r"targets of shape \(N,\).*\(6, 1\).*squeeze"),
+    ("regression", 2, torch.zeros(6), r"targets \(N, 2\).*\(6,\)"),
+    ("classification", 3, torch.zeros(6, 1, dtype=torch.long), r"class indices.*\(6, 1\)"),
+    ("binary", 1, torch.zeros(6, dtype=torch.long), r"float labels.*torch.int64.*y\.float\(\)"),
+    ("regression", 1, torch.zeros(5), r"x has 6 rows, y has 5"),
+])
+def test_targets_that_do_not_fit_the_likelihood_raise(default_dtype, likelihood, out, y, message):
+    """Labels/targets of the wrong shape or dtype get an error naming both and the fix (before:
+    a (B, B) log-likelihood from broadcasting, Pyro's 'invalid log_prob shape', a dtype cast
+    error or an index error)."""
+    bnn = BayesianNetwork(mlp(default_dtype, out=out), likelihood, batch_size=4)
+    y = y.to(default_dtype) if y.is_floating_point() else y
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
+    with pytest.raises(ValueError, match=message):
+        svi.step(torch.randn(6, 4, dtype=default_dtype), y)
+
+
 def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
     """Dropout in training mode (a random f) and batch norm with minibatch statistics (rows
     that depend on each other) are refused with the fix; in eval mode they train and predict
