@@ -68,9 +68,10 @@ class SamplingState:
 
     #: samples projected at once when the guide projects lazily for prediction
     LAZY_NUM_SAMPLES = 100
-    #: draws a run may take beyond the cached samples before they count as repeating: Predictive
-    #: runs the guide once more than ``num_samples`` (to find the plate nesting) and drops it
-    PROBE_DRAWS = 1
+    #: draws a run may take beyond the cached samples before they count as repeating:
+    #: Predictive (pyro 1.9) runs the guide twice before its ``num_samples`` draws (plate
+    #: nesting, then site shapes) and drops both
+    PROBE_DRAWS = 2
 
     def __init__(self, gamma: float, image_noise: str, num_chains: int = 1):
         if not 0.0 <= float(gamma) <= 1.0:
@@ -224,9 +225,10 @@ class SamplingState:
     def next_indices(self, n: int, S: int) -> Tensor:
         """Indices of the next ``n`` of ``S`` prediction samples (cycling)."""
         if self.counter + n > S + self.PROBE_DRAWS:
-            self._warn_once("repeat", f"{self.counter + n} draws on the same inputs but only {S} "
+            draws = self.counter + n - self.PROBE_DRAWS  # Predictive's set-up runs not counted
+            self._warn_once("repeat", f"{draws} draws on the same inputs but only {S} "
                             "samples projected on the training data are cached; they repeat. "
-                            f"Call guide.project_training_data(num_samples={self.counter + n}).")
+                            f"Call guide.project_training_data(num_samples={draws}).")
         idx = (torch.arange(n) + self.counter) % S
         self.counter += n  # not wrapped: a lazy pool grows when a run of draws exceeds it
         return idx

@@ -296,6 +296,23 @@ def test_9_auto_guide_list_with_a_subsampled_plate_and_global_latents(dtype):
     assert samples["y"].shape == (4, 8)
 
 
+def test_predictive_draws_each_projected_sample_once_without_a_warning(float32):
+    """Predictive runs the guide twice before its S draws (pyro 1.9): S projected samples
+    serve S distinct predictions, silently; one more draw than that warns."""
+    x, y = regression_data(20, 3)
+    guide = AutoViking(linreg)
+    svi = SVI(linreg, guide, Adam({"lr": 0.05}), TraceViking_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    guide.project_training_data(x, y, num_samples=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = Predictive(linreg, guide=guide, num_samples=10)(x)["w"].reshape(10, 3)
+    assert torch.unique(w, dim=0).shape[0] == 10
+    with pytest.warns(UserWarning, match="11 draws on the same inputs but only 10"):
+        Predictive(linreg, guide=guide, num_samples=11)(x[:5])
+
+
 # -- 10, 11, 12, 13: clear errors ---------------------------------------------------------------
 def test_10_discrete_latent_hidden_from_the_guide_raises(float32):
     def model(y):
