@@ -421,8 +421,7 @@ def test_invalid_arguments():
 ])
 def test_targets_that_do_not_fit_the_likelihood_raise(default_dtype, likelihood, out, y, message):
     """Labels/targets of the wrong shape or dtype get an error naming both and the fix (before:
-    a (B, B) log-likelihood from broadcasting, Pyro's 'invalid log_prob shape', a dtype cast
-    error or an index error)."""
+    Pyro's 'invalid log_prob shape', a support error, a dtype cast error or an index error)."""
     bnn = BayesianNetwork(mlp(default_dtype, out=out), likelihood, batch_size=4)
     y = y.to(default_dtype) if y.is_floating_point() else y
     guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
