@@ -11,6 +11,8 @@ median and interquartile range in ms):
 * ``VIKING K=1``: ``AutoViking`` (default options) + ``TraceViking_ELBO``;
 * ``VIKING K=4 vec``: the same with ``num_particles=4, vectorize_particles=True`` (one
   projection, one vmapped network pass over 4 weight samples);
+* ``VIKING K=4 vec loop``: the same with ``BayesianNetwork(weight_samples="loop")`` (one
+  network call per weight sample instead of ``torch.vmap``);
 * ``VIKING K=4 seq``: ``num_particles=4`` sequential (4 model runs, 4 minibatches);
 * ``VIKING K=1 fixed prior``: ``prior_scale=0.1`` (a learned prior scale makes AutoViking run
   the model once more per step to read it);
@@ -18,15 +20,23 @@ median and interquartile range in ms):
   prior scale, plate of B data), for the overhead of the wrapper.
 
 Usage: ``python benchmarks/bench_bnn.py [--quick] [--net lenet|mlp] [--batch-size 128]
-[--repeats 20]``; ``--net mlp`` runs the 784-256-256-10 relu MLP instead of the CNN.
+[--repeats 20] [--predict]``; ``--net mlp`` runs the 784-256-256-10 relu MLP instead of the CNN.
 
-Measured 2026-11-30 ≈ 10:09 UTC (idle 2-core CPU, 1 thread, B = 128, 20 rounds, default
-options; the K = 1 and K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median
-ms, × VIKING K=1). LeNet: MAP 22.6 (0.58), AutoNormal 30.4 (0.78), VIKING K=1 39.2 (1.00), K=4
-vectorised 105.3 (2.69), K=4 sequential 194.3 (4.96), K=1 fixed prior 41.0 (1.04), K=1
-PyroModule (traced) 44.1 (1.13). MLP: MAP 17.1 (0.79), AutoNormal 36.0 (1.65), VIKING K=1 21.8,
-K=4 vectorised 48.3 (2.22), K=4 sequential 94.2 (4.33). All VIKING rows on the layer-Gram
-backend. (Before the fused step, ≈ 09:28: LeNet K=1 57.3 ms, 1.50× AutoNormal; MLP 20.9 ms.)
+``--predict`` times prediction instead (issue #12: ``Predictive(num_samples=100)`` with a learned
+prior scale ≤ 1.1× AutoNormal's): after a few SVI steps each, ``AutoNormal`` and ``AutoViking``
+(its samples projected on the training set once, untimed, as ``project_training_data`` or the
+lazy projection leaves them) each predict 100 samples on 512 new inputs, sequential and
+``parallel=True``, interleaved as above.
+
+Measured 2026-11-30 ≈ 11:56 UTC (2-core CPU, 1 thread, B = 128, 20 rounds, default options;
+the K = 1 and K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median ms,
+× VIKING K=1; IQRs of ±20 % in this session). LeNet: MAP 29.2 (0.60), AutoNormal 38.7 (0.80),
+VIKING K=1 48.4, K=4 vectorised 130.4 (2.69), K=4 vectorised with ``weight_samples="loop"``
+108.9 (2.25; 1.98 in a shorter run), K=4 sequential 223.6 (4.62), K=1 fixed prior 46.3 (0.96),
+K=1 PyroModule (traced) 58.8 (1.21). MLP: MAP 18.2 (0.83), AutoNormal 31.5 (1.44), VIKING K=1
+21.9, K=4 vectorised 53.6 (2.45), loop 55.2 (2.52), K=4 sequential 108.4 (4.95). All VIKING rows
+on the layer-Gram backend. ``--predict`` (100 samples, 512 inputs): VIKING / AutoNormal 0.77
+sequential and 0.72 parallel (MLP), 0.90 and 0.94 (LeNet).
 """
 
 from __future__ import annotations
@@ -80,12 +90,12 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
 
     runs = {}
 
-    def add(name, guide_cls, elbo, model=None, init=None, prior="learned"):
+    def add(name, guide_cls, elbo, model=None, init=None, prior="learned", samples="vmap"):
         # a subclass per configuration: distinct param names in Pyro's param store
         cls = type(f"{guide_cls.__name__}_{len(runs)}", (guide_cls,), {})
         if model is None:
             model = BayesianNetwork(lenet(), "classification", prior_scale=prior,
-                                    batch_size=B, name=f"bnn{len(runs)}")
+                                    batch_size=B, name=f"bnn{len(runs)}", weight_samples=samples)
             init = model.init_loc_fn
         guide = cls(model, init_loc_fn=init)
         runs[name] = (SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo), guide)
@@ -95,6 +105,9 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
     add("VIKING K=1", AutoViking, TraceViking_ELBO())
     add("VIKING K=4 vec", AutoViking,
         TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    add("VIKING K=4 vec loop", AutoViking,
+        TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+        samples="loop")
     add("VIKING K=4 seq", AutoViking, TraceViking_ELBO(num_particles=4))
     add("VIKING K=1 fixed prior", AutoViking, TraceViking_ELBO(), prior=0.1)
     problem = "lenet" if net_name == "lenet" else "mlp_784_256_256_10"
@@ -104,6 +117,48 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
     data = {name: (x, y) for name in runs}
     data["VIKING K=1 (PyroModule)"] = (prob.x, prob.y)
     return runs, data
+
+
+def time_predictive(args) -> None:
+    """Interleaved timing of Predictive(num_samples=100) on 512 inputs: AutoNormal vs
+    AutoViking (learned prior scale; projection done beforehand, untimed)."""
+    from pyro.infer import Predictive
+
+    runs, data = make_runs(args.quick, args.batch_size, args.device, args.net)
+    x, y = data["VIKING K=1"]
+    x_new = torch.randn((512,) + x.shape[1:], device=x.device)
+    S = 10 if args.quick else 100
+    predictors = {}
+    for name in ("AutoNormal K=1", "VIKING K=1"):
+        svi, guide = runs[name]
+        for _ in range(3):
+            svi.step(x, y)
+        if name.startswith("VIKING"):
+            guide.project_training_data(x, y, num_samples=S)
+        for parallel in (False, True):
+            label = f"{name.split()[0]}{' parallel' if parallel else ''}"
+            predictors[label] = Predictive(svi.model, guide=guide, num_samples=S,
+                                           parallel=parallel, return_sites=["logits"])
+    times = {name: [] for name in predictors}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rounds = max(3, args.repeats // 4)
+    for rnd in range(1 + rounds):
+        names = list(predictors)
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad():
+                predictors[name](x_new)
+            sync()
+            if rnd >= 1:
+                times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    label = "LeNet" if args.net == "lenet" else "MLP 784-256-256-10"
+    print(f"{label}{' (quick)' if args.quick else ''}: Predictive(num_samples={S}) on 512 inputs, "
+          f"device {args.device}, {args.threads} thread(s), {rounds} interleaved rounds")
+    for name, m in med.items():
+        ref = med["AutoNormal parallel" if "parallel" in name else "AutoNormal"]
+        print(f"{name:<22} {1e3 * m:>9.1f} ms {m / ref:>6.2f}× AutoNormal")
 
 
 def main(argv=None) -> None:
@@ -116,9 +171,13 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--net", choices=("lenet", "mlp"), default="lenet",
                     help="the LeNet-like CNN or the 784-256-256-10 relu MLP")
+    ap.add_argument("--predict", action="store_true",
+                    help="time Predictive(num_samples=100) instead of the SVI step")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
+    if args.predict:
+        return time_predictive(args)
     runs, data = make_runs(args.quick, args.batch_size, args.device, args.net)
     times = {name: [] for name in runs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

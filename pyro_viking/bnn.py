@@ -147,6 +147,13 @@ class BayesianNetwork(nn.Module):
         with ``fit_hidden=False``, constants.
     :param fit_hidden: learn the non-latent parameters (default) or keep them fixed.
     :param name: prefix of the latent site and parameter names (``"bnn.fc1.weight"``).
+    :param weight_samples: how a batch of weight samples (vectorised particles,
+        ``Predictive(parallel=True)``) runs: ``"vmap"`` (one ``torch.vmap``ped call; modules
+        without a batching rule fall back to the loop) or ``"loop"`` (one call per sample).
+        Measured on one CPU thread: ``vmap`` is faster for small networks (MLPs, the 8×8-digits
+        and MNIST-1D CNNs: 1.15–2.8×), the loop for CNNs on larger images, whose batched
+        convolutions ``vmap`` turns into grouped ones (LeNet on 28×28: 1.4× for 4 training
+        particles, 1.9× for 100 prediction samples).
 
     Sites: latents ``f"{name}.{parameter name}"``, the plate ``"data"`` (dim −1), the observed
     site ``"obs"``, and the network output as the deterministic site ``"logits"``
@@ -159,7 +166,7 @@ class BayesianNetwork(nn.Module):
                  noise_scale: Union[float, str] = 0.1, init_noise_scale: float = 0.1,
                  num_data: Optional[int] = None, batch_size: Optional[int] = None,
                  latent: Optional[Union[Rule, Sequence[Rule]]] = None,
-                 fit_hidden: bool = True, name: str = "bnn"):
+                 fit_hidden: bool = True, name: str = "bnn", weight_samples: str = "vmap"):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -185,7 +192,11 @@ class BayesianNetwork(nn.Module):
         self.output_site = "loc" if likelihood == "regression" else "logits"
         self._batch_dependent = _batch_dependent_modules(net)
         _check_deterministic(self._batch_dependent)
-        self._vmappable = True  # until torch.vmap fails on the network (e.g. nn.GRU)
+        if weight_samples not in ("vmap", "loop"):
+            raise ValueError(f"weight_samples must be 'vmap' or 'loop', got {weight_samples!r}")
+        self.weight_samples = weight_samples
+        # vmap until it fails on the network (e.g. nn.GRU has no batching rule)
+        self._vmappable = weight_samples == "vmap"
 
     # -- names ----------------------------------------------------------------------------------
     def site_name(self, param_name: str) -> str:

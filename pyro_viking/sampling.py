@@ -344,12 +344,34 @@ class PredictionPosterior(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         idx = self.state.next_indices(math.prod(shape[:-1]), self.noise.shape[0])
-        idx = idx.to(self.noise.device)
-        k = self.kernel[idx].reshape(shape)
-        img = self.noise[idx].reshape(shape) - k
-        value = self.loc + self.kernel_scale[..., None] * k + self.image_scale[..., None] * img
-        self._draw_cache = (value, k, img)
+        # θ̂ + σ_ker k + σ_im (e − k) = θ̂ + σ_im e + (σ_ker − σ_im) k: two passes over (S, D)
+        si, dk = self.image_scale[..., None], (self.kernel_scale - self.image_scale)[..., None]
+        one_loc = all(st == 0 for st in self.loc.stride()[:-1])  # θ̂, or θ̂ expanded
+        if not torch.is_grad_enabled() and one_loc and si.dim() == 1:
+            value = self._draw_runs(idx, si, dk).reshape(shape)  # Predictive: no copies
+        else:
+            idx = idx.to(self.noise.device)
+            e = self.noise.index_select(0, idx).reshape(shape)
+            value = torch.addcmul(self.loc, e, si)
+            value = value.addcmul_(self.kernel.index_select(0, idx).reshape(shape), dk)
+        self._draw_cache = (value, idx, shape)
         return value
+
+    def _draw_runs(self, idx: Tensor, si: Tensor, dk: Tensor) -> Tensor:
+        """``θ̂ + σ_im e_j + (σ_ker − σ_im) k_j`` for ``j`` in ``idx`` (cycling through the
+        cached samples), written run by run of consecutive ``j`` from views of the cache."""
+        n, S = idx.shape[0], self.noise.shape[0]
+        loc = self.loc[(0,) * (self.loc.dim() - 1)]  # (D,)
+        out = loc.new_empty((n, loc.shape[-1]))
+        i, start = 0, idx.tolist()
+        while i < n:
+            a = start[i]
+            length = min(n - i, S - a)
+            rows = out[i:i + length]
+            torch.addcmul(loc, self.noise[a:a + length], si, out=rows)
+            rows.addcmul_(self.kernel[a:a + length], dk)
+            i += length
+        return out
 
     def log_prob(self, value: Tensor) -> Tensor:
         cache = getattr(self, "_draw_cache", None)
@@ -357,7 +379,10 @@ class PredictionPosterior(TorchDistribution):
             raise NotImplementedError(
                 "the prediction-time AutoViking posterior has no projector of its own (its "
                 "samples come from the training data); evaluate densities in training mode")
-        _, k, img = cache
+        _, idx, shape = cache
+        idx = idx.to(self.noise.device)
+        k = self.kernel.index_select(0, idx).reshape(shape)
+        img = self.noise.index_select(0, idx).reshape(shape) - k
         D = self.event_shape[0]
         maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
         return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))

@@ -145,10 +145,12 @@ def test_log_joint_equals_hand_written_model(dtype, likelihood, prior):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", sorted(MORE_NETS))
 @pytest.mark.parametrize("lead", [(4, 1), (4,), (2, 1, 1)])
-def test_batched_weights_equal_unbatched_calls(dtype, arch, lead):
+@pytest.mark.parametrize("weight_samples", ["vmap", "loop"])
+def test_batched_weights_equal_unbatched_calls(dtype, arch, lead, weight_samples):
     """Batched weights (vmap, or a loop where vmap has no batching rule) = one call each."""
     make, shape = MORE_NETS[arch]
-    bnn = BayesianNetwork(make(dtype), "classification", prior_scale=1.0)
+    bnn = BayesianNetwork(make(dtype), "classification", prior_scale=1.0,
+                          weight_samples=weight_samples)
     x, _ = data(dtype, n=5, shape=shape)
     torch.manual_seed(2)
     W = {n: torch.randn(lead + s, dtype=dtype) for n, s in bnn.latent_shapes.items()}
@@ -407,6 +409,8 @@ def test_invalid_arguments():
         BayesianNetwork(net, "poisson")
     with pytest.raises(ValueError, match="prior_scale"):
         BayesianNetwork(net, prior_scale=-1.0)
+    with pytest.raises(ValueError, match="weight_samples must be 'vmap' or 'loop'"):
+        BayesianNetwork(net, weight_samples="grouped")
     with pytest.raises(ValueError, match="binary"):
         BayesianNetwork(net, "binary")(torch.randn(4, 4, dtype=torch.float32),
                                        torch.ones(4, dtype=torch.float32))
