@@ -21,7 +21,8 @@ inside it. With unbatched weights the network runs as itself (``torch.func.funct
 with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers see ordinary
 weights and the layer-Gram Jacobian backend applies. With a leading batch of weight samples
 (vectorised particles, ``Predictive(parallel=True)``) the same call is mapped over the batch
-with ``torch.vmap``: K samples run in one batched pass.
+with ``torch.vmap`` (K samples in one batched pass) or, with ``weight_samples="loop"``, once per
+sample.
 
 Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
 digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm

@@ -16,7 +16,8 @@ noise), so under one seed both give the same losses (``tests/test_fused_step.py`
 are read through ``pyro.param`` (``SVI`` captures and updates them as usual).
 
 With ``K`` vectorised particles (``vectorize_particles=True``) the K draws share the minibatch
-and the projector, the network runs once on the K weight samples (``torch.vmap``), and the
+and the projector, the network runs on the K weight samples as the model batches them
+(:meth:`~pyro_viking.BayesianNetwork.forward_network`: ``torch.vmap`` or a loop), and the
 loss is averaged over them, as in Pyro's vectorised ELBO.
 
 It is taken only where it is exactly the traced step: one particle or vectorised particles,
@@ -77,7 +78,7 @@ def fused_applies(elbo, model, guide, args: tuple, kwargs: dict) -> bool:
 
 def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
     """``z (..., D) -> (..., B)``: ``log p(y_i | f(x_i; z))`` with z's site views as the
-    weights (a leading batch of weight samples runs through ``torch.vmap``)."""
+    weights (a leading batch of weight samples runs as ``forward_network`` batches it)."""
     names = {bnn.site_name(n): n for n in bnn.latent_shapes}
 
     def rows(z: Tensor) -> Tensor:
@@ -108,7 +109,7 @@ def fused_loss_and_grads(elbo, model: BayesianNetwork, guide, args: tuple,
     K = elbo.num_particles  # > 1 only when vectorised: K draws on the one minibatch
     guide.num_chains = 1
     q = guide.training_posterior(args, kwargs, rows=rows)
-    z = q.rsample((K,)) if K > 1 else q.rsample()  # (K, D): the network runs vmapped
+    z = q.rsample((K,)) if K > 1 else q.rsample()  # (K, D): one batched network call
     loglik = rows(z).sum() * (data.size / data.subsample_size) / K
     s = model.prior_scale_value(q.loc)
     kl = kl_kernel_image_normal_isotropic(q, squared_norm(q.loc), s)
