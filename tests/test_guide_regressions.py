@@ -296,15 +296,21 @@ def test_9_auto_guide_list_with_a_subsampled_plate_and_global_latents(dtype):
     assert samples["y"].shape == (4, 8)
 
 
+def _projected_guide(model, x, y, num_samples):
+    """An AutoViking after 5 SVI steps, its prediction samples projected on (x, y)."""
+    guide = AutoViking(model)
+    svi = SVI(model, guide, Adam({"lr": 0.05}), TraceViking_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    guide.project_training_data(x, y, num_samples=num_samples)
+    return guide
+
+
 def test_predictive_draws_each_projected_sample_once_without_a_warning(float32):
     """Predictive runs the guide twice before its S draws (pyro 1.9): S projected samples
     serve S distinct predictions, silently; one more draw than that warns."""
     x, y = regression_data(20, 3)
-    guide = AutoViking(linreg)
-    svi = SVI(linreg, guide, Adam({"lr": 0.05}), TraceViking_ELBO())
-    for _ in range(5):
-        svi.step(x, y)
-    guide.project_training_data(x, y, num_samples=10)
+    guide = _projected_guide(linreg, x, y, num_samples=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         w = Predictive(linreg, guide=guide, num_samples=10)(x)["w"].reshape(10, 3)
@@ -318,11 +324,7 @@ def test_prediction_draws_without_gradients_equal_the_differentiable_draws(dtype
     samples, run by run of the cycle; with gradients on, the same values come from a gather
     and they reach loc and the scales."""
     x, y = regression_data(20, 3)
-    guide = AutoViking(noisy_linreg)
-    svi = SVI(noisy_linreg, guide, Adam({"lr": 0.05}), TraceViking_ELBO())
-    for _ in range(5):
-        svi.step(x, y)
-    guide.project_training_data(x, y, num_samples=6)
+    guide = _projected_guide(noisy_linreg, x, y, num_samples=6)
     with poutine.mask(mask=False):
         q = guide.get_posterior(x)
     draws = {}
