@@ -252,7 +252,8 @@ def test_predictive_sequential_and_parallel():
     guide.project_training_data(x, y, num_samples=S)
     x_test = torch.linspace(-2, 2, 5)
     seq = Predictive(scalar_model, guide=guide, num_samples=S)(x_test)
-    par = Predictive(scalar_model, guide=guide, num_samples=S, parallel=True)(x_test)
+    with pytest.warns(UserWarning, match="draws on the same inputs"):  # the second run repeats
+        par = Predictive(scalar_model, guide=guide, num_samples=S, parallel=True)(x_test)
     for name in ("a", "b", "c"):
         assert seq[name].shape == par[name].shape == (S, 1)
         # both walk through all S cached samples (from different starting points)
