@@ -10,9 +10,10 @@ median and interquartile range in ms):
 * ``AutoNormal K=1``: ``Trace_ELBO``;
 * ``VIKING K=1``: ``AutoViking`` (default options) + ``TraceViking_ELBO``;
 * ``VIKING K=4 vec``: the same with ``num_particles=4, vectorize_particles=True`` (one
-  projection, one vmapped network pass over 4 weight samples);
-* ``VIKING K=4 vec loop``: the same with ``BayesianNetwork(weight_samples="loop")`` (one
-  network call per weight sample instead of ``torch.vmap``);
+  projection, one batched network call over 4 weight samples);
+* ``VIKING K=4 vec vmap`` / ``loop``: the same with ``BayesianNetwork(weight_samples=...)``
+  forced to ``torch.vmap`` or to one network call per weight sample (the default ``"auto"``
+  picks the loop for LeNet's convolution outputs on CPU, vmap for the MLP);
 * ``VIKING K=4 seq``: ``num_particles=4`` sequential (4 model runs, 4 minibatches);
 * ``VIKING K=1 fixed prior``: ``prior_scale=0.1`` (a learned prior scale makes AutoViking run
   the model once more per step to read it);
@@ -28,15 +29,16 @@ prior scale ≤ 1.1× AutoNormal's): after a few SVI steps each, ``AutoNormal`` 
 lazy projection leaves them) each predict 100 samples on 512 new inputs, sequential and
 ``parallel=True``, interleaved as above.
 
-Measured 2026-11-30 ≈ 11:56 UTC (2-core CPU, 1 thread, B = 128, 20 rounds, default options;
+Measured 2026-11-30 ≈ 12:10 UTC (idle 2-core CPU, 1 thread, B = 128, 20 rounds, default options;
 the K = 1 and K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median ms,
-× VIKING K=1; IQRs of ±20 % in this session). LeNet: MAP 29.2 (0.60), AutoNormal 38.7 (0.80),
-VIKING K=1 48.4, K=4 vectorised 130.4 (2.69), K=4 vectorised with ``weight_samples="loop"``
-108.9 (2.25; 1.98 in a shorter run), K=4 sequential 223.6 (4.62), K=1 fixed prior 46.3 (0.96),
-K=1 PyroModule (traced) 58.8 (1.21). MLP: MAP 18.2 (0.83), AutoNormal 31.5 (1.44), VIKING K=1
-21.9, K=4 vectorised 53.6 (2.45), loop 55.2 (2.52), K=4 sequential 108.4 (4.95). All VIKING rows
-on the layer-Gram backend. ``--predict`` (100 samples, 512 inputs): VIKING / AutoNormal 0.77
-sequential and 0.72 parallel (MLP), 0.90 and 0.94 (LeNet).
+× VIKING K=1). LeNet: MAP 22.8 (0.58), AutoNormal 30.0 (0.76), VIKING K=1 39.4, K=4 vectorised
+82.0 (2.08; ``weight_samples="auto"`` runs LeNet's 4 samples in a loop), forced vmap 103.9
+(2.64), forced loop 86.7 (2.20), K=4 sequential 190.9 (4.85), K=1 fixed prior 40.5 (1.03), K=1
+PyroModule (traced) 43.0 (1.09). MLP: MAP 16.3 (0.91), AutoNormal 32.4 (1.80), VIKING K=1 18.0,
+K=4 vectorised 40.7 (2.27; auto = vmap), forced vmap 41.0 (2.28), forced loop 44.1 (2.45), K=4
+sequential 84.7 (4.72). All VIKING rows on the layer-Gram backend. ``--predict`` (100 samples,
+512 inputs, ≈ 11:50, before "auto"): VIKING / AutoNormal 0.77 sequential and 0.72 parallel
+(MLP), 0.90 and 0.94 (LeNet, parallel through vmap; "auto" now loops there).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
 
     runs = {}
 
-    def add(name, guide_cls, elbo, model=None, init=None, prior="learned", samples="vmap"):
+    def add(name, guide_cls, elbo, model=None, init=None, prior="learned", samples="auto"):
         # a subclass per configuration: distinct param names in Pyro's param store
         cls = type(f"{guide_cls.__name__}_{len(runs)}", (guide_cls,), {})
         if model is None:
@@ -105,6 +107,9 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
     add("VIKING K=1", AutoViking, TraceViking_ELBO())
     add("VIKING K=4 vec", AutoViking,
         TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    add("VIKING K=4 vec vmap", AutoViking,
+        TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+        samples="vmap")
     add("VIKING K=4 vec loop", AutoViking,
         TraceViking_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
         samples="loop")

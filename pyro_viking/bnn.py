@@ -21,8 +21,8 @@ inside it. With unbatched weights the network runs as itself (``torch.func.funct
 with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers see ordinary
 weights and the layer-Gram Jacobian backend applies. With a leading batch of weight samples
 (vectorised particles, ``Predictive(parallel=True)``) the same call is mapped over the batch
-with ``torch.vmap`` (K samples in one batched pass) or, with ``weight_samples="loop"``, once per
-sample.
+with ``torch.vmap`` (K samples in one batched pass) or once per sample (``weight_samples``: on
+CPU the loop is faster for large convolution outputs and is chosen for them by default).
 
 Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
 digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm
@@ -45,9 +45,14 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 from torch.func import functional_call, jvp
 
-__all__ = ["BayesianNetwork", "LIKELIHOODS"]
+__all__ = ["BayesianNetwork", "LIKELIHOODS", "LOOP_CONV_ELEMENTS", "WEIGHT_SAMPLES"]
 
 LIKELIHOODS = ("classification", "binary", "regression")
+WEIGHT_SAMPLES = ("auto", "vmap", "loop")
+#: ``weight_samples="auto"`` on CPU: weight samples run in a loop when one sample's convolution
+#: outputs exceed this many elements (measured crossover between 41k and 246k, see
+#: :class:`BayesianNetwork`)
+LOOP_CONV_ELEMENTS = 100_000
 
 #: A rule selecting latent parameters: a glob pattern or module/parameter name prefix
 #: (``"fc3"``, ``"*.weight"``), a module type (``nn.Conv2d``), or ``rule(name, parameter)``.
@@ -150,11 +155,15 @@ class BayesianNetwork(nn.Module):
     :param name: prefix of the latent site and parameter names (``"bnn.fc1.weight"``).
     :param weight_samples: how a batch of weight samples (vectorised particles,
         ``Predictive(parallel=True)``) runs: ``"vmap"`` (one ``torch.vmap``ped call; modules
-        without a batching rule fall back to the loop) or ``"loop"`` (one call per sample).
-        Measured on one CPU thread: ``vmap`` is faster for small networks (MLPs, the 8×8-digits
-        and MNIST-1D CNNs: 1.15–2.8×), the loop for CNNs on larger images, whose batched
-        convolutions ``vmap`` turns into grouped ones (LeNet on 28×28: 1.4× for 4 training
-        particles, 1.9× for 100 prediction samples).
+        without a batching rule fall back to the loop), ``"loop"`` (one call per sample), or
+        ``"auto"``: the loop on CPU when one sample's convolution outputs on these inputs
+        exceed :data:`LOOP_CONV_ELEMENTS` elements (counted once per input shape), else vmap.
+        ``vmap`` turns batched convolutions into grouped ones, slow on CPU for large
+        activations. Measured loop/vmap time on one CPU thread (K weight samples, B inputs,
+        conv outputs per sample): MLP 784-256-256-10 1.41 (K 4, B 128, none); 8×8-digits CNN
+        1.15 (4, 64, 41k) and 0.49 (100, 512, 328k); MNIST-1D CNN 1.64 (4, 64, 31k), 2.83
+        (100, 64, 31k) and 0.28 (100, 512, 246k); LeNet on 28×28 0.71 (4, 128, 573k) and 0.52
+        (100, 512, 2.3M).
 
     Sites: latents ``f"{name}.{parameter name}"``, the plate ``"data"`` (dim −1), the observed
     site ``"obs"``, and the network output as the deterministic site ``"logits"``
@@ -167,7 +176,7 @@ class BayesianNetwork(nn.Module):
                  noise_scale: Union[float, str] = 0.1, init_noise_scale: float = 0.1,
                  num_data: Optional[int] = None, batch_size: Optional[int] = None,
                  latent: Optional[Union[Rule, Sequence[Rule]]] = None,
-                 fit_hidden: bool = True, name: str = "bnn", weight_samples: str = "vmap"):
+                 fit_hidden: bool = True, name: str = "bnn", weight_samples: str = "auto"):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -193,11 +202,14 @@ class BayesianNetwork(nn.Module):
         self.output_site = "loc" if likelihood == "regression" else "logits"
         self._batch_dependent = _batch_dependent_modules(net)
         _check_deterministic(self._batch_dependent)
-        if weight_samples not in ("vmap", "loop"):
-            raise ValueError(f"weight_samples must be 'vmap' or 'loop', got {weight_samples!r}")
+        if weight_samples not in WEIGHT_SAMPLES:
+            raise ValueError(f"weight_samples must be one of {WEIGHT_SAMPLES}, got "
+                             f"{weight_samples!r}")
         self.weight_samples = weight_samples
         # vmap until it fails on the network (e.g. nn.GRU has no batching rule)
-        self._vmappable = weight_samples == "vmap"
+        self._vmappable = weight_samples != "loop"
+        self._convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        self._vmap_for_shape: Dict[Tuple[int, ...], bool] = {}  # "auto": choice per input shape
 
     # -- names ----------------------------------------------------------------------------------
     def site_name(self, param_name: str) -> str:
@@ -299,8 +311,8 @@ class BayesianNetwork(nn.Module):
     def _map_samples(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor,
                      ref: Optional[Dict[str, Tensor]]) -> Tensor:
         """The network for each of the ``S`` weight samples ``flat`` (``(S, *shape)``):
-        ``torch.vmap``, or a loop over the samples for modules without a batching rule."""
-        if self._vmappable:
+        ``torch.vmap``, or a loop over the samples (``weight_samples``)."""
+        if self._vmappable and self._auto_vmap(flat, hidden, x):
             try:
                 return torch.vmap(lambda p: self._call(p, hidden, x, ref),
                                   randomness="different")(flat)
@@ -311,6 +323,28 @@ class BayesianNetwork(nn.Module):
         num = next(iter(flat.values())).shape[0]
         return torch.stack([self._call({n: v[i] for n, v in flat.items()}, hidden, x, ref)
                             for i in range(num)])
+
+    def _auto_vmap(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor) -> bool:
+        """``weight_samples="auto"``: vmap unless, on CPU, one sample's convolution outputs on
+        inputs of this shape exceed :data:`LOOP_CONV_ELEMENTS` (one probe call per shape)."""
+        if self.weight_samples != "auto" or x.device.type != "cpu" or not self._convs:
+            return True
+        key = tuple(x.shape)
+        if key not in self._vmap_for_shape:
+            count = [0]
+
+            def add(module, inputs, output):
+                count[0] += output.numel()
+
+            hooks = [m.register_forward_hook(add) for m in self._convs]
+            try:
+                with torch.no_grad():
+                    self._call({n: v[0] for n, v in flat.items()}, hidden, x, None)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._vmap_for_shape[key] = count[0] <= LOOP_CONV_ELEMENTS
+        return self._vmap_for_shape[key]
 
     def __getstate__(self):
         # The param store tags the hidden parameters with a weakref to themselves (Pyro's

@@ -145,7 +145,7 @@ def test_log_joint_equals_hand_written_model(dtype, likelihood, prior):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", sorted(MORE_NETS))
 @pytest.mark.parametrize("lead", [(4, 1), (4,), (2, 1, 1)])
-@pytest.mark.parametrize("weight_samples", ["vmap", "loop"])
+@pytest.mark.parametrize("weight_samples", ["auto", "vmap", "loop"])
 def test_batched_weights_equal_unbatched_calls(dtype, arch, lead, weight_samples):
     """Batched weights (vmap, or a loop where vmap has no batching rule) = one call each."""
     make, shape = MORE_NETS[arch]
@@ -409,7 +409,7 @@ def test_invalid_arguments():
         BayesianNetwork(net, "poisson")
     with pytest.raises(ValueError, match="prior_scale"):
         BayesianNetwork(net, prior_scale=-1.0)
-    with pytest.raises(ValueError, match="weight_samples must be 'vmap' or 'loop'"):
+    with pytest.raises(ValueError, match="weight_samples must be one of"):
         BayesianNetwork(net, weight_samples="grouped")
     with pytest.raises(ValueError, match="binary"):
         BayesianNetwork(net, "binary")(torch.randn(4, 4, dtype=torch.float32),
@@ -432,6 +432,28 @@ def test_targets_that_do_not_fit_the_likelihood_raise(default_dtype, likelihood,
     svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
     with pytest.raises(ValueError, match=message):
         svi.step(torch.randn(6, 4, dtype=default_dtype), y)
+
+
+def test_auto_weight_samples_loop_for_large_convolution_outputs(monkeypatch, default_dtype):
+    """``weight_samples="auto"`` on CPU: vmap for an MLP and for small convolution outputs, a
+    loop once one sample's convolution outputs exceed LOOP_CONV_ELEMENTS (decided once per
+    input shape); the outputs do not depend on the choice."""
+    from pyro_viking import bnn as bnn_module
+
+    calls = []
+    vmap = torch.vmap
+    monkeypatch.setattr(torch, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
+    monkeypatch.setattr(bnn_module, "LOOP_CONV_ELEMENTS", 3 * 4 * 4 * 5)  # cnn: 48 per input
+    for make, shape, n, vmapped in ((mlp, (4,), 50, True), (cnn, (1, 4, 4), 5, True),
+                                    (cnn, (1, 4, 4), 6, False)):
+        bnn = BayesianNetwork(make(default_dtype), prior_scale=1.0)
+        x, _ = data(default_dtype, n=n, shape=shape)
+        W = {k: torch.randn((3,) + s, dtype=default_dtype) for k, s in bnn.latent_shapes.items()}
+        calls.clear()
+        out = [bnn.forward_network(W, x) for _ in range(2)][0]
+        assert len(calls) == (2 if vmapped else 0), (make.__name__, n)
+        ref = BayesianNetwork(make(default_dtype), prior_scale=1.0, weight_samples="loop")
+        torch.testing.assert_close(out, ref.forward_network(W, x))
 
 
 def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
