@@ -37,8 +37,9 @@ the K = 1 and K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; medi
 PyroModule (traced) 43.0 (1.09). MLP: MAP 16.3 (0.91), AutoNormal 32.4 (1.80), VIKING K=1 18.0,
 K=4 vectorised 40.7 (2.27; auto = vmap), forced vmap 41.0 (2.28), forced loop 44.1 (2.45), K=4
 sequential 84.7 (4.72). All VIKING rows on the layer-Gram backend. ``--predict`` (100 samples,
-512 inputs, ≈ 11:50, before "auto"): VIKING / AutoNormal 0.77 sequential and 0.72 parallel
-(MLP), 0.90 and 0.94 (LeNet, parallel through vmap; "auto" now loops there).
+512 inputs): VIKING / AutoNormal 0.77 sequential and 0.72 parallel (MLP), 0.95 and 0.92 (LeNet;
+with "auto" both guides' parallel runs loop over LeNet's samples: 3.5 s for AutoNormal, 8.5 s
+through vmap).
 """
 
 from __future__ import annotations
