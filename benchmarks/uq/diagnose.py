@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import warnings
@@ -36,6 +35,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from methods import _seed  # noqa: E402
 from metrics import classification_metrics, regression_metrics  # noqa: E402
+from report import mean_std  # noqa: E402
 from run import KNOBS, budget_for  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, _fitted, fit_viking, make_bnn  # noqa: E402
@@ -100,12 +100,10 @@ def table(rows: list) -> str:
     for (task, variant), rs in groups.items():
         cells = []
         for key, _ in keys:
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            if not vals:
+            m, s = mean_std([r.get(key) for r in rs])
+            if m is None:
                 cells.append("–")
                 continue
-            m = statistics.mean(vals)
-            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{m:.4f} ± {s:.4f}" if abs(m) < 0.1 else f"{m:.3f} ± {s:.3f}")
         lines.append(f"| {task} | {variant} | {rs[0]['beta']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
