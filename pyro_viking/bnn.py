@@ -22,7 +22,8 @@ with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers s
 weights and the layer-Gram Jacobian backend applies. With a leading batch of weight samples
 (vectorised particles, ``Predictive(parallel=True)``) the same call is mapped over the batch
 with ``torch.vmap`` (K samples in one batched pass) or once per sample (``weight_samples``: on
-CPU the loop is faster for large convolution outputs and is chosen for them by default).
+CPU the loop is faster for large convolution outputs, and for many weights when training, and
+is chosen for them by default).
 
 Scales, measured on a 20k-parameter CNN trained from PyTorch's initialisation (scikit-learn
 digits, 1000 images): ``AutoViking`` ties ``σ_ker`` to ``s``, and a kernel sample has norm
@@ -40,12 +41,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import Tensor, nn
 from torch.distributions import constraints
 from torch.func import functional_call, jvp
 
-__all__ = ["BayesianNetwork", "LIKELIHOODS", "LOOP_CONV_ELEMENTS", "WEIGHT_SAMPLES"]
+__all__ = ["BayesianNetwork", "LIKELIHOODS", "LOOP_CONV_ELEMENTS", "LOOP_GRAD_WEIGHTS",
+           "WEIGHT_SAMPLES"]
 
 LIKELIHOODS = ("classification", "binary", "regression")
 WEIGHT_SAMPLES = ("auto", "vmap", "loop")
@@ -53,6 +56,10 @@ WEIGHT_SAMPLES = ("auto", "vmap", "loop")
 #: outputs exceed this many elements (measured crossover between 41k and 246k, see
 #: :class:`BayesianNetwork`)
 LOOP_CONV_ELEMENTS = 100_000
+#: ``weight_samples="auto"`` on CPU: with gradients, weight samples also run in a loop when one
+#: sample has more latent weights than this (vmap's backward then copies every sample's weight
+#: gradients into place; measured crossover between 82k and 118k, see :class:`BayesianNetwork`)
+LOOP_GRAD_WEIGHTS = 100_000
 
 #: A rule selecting latent parameters: a glob pattern or module/parameter name prefix
 #: (``"fc3"``, ``"*.weight"``), a module type (``nn.Conv2d``), or ``rule(name, parameter)``.
@@ -157,10 +164,17 @@ class BayesianNetwork(nn.Module):
         ``Predictive(parallel=True)``) runs: ``"vmap"`` (one ``torch.vmap``ped call; modules
         without a batching rule fall back to the loop), ``"loop"`` (one call per sample), or
         ``"auto"``: the loop on CPU when one sample's convolution outputs on these inputs
-        exceed :data:`LOOP_CONV_ELEMENTS` elements (counted once per input shape), else vmap.
-        ``vmap`` turns batched convolutions into grouped ones, slow on CPU for large
-        activations. Measured loop/vmap time on one CPU thread (K weight samples, B inputs,
-        conv outputs per sample): MLP 784-256-256-10 1.41 (K 4, B 128, none); 8×8-digits CNN
+        exceed :data:`LOOP_CONV_ELEMENTS` elements (counted once per input shape), or, when
+        gradients are taken, one sample has more than :data:`LOOP_GRAD_WEIGHTS` latent
+        weights; else vmap. ``vmap`` turns batched convolutions into grouped ones, slow on
+        CPU for large activations, and its backward transposes each sample's weight gradient
+        (a copy of K·D numbers). Measured loop/vmap time with gradients, K = 4, one CPU
+        thread (latent weights D, batch B): MLP 784-256-256-10 (D 269k) 0.89 / 0.82 / 0.91 /
+        0.99 at B 16 / 128 / 256 / 512, 784-192-192-10 (190k) 0.64 / 0.87 at B 32 / 128,
+        784-128-128-10 (118k) 0.83 / 0.91, 200-200-200-10 (82k) 1.02 / 1.04, 784-64-64-10
+        (55k) 1.06 / 1.04, 64-64-64-10 (9k) 1.13 / 1.16 at B 16 / 64 (before the loop
+        unbound its samples, MLP 784-256-256-10 at B 128 measured 1.41). Convolutions, one
+        CPU thread (K weight samples, B inputs, conv outputs per sample): 8×8-digits CNN
         1.15 (4, 64, 41k) and 0.49 (100, 512, 328k); MNIST-1D CNN 1.64 (4, 64, 31k), 2.83
         (100, 64, 31k) and 0.28 (100, 512, 246k); LeNet on 28×28 0.71 (4, 128, 573k) and 0.52
         (100, 512, 2.3M).
@@ -320,14 +334,22 @@ class BayesianNetwork(nn.Module):
                 if "atching rule" not in str(e) and "vmap" not in str(e):
                     raise
                 self._vmappable = False  # e.g. nn.GRU/LSTM: no batching rule; loop from now on
-        num = next(iter(flat.values())).shape[0]
-        return torch.stack([self._call({n: v[i] for n, v in flat.items()}, hidden, x, ref)
-                            for i in range(num)])
+        # unbind, not v[i]: one stack in the backward where each index would allocate and
+        # zero a full (S, ...) gradient per sample and parameter
+        per_sample = zip(*(v.unbind(0) for v in flat.values()))
+        return torch.stack([self._call(dict(zip(flat, values)), hidden, x, ref)
+                            for values in per_sample])
 
     def _auto_vmap(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor) -> bool:
-        """``weight_samples="auto"``: vmap unless, on CPU, one sample's convolution outputs on
+        """``weight_samples="auto"``: vmap unless, on CPU, gradients flow to more than
+        :data:`LOOP_GRAD_WEIGHTS` weights per sample, or one sample's convolution outputs on
         inputs of this shape exceed :data:`LOOP_CONV_ELEMENTS` (one probe call per shape)."""
-        if self.weight_samples != "auto" or x.device.type != "cpu" or not self._convs:
+        if self.weight_samples != "auto" or x.device.type != "cpu":
+            return True
+        if torch.is_grad_enabled() and any(v.requires_grad for v in flat.values()) \
+                and sum(v[0].numel() for v in flat.values()) > LOOP_GRAD_WEIGHTS:
+            return False
+        if not self._convs:
             return True
         key = tuple(x.shape)
         if key not in self._vmap_for_shape:
@@ -431,6 +453,21 @@ class BayesianNetwork(nn.Module):
         """The likelihood of the plate's data given the outputs ``(..., B, O)``."""
         pyro.deterministic(self.output_site, out, event_dim=1)
         pyro.sample("obs", self.observation_distribution(out), obs=obs)
+
+    def row_log_likelihood(self, out: Tensor, y: Tensor) -> Tensor:
+        """``log p(y_i | f_i)`` ``(..., B)`` for outputs ``out`` ``(..., B, O)`` and the plate's
+        labels/targets ``y`` ``(B, ...)``: ``observation_distribution(out).log_prob(y)``
+        without building a distribution (the fused training step evaluates it twice per
+        step; for classification and binary labels one fused cross-entropy kernel)."""
+        if self.likelihood == "classification":
+            flat = out.reshape(-1, out.shape[-1])
+            labels = y.long().expand(out.shape[:-1]).reshape(-1)
+            return -F.cross_entropy(flat, labels, reduction="none").reshape(out.shape[:-1])
+        if self.likelihood == "binary" and out.shape[-1] == 1:
+            logits = out.squeeze(-1)
+            return -F.binary_cross_entropy_with_logits(logits, y.expand(logits.shape),
+                                                       reduction="none")
+        return self.observation_distribution(out).log_prob(y)
 
     def observation_distribution(self, out: Tensor) -> dist.TorchDistribution:
         """``p(y_i | f_i)`` for network outputs ``out`` ``(..., B, O)``: batch shape

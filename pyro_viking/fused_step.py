@@ -65,7 +65,7 @@ def fused_applies(elbo, model, guide, args: tuple, kwargs: dict) -> bool:
             and _as_defined_by(elbo, TraceViking_ELBO, "_differentiable_loss_particle",
                                "_get_trace", "_get_traces")
             and _as_defined_by(model, BayesianNetwork, "forward", "forward_network",
-                               "observation_distribution", "data_plate")
+                               "observation_distribution", "row_log_likelihood", "data_plate")
             and _as_defined_by(guide, AutoViking, "forward", "get_posterior",
                                "training_posterior")
             and guide.prototype_trace is not None
@@ -83,7 +83,7 @@ def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
 
     def rows(z: Tensor) -> Tensor:
         latent = {names[site]: value for site, value in layout.unpack(z).items()}
-        return bnn.observation_distribution(bnn.forward_network(latent, x)).log_prob(y)
+        return bnn.row_log_likelihood(bnn.forward_network(latent, x), y)
 
     return rows
 

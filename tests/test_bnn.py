@@ -456,6 +456,63 @@ def test_auto_weight_samples_loop_for_large_convolution_outputs(monkeypatch, def
         torch.testing.assert_close(out, ref.forward_network(W, x))
 
 
+@pytest.mark.parametrize("likelihood,out_dim", [("classification", 3), ("binary", 1),
+                                                 ("regression", 1), ("regression", 2)])
+def test_row_log_likelihood_equals_the_observation_distribution(likelihood, out_dim,
+                                                                 default_dtype):
+    """The fused step's rows ``log p(y_i | f_i)`` (no distribution built) equal the model's
+    observation distribution, for unbatched and batched outputs, with their gradients."""
+    torch.manual_seed(0)
+    bnn = BayesianNetwork(nn.Linear(4, out_dim).to(default_dtype), likelihood, prior_scale=1.0,
+                          noise_scale=0.7)
+    B = 6
+    if likelihood == "classification":
+        y = torch.randint(0, out_dim, (B,))
+    elif likelihood == "binary":
+        y = torch.randint(0, 2, (B,)).to(default_dtype)
+    else:
+        y = torch.randn((B, out_dim) if out_dim > 1 else (B,), dtype=default_dtype)
+    for lead in ((), (3,)):
+        out = (3 * torch.randn(lead + (B, out_dim), dtype=default_dtype)).requires_grad_()
+        got = bnn.row_log_likelihood(out, y)
+        want = bnn.observation_distribution(out).log_prob(y)
+        assert got.shape == want.shape == lead + (B,)
+        torch.testing.assert_close(got, want)
+        u = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, out, u)[0],
+                                   torch.autograd.grad(want, out, u)[0])
+
+
+def test_auto_weight_samples_loop_for_many_weights_with_gradients(monkeypatch, default_dtype):
+    """``weight_samples="auto"`` on CPU: weights that need gradients and number more than
+    LOOP_GRAD_WEIGHTS per sample run in a loop, fewer or without gradients through vmap; the
+    values and the gradients do not depend on the choice."""
+    from pyro_viking import bnn as bnn_module
+
+    calls = []
+    vmap = torch.vmap
+    monkeypatch.setattr(torch, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
+    bnn = BayesianNetwork(mlp(default_dtype), prior_scale=1.0)
+    ref = BayesianNetwork(mlp(default_dtype), prior_scale=1.0, weight_samples="loop")
+    D = sum(math.prod(s) for s in bnn.latent_shapes.values())
+    x, _ = data(default_dtype, n=7, shape=(4,))
+    for limit, grad, vmapped in ((D - 1, True, False), (D, True, True), (D - 1, False, True)):
+        monkeypatch.setattr(bnn_module, "LOOP_GRAD_WEIGHTS", limit)
+        W = {k: torch.randn((3,) + s, dtype=default_dtype).requires_grad_(grad)
+             for k, s in bnn.latent_shapes.items()}
+        calls.clear()
+        out = bnn.forward_network(W, x)
+        assert len(calls) == (1 if vmapped else 0), (limit, grad)
+        expected = ref.forward_network(W, x)
+        torch.testing.assert_close(out, expected)
+        if grad:
+            u = torch.randn_like(out)
+            got = torch.autograd.grad(out, list(W.values()), u)
+            want = torch.autograd.grad(expected, list(W.values()), u)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+
+
 def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
     """Dropout in training mode (a random f) and batch norm with minibatch statistics (rows
     that depend on each other) are refused with the fix; in eval mode they train and predict
