@@ -1,12 +1,13 @@
 """Seconds per pass over the data, interleaved in one process (``run.py --timing``).
 
 The main run's ``epoch_seconds`` are measured method after method, so on a shared machine their
-ratios absorb changes of load. Here one epoch of each method (MAP, IVON, AutoNormal, VIKING)
-is timed in turn, ``rounds`` times, and the median per method is reported, with the ratios of
-issue #12 (VIKING ÷ IVON per pass). Settings are the main run's (batch size, K = 1, the
-VIKING model and options of ``viking_fit``: a ``BayesianNetwork`` with a learned prior scale);
-every method starts at a MAP point fitted for two untimed epochs, so VIKING's Jacobians are
-those of a trained-ish network.
+ratios absorb changes of load. Here one epoch of each method (MAP, IVON, AutoNormal, VIKING,
+and Pyro's ``AutoDelta`` MAP on VIKING's own ``BayesianNetwork``: what any Pyro SVI step costs
+on this model) is timed in turn, ``TIMING_ROUNDS`` times, and the median per method is
+reported, with the ratios of issue #12 (VIKING ÷ IVON per pass). Settings are the main run's
+(batch size, K = 1, the VIKING model and options of ``viking_fit``: a ``BayesianNetwork`` with
+a learned prior scale); every method starts at a MAP point fitted for two untimed epochs, so
+VIKING's Jacobians are those of a trained-ish network.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import pyro
 import torch
 from methods import _batches, _new_net, _nll, run_svi, train_map
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 from pyro_models import PyroBNN
 from tasks import load_task
 from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, make_bnn
 
 from pyro_viking import AutoViking, TraceViking_ELBO
+
+#: interleaved rounds (full, quick): epochs of a few tens of ms move by ±20 % under load, and
+#: the median of 3 moved the VIKING / IVON ratio by up to one unit between runs
+TIMING_ROUNDS = {False: 9, True: 2}
 
 
 def _epoch_fns(task, budget):
@@ -70,6 +75,12 @@ def _epoch_fns(task, budget):
             svi.step(task.x_fit, task.y_fit)
 
     fns["VIKING"] = viking_epoch
+    # Pyro's own MAP on the very model VIKING trains: what any Pyro guide's step costs here
+    map_bnn = make_bnn(task, 0, budget.batch_size)
+    map_bnn.net.load_state_dict(net.state_dict())
+    delta = AutoDelta(map_bnn, init_loc_fn=map_bnn.init_loc_fn)
+    map_svi = SVI(map_bnn, delta, pyro.optim.Adam({"lr": budget.lr}), Trace_ELBO())
+    fns["AutoDelta"] = lambda: [map_svi.step(task.x_fit, task.y_fit) for _ in range(steps)]
     return fns
 
 
@@ -85,7 +96,7 @@ def run_timing(args) -> dict:
         for fn in fns.values():  # one untimed epoch each (start-up costs)
             fn()
         times = {k: [] for k in fns}
-        for _ in range(2 if args.quick else 3):
+        for _ in range(TIMING_ROUNDS[args.quick]):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 fn()
@@ -95,6 +106,7 @@ def run_timing(args) -> dict:
                           "viking_over_ivon": med["VIKING"] / med["IVON"],
                           "viking_over_map": med["VIKING"] / med["MAP"],
                           "viking_over_autonormal": med["VIKING"] / med["AutoNormal"],
+                          "viking_over_autodelta": med["VIKING"] / med["AutoDelta"],
                           "steps_per_epoch": math.ceil(len(task.x_fit) / budget.batch_size)}
         print(task_name, json.dumps(out[task_name]), flush=True)
     (args.out / "timing.json").write_text(json.dumps(out, indent=1))
