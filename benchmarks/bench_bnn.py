@@ -29,17 +29,19 @@ prior scale ≤ 1.1× AutoNormal's): after a few SVI steps each, ``AutoNormal`` 
 lazy projection leaves them) each predict 100 samples on 512 new inputs, sequential and
 ``parallel=True``, interleaved as above.
 
-Measured 2026-11-30 ≈ 12:10 UTC (idle 2-core CPU, 1 thread, B = 128, 20 rounds, default options;
-the K = 1 and K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median ms,
-× VIKING K=1). LeNet: MAP 22.8 (0.58), AutoNormal 30.0 (0.76), VIKING K=1 39.4, K=4 vectorised
-82.0 (2.08; ``weight_samples="auto"`` runs LeNet's 4 samples in a loop), forced vmap 103.9
-(2.64), forced loop 86.7 (2.20), K=4 sequential 190.9 (4.85), K=1 fixed prior 40.5 (1.03), K=1
-PyroModule (traced) 43.0 (1.09). MLP: MAP 16.3 (0.91), AutoNormal 32.4 (1.80), VIKING K=1 18.0,
-K=4 vectorised 40.7 (2.27; auto = vmap), forced vmap 41.0 (2.28), forced loop 44.1 (2.45), K=4
-sequential 84.7 (4.72). All VIKING rows on the layer-Gram backend. ``--predict`` (100 samples,
-512 inputs): VIKING / AutoNormal 0.77 sequential and 0.72 parallel (MLP), 0.95 and 0.92 (LeNet;
-with "auto" both guides' parallel runs loop over LeNet's samples: 3.5 s for AutoNormal, 8.5 s
-through vmap).
+Measured 2026-11-30 ≈ 13:25 UTC (2-core CPU, 1 thread, B = 128, default options; the K = 1 and
+K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median ms, × VIKING K=1), after
+the loop over weight samples stopped allocating a full gradient per sample and ``"auto"``
+started looping over samples of more than ``LOOP_GRAD_WEIGHTS`` weights when training. LeNet
+(20 rounds): MAP 22.7 (0.55), AutoNormal 33.6 (0.81), VIKING K=1 41.6, K=4 vectorised 78.4
+(1.88; auto = loop), forced vmap 116.5 (2.80), forced loop 88.6 (2.13: the same code as the
+auto row, so rounds move by ±10 %), K=4 sequential 204.3 (4.91). MLP (25 rounds): MAP 20.7
+(0.94), AutoNormal 40.7 (1.85), VIKING K=1 22.1, K=4 vectorised 48.9 (2.22; auto = loop now),
+forced vmap 50.9 (2.31), forced loop 51.2 (2.32), K=4 sequential 113.2 (5.13). Earlier the
+same day (12:10, before those changes): LeNet K=4 2.08, MLP 2.27 (through vmap). All VIKING
+rows on the layer-Gram backend. ``--predict`` (100 samples, 512 inputs): VIKING / AutoNormal
+0.79 sequential and 0.72 parallel (MLP, 13:30), 0.95 and 0.92 (LeNet, 12:10; with "auto" both
+guides' parallel runs loop over LeNet's samples: 3.5 s for AutoNormal, 8.5 s through vmap).
 """
 
 from __future__ import annotations
