@@ -16,7 +16,7 @@ import torch
 from pyro.infer import Predictive
 
 from .model_inspection import batch_call
-from .model_likelihood import LatentLayout, make_rows_fn
+from .model_likelihood import LatentLayout, make_rows_fn, site_is_subsample
 from .recipe import VikingFit, fit_viking
 
 __all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "select_beta", "validation_nll"]
@@ -40,7 +40,10 @@ class BetaSelection(NamedTuple):
 def validation_nll(model: Callable, guide, *args, num_samples: int = 32,
                    **kwargs) -> torch.Tensor:
     """Per-datum ``−log (1/S) Σ_s p(y_i | θ_s)`` of ``model(*args, **kwargs)`` (the validation
-    data with their labels, not subsampled) under ``S`` posterior samples of ``guide``.
+    data with their labels) under ``S`` posterior samples of ``guide``. Every datum counts: a
+    plate that subsamples its data at random (e.g. a :class:`~pyro_viking.BayesianNetwork`
+    whose ``batch_size`` is below the validation size) is walked in consecutive minibatches of
+    its subsample size (Pyro fixes that size), the last one wrapped around and trimmed.
 
     Returns a tensor ``(N_val,)`` (float64). Project the guide on the training data first
     (``guide.project_training_data``), as for any prediction.
@@ -48,13 +51,34 @@ def validation_nll(model: Callable, guide, *args, num_samples: int = 32,
     with torch.no_grad():
         with pyro.poutine.block():
             trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+        subsampled = {name: site["fn"] for name, site in trace.nodes.items()
+                      if site_is_subsample(site)
+                      and getattr(site["fn"], "subsample_size", None) is not None
+                      and site["fn"].subsample_size < site["fn"].size}
+        if len(subsampled) > 1:
+            raise ValueError(f"validation_nll walks one subsampled plate, the model has "
+                             f"{sorted(subsampled)}: call it on data that fit in one batch")
+        chunks = [{}]
+        if subsampled:
+            (name, fn), = subsampled.items()
+            device = trace.nodes[name]["value"].device
+            order = torch.arange(fn.size, device=device)
+            chunks = [{name: order.roll(-start)[:fn.subsample_size]}
+                      for start in range(0, fn.size, fn.subsample_size)]
+            keep = [min(fn.subsample_size, fn.size - start)
+                    for start in range(0, fn.size, fn.subsample_size)]
         layout = LatentLayout.from_trace(trace)
-        samples = Predictive(model, guide=guide, num_samples=num_samples,
+        samples = Predictive(pyro.poutine.condition(model, data=chunks[0]), guide=guide,
+                             num_samples=num_samples,
                              return_sites=list(layout.names))(*args, **kwargs)
-        rows = make_rows_fn(model, layout, args, kwargs)
         z = layout.pack({n: samples[n].reshape((num_samples,) + trace.nodes[n]["value"].shape)
                          for n in layout.names})
-        loglik = torch.stack([rows(z[s]).double() for s in range(num_samples)])
+        parts = []
+        for i, chunk in enumerate(chunks):
+            rows = make_rows_fn(model, layout, args, kwargs, subsample=chunk)
+            loglik = torch.stack([rows(z[s]).double() for s in range(num_samples)])
+            parts.append(loglik[:, :keep[i]] if subsampled else loglik)
+        loglik = torch.cat(parts, dim=1)
     return -(torch.logsumexp(loglik, 0) - math.log(num_samples))
 
 

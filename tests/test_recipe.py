@@ -239,3 +239,31 @@ def test_a_fixed_prior_far_wider_than_the_kernel_scale_warns(prior_scale, warns)
         assert accuracy < map_accuracy - 0.1
     else:
         assert accuracy > map_accuracy - 0.05
+
+
+def test_select_beta_on_a_subsampling_bayesian_network(default_dtype):
+    """``select_beta`` / ``validation_nll`` on a ``BayesianNetwork`` whose ``batch_size`` is
+    below the validation size (its plate subsamples at random): every validation datum is
+    scored once, and the NLL equals the same network's without subsampling."""
+    from pyro_viking import BayesianNetwork
+    from pyro_viking.beta_selection import validation_nll
+
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    x = torch.randn(300, 5, dtype=default_dtype)
+    y = (x[:, 0] > 0).long()
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)).to(default_dtype)
+    bnn = BayesianNetwork(net, prior_scale="learned", batch_size=64)
+    res = select_beta(bnn, x[:200], y[:200], validation=(x[200:], y[200:]), betas=(0.1, 0.001),
+                      num_steps=30, warmup_steps=60, progress=False,
+                      optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}))
+    assert res.beta in (0.1, 0.001) and all(math.isfinite(r["val_nll"]) for r in res.table)
+    whole = BayesianNetwork(net, prior_scale="learned", batch_size=None)  # same names
+    nlls = []
+    for model in (bnn, whole):
+        pyro.set_rng_seed(1)
+        nlls.append(validation_nll(model, res.fit.guide, x[200:], y[200:]))
+    assert nlls[0].shape == (100,)
+    torch.testing.assert_close(nlls[0], nlls[1])
+    assert float(nlls[0].mean()) < math.log(2)  # better than chance on a separable label
