@@ -69,6 +69,14 @@ class AutoViking(AutoContinuous):
         self._inspector = inspection.ModelInspector(self._raw_model[0], self.layout)
         self._call = self._inspector(args, kwargs)
         self.loc = PyroParam(init_loc := self._init_loc())
+        stored = self.loc  # the param store's value when it already holds this name
+        if stored.shape != init_loc.shape:
+            raise ValueError(
+                f"Pyro's param store already holds '{self._pyro_name}.loc' of shape "
+                f"{tuple(stored.shape)}, but this model's latents ({', '.join(self.layout.names)}"
+                f") need {tuple(init_loc.shape)}: it is another model's (Pyro names an "
+                "autoguide's parameters after its class). Call pyro.clear_param_store() before "
+                "fitting a new model.")
         self.image_scale = PyroParam(init_loc.new_tensor(self.init_image_scale),
                                      constraints.positive)
         #: ``"prior"`` (tied), ``"learned"`` or ``"fixed"``: how σ_ker is set, once set up

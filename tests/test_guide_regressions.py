@@ -394,6 +394,29 @@ def test_13_errors_say_what_happened_and_what_to_do(float32):
         SVI(linreg, guide, Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
 
 
+def test_13b_another_models_guide_params_in_the_store_are_named(float32):
+    """A second model fitted without clearing Pyro's param store (its parameters are named
+    after the guide class) gets an error naming the stale parameter and the fix, not a shape
+    error from inside the guide; the same model picks its own parameters up again."""
+    pyro.clear_param_store()
+    x, y = regression_data(6, 3)
+    SVI(linreg, AutoViking(linreg), Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
+    again = AutoViking(linreg)
+    again(x, y)
+    assert torch.equal(again.loc, pyro.param("AutoViking.loc"))
+
+    def wider(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([5]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Normal(x @ w[:3] + w[3:].sum(), 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"'AutoViking.loc' of shape \(\d+,\).*need \(5,\)"
+                                         r".*pyro.clear_param_store\(\)"):
+        SVI(wider, AutoViking(wider), Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
+    pyro.clear_param_store()
+    SVI(wider, AutoViking(wider), Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
+
+
 # -- 14: a learned kernel scale starts at the prior scale ----------------------------------------
 class PriorScaleBNN(PyroModule):
     """A 3-4-1 network with ``PyroParam`` prior scales (one for weights, one for biases, or one
