@@ -35,6 +35,7 @@ accuracy in 100 steps, like MAP. A too tight prior at a large β (``s/√β ≲ 
 
 from __future__ import annotations
 
+import weakref
 from fnmatch import fnmatchcase
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -224,6 +225,7 @@ class BayesianNetwork(nn.Module):
         self._vmappable = weight_samples != "loop"
         self._convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
         self._vmap_for_shape: Dict[Tuple[int, ...], bool] = {}  # "auto": choice per input shape
+        self._finite_inputs: Optional[tuple] = None  # (weakref, version) of the last finite x
 
     # -- names ----------------------------------------------------------------------------------
     def site_name(self, param_name: str) -> str:
@@ -373,7 +375,7 @@ class BayesianNetwork(nn.Module):
         # identity-constrained params); drop it, as PyroModule.__getstate__ does.
         for p in self.net.parameters():
             p.__dict__.pop("unconstrained", None)
-        return super().__getstate__()
+        return {**super().__getstate__(), "_finite_inputs": None}  # (a weakref: not picklable)
 
     # -- the model ------------------------------------------------------------------------------
     def _scale(self, value: Optional[float], name: Optional[str], init: float,
@@ -412,6 +414,7 @@ class BayesianNetwork(nn.Module):
         if y is not None and y.shape[:1] != x.shape[:1]:
             raise ValueError(f"x and y must have one row per datum: x has {x.shape[0]} rows, "
                              f"y has {y.shape[0] if y.dim() else 'none (a scalar)'}")
+        self.check_inputs(x)
         like = next(iter(self.net.parameters()))
         s = self.prior_scale_value(like)
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -428,6 +431,24 @@ class BayesianNetwork(nn.Module):
         with data:
             self._observe(out, obs)
         return out
+
+    def check_inputs(self, x: Tensor) -> None:
+        """Raise ``ValueError`` naming the rows when the inputs ``x`` ``(N, ...)`` hold NaN or
+        inf (the network would give NaN outputs, Jacobians and gradients). One pass over ``x``
+        per tensor: the same, unmodified training tensor passed at every step is checked once."""
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            return
+        last = self._finite_inputs
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return
+        finite = torch.isfinite(x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1))
+        if not bool(finite.all()):
+            bad = (~finite.all(-1)).nonzero().flatten()
+            shown = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(f"x holds NaN or inf in {len(bad)} of its {x.shape[0]} rows "
+                             f"(rows {shown}): drop or impute them before training or "
+                             "predicting")
+        self._finite_inputs = (weakref.ref(x), x._version)
 
     def _check_targets(self, out: Tensor, y: Tensor) -> None:
         """Raise ``ValueError`` if the labels/targets ``y`` ``(N, ...)`` do not fit the

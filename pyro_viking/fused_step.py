@@ -103,6 +103,7 @@ def fused_loss_and_grads(elbo, model: BayesianNetwork, guide, args: tuple,
     if new_shape or not fused_applies(elbo, model, guide, args, kwargs):
         return None
     x, y = args
+    model.check_inputs(x)  # once per training tensor
     data = model.data_plate(x, y)
     idx = data.indices
     rows = _rows_fn(model, guide.layout, x[idx], y[idx])

@@ -577,3 +577,33 @@ def test_lenet_classifier_in_fifteen_lines():
     assert guide.backend_used == "layer_gram"
     print(f"LeNet BMA test accuracy {accuracy:.3f}")
     assert accuracy > 0.7, accuracy  # 0.86 (0.81 on the guide branch) when written; chance 0.1
+
+
+def test_non_finite_inputs_raise_with_the_rows(default_dtype):
+    """NaN / inf inputs give an error naming the rows, in the traced step, in the fused step
+    (after the training tensor is changed in place) and for prediction; a clean training
+    tensor is checked once, not at every step."""
+    pyro.clear_param_store()
+    x, y = data(default_dtype, n=40)
+    bnn = BayesianNetwork(mlp(default_dtype), prior_scale="learned", batch_size=8)
+    bad = x.clone()
+    bad[3, 1], bad[17, 0] = float("nan"), float("inf")
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
+    with pytest.raises(ValueError, match=r"x holds NaN or inf in 2 of its 40 rows \(rows 3, 17\)"):
+        svi.step(bad, y)
+    calls = []
+    isfinite = torch.isfinite
+    try:
+        torch.isfinite = lambda t: calls.append(t.shape) or isfinite(t)
+        for _ in range(3):  # traced, then fused steps
+            svi.step(x, y)
+    finally:
+        torch.isfinite = isfinite
+    assert calls.count((40, 4)) == 1
+    with torch.no_grad():
+        x[5, 2] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match=r"rows 5\)"):
+        svi.step(x, y)
+    with pytest.raises(ValueError, match="x holds NaN or inf"):
+        Predictive(bnn, guide=guide, num_samples=2)(bad[:10])
