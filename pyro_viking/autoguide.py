@@ -68,7 +68,16 @@ class AutoViking(AutoContinuous):
         inspection.check_no_subsampled_latents(self.prototype_trace, self.layout.names)
         self._inspector = inspection.ModelInspector(self._raw_model[0], self.layout)
         self._call = self._inspector(args, kwargs)
-        self.loc = PyroParam(init_loc := self._init_loc())
+        init_loc = self._init_loc()
+        if not bool(torch.isfinite(init_loc).all()):
+            bad = [n for n, part in zip(self.layout.names, self.layout.split(init_loc))
+                   if not bool(torch.isfinite(part).all())]
+            raise ValueError(
+                f"AutoViking's initial values are not finite at {', '.join(bad)} (from its "
+                "init_loc_fn; e.g. init_to_mean of a HalfCauchy, whose mean is infinite): pass "
+                "init_loc_fn=init_to_median or init_to_feasible, or init_to_value with finite "
+                "values.")
+        self.loc = PyroParam(init_loc)
         stored = self.loc  # the param store's value when it already holds this name
         if stored.shape != init_loc.shape:
             raise ValueError(

@@ -394,6 +394,25 @@ def test_13_errors_say_what_happened_and_what_to_do(float32):
         SVI(linreg, guide, Adam({"lr": 0.01}), TraceViking_ELBO()).step(x, y)
 
 
+def test_13a_non_finite_initial_values_name_the_site(float32):
+    """init_to_mean of a HalfCauchy (infinite mean) is refused at set-up, naming the site and
+    the fix, instead of a "training diverged" error at the first step."""
+    from pyro.infer.autoguide import init_to_mean
+
+    pyro.clear_param_store()
+    x, y = regression_data(6, 3)
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        tau = pyro.sample("tau", dist.HalfCauchy(1.0))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.Normal(x @ w, tau), obs=y)
+
+    with pytest.raises(ValueError, match="initial values are not finite at tau .*init_to_median"):
+        SVI(model, AutoViking(model, init_loc_fn=init_to_mean), Adam({"lr": 0.01}),
+            TraceViking_ELBO()).step(x, y)
+
+
 def test_13b_another_models_guide_params_in_the_store_are_named(float32):
     """A second model fitted without clearing Pyro's param store (its parameters are named
     after the guide class) gets an error naming the stale parameter and the fix, not a shape
