@@ -291,12 +291,33 @@ class BayesianNetwork(nn.Module):
     def _call(self, latent: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor,
               ref: Optional[Dict[str, Tensor]]) -> Tensor:
         """``f(x; θ)`` for one weight sample, or ``f(x; θ_ref) + J_f(x; θ_ref)(θ − θ_ref)``."""
-        if ref is None:
-            return functional_call(self.net, {**hidden, **latent}, (x,))
-        step = {n: latent[n] - ref[n] for n in latent}
-        f_ref, f_step = jvp(lambda p: functional_call(self.net, {**hidden, **p}, (x,)),
-                            (ref,), (step,))
-        return f_ref + f_step
+        try:
+            if ref is None:
+                return functional_call(self.net, {**hidden, **latent}, (x,))
+            step = {n: latent[n] - ref[n] for n in latent}
+            f_ref, f_step = jvp(lambda p: functional_call(self.net, {**hidden, **p}, (x,)),
+                                (ref,), (step,))
+            return f_ref + f_step
+        except RuntimeError as e:
+            hint = self._input_mismatch(x)
+            if hint is None:
+                raise
+            raise RuntimeError(f"{e}\n{hint}") from e
+
+    def _input_mismatch(self, x: Tensor) -> Optional[str]:
+        """What to do when the inputs' dtype or device differs from the network's (e.g. a
+        float64 tensor made from a NumPy array), or ``None``."""
+        p = next(iter(self.net.parameters()), None)
+        if p is None or not torch.is_tensor(x):
+            return None
+        if x.is_floating_point() and x.dtype != p.dtype:
+            return (f"BayesianNetwork: x is {x.dtype} but the network's parameters are "
+                    f"{p.dtype}; pass x.to({p.dtype}) (NumPy arrays become float64 tensors), "
+                    f"or convert the network before wrapping it (net.to({x.dtype})).")
+        if x.device != p.device:
+            return (f"BayesianNetwork: x is on {x.device} but the network is on {p.device}; "
+                    f"pass x.to('{p.device}').")
+        return None
 
     def forward_network(self, latent: Dict[str, Tensor], x: Tensor,
                         linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:

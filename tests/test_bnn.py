@@ -607,3 +607,21 @@ def test_non_finite_inputs_raise_with_the_rows(default_dtype):
         svi.step(x, y)
     with pytest.raises(ValueError, match="x holds NaN or inf"):
         Predictive(bnn, guide=guide, num_samples=2)(bad[:10])
+
+
+def test_inputs_of_another_dtype_get_the_fix():
+    """float64 inputs (a tensor made from a NumPy array) for a float32 network: torch's dtype
+    error with what to do appended; the same network on float32 inputs trains."""
+    pyro.clear_param_store()
+    x, y = data(torch.float64, n=20)
+    bnn = BayesianNetwork(mlp(torch.float32), prior_scale="learned", batch_size=8)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
+    with pytest.raises(RuntimeError, match=r"(?s)dtype.*x is torch.float64 but the network's "
+                                           r"parameters are torch.float32; pass x.to\(torch"
+                                           r".float32\)"):
+        svi.step(x, y)
+    pyro.clear_param_store()
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
+    assert math.isfinite(svi.step(x.float(), y))
