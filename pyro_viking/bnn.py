@@ -466,7 +466,7 @@ class BayesianNetwork(nn.Module):
         if not bool(finite.all()):
             bad = (~finite.all(-1)).nonzero().flatten()
             shown = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-            raise ValueError(f"x holds NaN or inf in {len(bad)} of its {x.shape[0]} rows "
+            raise ValueError(f"x holds NaN or inf in {len(bad)} of its {len(finite)} rows "
                              f"(rows {shown}): drop or impute them before training or "
                              "predicting")
         self._finite_inputs = (weakref.ref(x), x._version)
