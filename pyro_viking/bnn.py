@@ -462,7 +462,8 @@ class BayesianNetwork(nn.Module):
         last = self._finite_inputs
         if last is not None and last[0]() is x and last[1] == x._version:
             return
-        finite = torch.isfinite(x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1))
+        rows = x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (N, features), N may be 0
+        finite = torch.isfinite(rows)
         if not bool(finite.all()):
             bad = (~finite.all(-1)).nonzero().flatten()
             shown = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
