@@ -16,7 +16,7 @@ import torch
 from pyro.infer import Predictive
 
 from .model_inspection import batch_call
-from .model_likelihood import LatentLayout, make_rows_fn, site_is_subsample
+from .model_likelihood import LatentLayout, make_rows_fn, observed_data_frames
 from .recipe import VikingFit, fit_viking
 
 __all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "select_beta", "validation_nll"]
@@ -51,33 +51,25 @@ def validation_nll(model: Callable, guide, *args, num_samples: int = 32,
     with torch.no_grad():
         with pyro.poutine.block():
             trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-        subsampled = {name: site["fn"] for name, site in trace.nodes.items()
-                      if site_is_subsample(site)
-                      and getattr(site["fn"], "subsample_size", None) is not None
-                      and site["fn"].subsample_size < site["fn"].size}
-        if len(subsampled) > 1:
+        frames = observed_data_frames(trace)  # plates of observed data drawing random indices
+        if len(frames) > 1:
             raise ValueError(f"validation_nll walks one subsampled plate, the model has "
-                             f"{sorted(subsampled)}: call it on data that fit in one batch")
-        chunks = [{}]
-        if subsampled:
-            (name, fn), = subsampled.items()
-            device = trace.nodes[name]["value"].device
-            order = torch.arange(fn.size, device=device)
-            chunks = [{name: order.roll(-start)[:fn.subsample_size]}
-                      for start in range(0, fn.size, fn.subsample_size)]
-            keep = [min(fn.subsample_size, fn.size - start)
-                    for start in range(0, fn.size, fn.subsample_size)]
+                             f"{sorted(frames)}: call it on data that fit in one batch")
+        chunks = [({}, None)]  # (subsample indices, how many of its rows are new data)
+        for name, frame in frames.items():
+            order = torch.arange(frame.full_size, device=trace.nodes[name]["value"].device)
+            chunks = [({name: order.roll(-start)[:frame.size]}, frame.full_size - start)
+                      for start in range(0, frame.full_size, frame.size)]
         layout = LatentLayout.from_trace(trace)
-        samples = Predictive(pyro.poutine.condition(model, data=chunks[0]), guide=guide,
+        samples = Predictive(pyro.poutine.condition(model, data=chunks[0][0]), guide=guide,
                              num_samples=num_samples,
                              return_sites=list(layout.names))(*args, **kwargs)
         z = layout.pack({n: samples[n].reshape((num_samples,) + trace.nodes[n]["value"].shape)
                          for n in layout.names})
         parts = []
-        for i, chunk in enumerate(chunks):
+        for chunk, keep in chunks:
             rows = make_rows_fn(model, layout, args, kwargs, subsample=chunk)
-            loglik = torch.stack([rows(z[s]).double() for s in range(num_samples)])
-            parts.append(loglik[:, :keep[i]] if subsampled else loglik)
+            parts.append(torch.stack([rows(z[s]).double() for s in range(num_samples)])[:, :keep])
         loglik = torch.cat(parts, dim=1)
     return -(torch.logsumexp(loglik, 0) - math.log(num_samples))
 
