@@ -127,6 +127,24 @@ def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
     return runs, data
 
 
+def time_interleaved(fns: dict, rounds: int, warmup: int, device: str) -> dict:
+    """Seconds per call of each of ``fns`` (name → callable): ``warmup`` untimed rounds, then
+    ``rounds`` timed ones, each calling every function once in an order rotated by the round
+    (so load changes fall on every configuration alike)."""
+    times = {name: [] for name in fns}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    names = list(fns)
+    for rnd in range(warmup + rounds):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            sync()
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            if rnd >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
 def time_predictive(args) -> None:
     """Interleaved timing of Predictive(num_samples=100) on 512 inputs: AutoNormal vs
     AutoViking (learned prior scale; projection done beforehand, untimed)."""
@@ -147,19 +165,10 @@ def time_predictive(args) -> None:
             label = f"{name.split()[0]}{' parallel' if parallel else ''}"
             predictors[label] = Predictive(svi.model, guide=guide, num_samples=S,
                                            parallel=parallel, return_sites=["logits"])
-    times = {name: [] for name in predictors}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rounds = max(3, args.repeats // 4)
-    for rnd in range(1 + rounds):
-        names = list(predictors)
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            sync()
-            t = time.perf_counter()
-            with torch.no_grad():
-                predictors[name](x_new)
-            sync()
-            if rnd >= 1:
-                times[name].append(time.perf_counter() - t)
+    with torch.no_grad():
+        times = time_interleaved({name: (lambda p=p: p(x_new)) for name, p in predictors.items()},
+                                 rounds, 1, args.device)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     label = "LeNet" if args.net == "lenet" else "MLP 784-256-256-10"
     print(f"{label}{' (quick)' if args.quick else ''}: Predictive(num_samples={S}) on 512 inputs, "
@@ -187,18 +196,8 @@ def main(argv=None) -> None:
     if args.predict:
         return time_predictive(args)
     runs, data = make_runs(args.quick, args.batch_size, args.device, args.net)
-    times = {name: [] for name in runs}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for rnd in range(args.warmup + args.repeats):
-        names = list(runs)
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            svi = runs[name][0]
-            sync()
-            t = time.perf_counter()
-            svi.step(*data[name])
-            sync()
-            if rnd >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+    times = time_interleaved({name: (lambda n=name: runs[n][0].step(*data[n])) for name in runs},
+                             args.repeats, args.warmup, args.device)
     base = statistics.median(times["VIKING K=1"])
     label = "LeNet" if args.net == "lenet" else "MLP 784-256-256-10"
     print(f"{label}{' (quick)' if args.quick else ''}, B = {args.batch_size}, device "
