@@ -48,15 +48,16 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 from torch.func import functional_call, jvp
 
-__all__ = ["BayesianNetwork", "LIKELIHOODS", "LOOP_CONV_ELEMENTS", "LOOP_GRAD_WEIGHTS",
+__all__ = ["BayesianNetwork", "LIKELIHOODS", "LOOP_GRAD_WEIGHTS", "LOOP_OUTPUT_ELEMENTS",
            "WEIGHT_SAMPLES"]
 
 LIKELIHOODS = ("classification", "binary", "regression")
 WEIGHT_SAMPLES = ("auto", "vmap", "loop")
-#: ``weight_samples="auto"`` on CPU: weight samples run in a loop when one sample's convolution
-#: outputs exceed this many elements (measured crossover between 41k and 246k, see
+#: ``weight_samples="auto"`` on CPU: weight samples run in a loop when one sample's
+#: ``nn.Linear`` and convolution outputs together exceed this many elements (measured
+#: crossovers between 35k and 105k for MLPs, 41k and 246k for CNNs, see
 #: :class:`BayesianNetwork`)
-LOOP_CONV_ELEMENTS = 100_000
+LOOP_OUTPUT_ELEMENTS = 100_000
 #: ``weight_samples="auto"`` on CPU: with gradients, weight samples also run in a loop when one
 #: sample has more latent weights than this (vmap's backward then copies every sample's weight
 #: gradients into place; measured crossover between 82k and 118k, see :class:`BayesianNetwork`)
@@ -164,21 +165,27 @@ class BayesianNetwork(nn.Module):
     :param weight_samples: how a batch of weight samples (vectorised particles,
         ``Predictive(parallel=True)``) runs: ``"vmap"`` (one ``torch.vmap``ped call; modules
         without a batching rule fall back to the loop), ``"loop"`` (one call per sample), or
-        ``"auto"``: the loop on CPU when one sample's convolution outputs on these inputs
-        exceed :data:`LOOP_CONV_ELEMENTS` elements (counted once per input shape), or, when
-        gradients are taken, one sample has more than :data:`LOOP_GRAD_WEIGHTS` latent
-        weights; else vmap. ``vmap`` turns batched convolutions into grouped ones, slow on
-        CPU for large activations, and its backward transposes each sample's weight gradient
-        (a copy of K·D numbers). Measured loop/vmap time with gradients, K = 4, one CPU
-        thread (latent weights D, batch B): MLP 784-256-256-10 (D 269k) 0.89 / 0.82 / 0.91 /
-        0.99 at B 16 / 128 / 256 / 512, 784-192-192-10 (190k) 0.64 / 0.87 at B 32 / 128,
-        784-128-128-10 (118k) 0.83 / 0.91, 200-200-200-10 (82k) 1.02 / 1.04, 784-64-64-10
-        (55k) 1.06 / 1.04, 64-64-64-10 (9k) 1.13 / 1.16 at B 16 / 64 (before the loop
-        unbound its samples, MLP 784-256-256-10 at B 128 measured 1.41). Convolutions, one
-        CPU thread (K weight samples, B inputs, conv outputs per sample): 8×8-digits CNN
-        1.15 (4, 64, 41k) and 0.49 (100, 512, 328k); MNIST-1D CNN 1.64 (4, 64, 31k), 2.83
-        (100, 64, 31k) and 0.28 (100, 512, 246k); LeNet on 28×28 0.71 (4, 128, 573k) and 0.52
-        (100, 512, 2.3M).
+        ``"auto"``: the loop on CPU when one sample's ``nn.Linear`` and convolution outputs
+        on these inputs exceed :data:`LOOP_OUTPUT_ELEMENTS` elements (counted once per input
+        shape), or, when gradients are taken, one sample has more than
+        :data:`LOOP_GRAD_WEIGHTS` latent weights; else vmap. vmap batches the samples' matmuls
+        and convolutions (grouped ones, slow on CPU) over activations K times one sample's,
+        which stop fitting in cache, and its backward transposes each sample's weight gradient
+        (a copy of K·D numbers). Measured loop/vmap time, one CPU thread (inputs B, layer
+        outputs per sample in brackets). Without gradients, S = 100 samples (``Predictive``):
+        MLP 64-64-64-8 2.92 / 1.31 / 0.88 / 0.29 at B 64 / 256 / 512 / 2048 (9k / 35k / 70k /
+        279k), 784-64-64-10 2.07 / 1.33 / 1.20 / 0.64 (9k / 35k / 71k / 283k), 200-200-200-10
+        1.58 / 0.82 / 0.62 / 0.46 (26k / 105k / 210k / 840k), 784-256-256-10 1.25 / 0.91 /
+        0.69 / 0.62 (33k / 134k / 267k / 1.1M), 784-1024-1024-10 0.96 / 0.74 at B 64 / 256
+        (132k / 527k). With gradients, K = 4, by latent weights D: 784-256-256-10 (D 269k) 0.89
+        / 0.82 / 0.91 / 0.99 at B 16 / 128 / 256 / 512, 784-192-192-10 (190k) 0.64 / 0.87 at
+        B 32 / 128, 784-128-128-10 (118k) 0.83 / 0.91, 200-200-200-10 (82k) 1.02 / 1.04 and
+        0.99 / 1.01 at B 256 / 1024 (105k / 420k), 784-64-64-10 (55k) 1.06 / 1.04 and 1.02 /
+        0.84 at B 512 / 2048 (71k / 283k), 64-64-64-10 (9k) 1.13 / 1.16 at B 16 / 64 and
+        0.96 / 0.75 at B 512 / 2048 (70k / 279k). Convolutions (K weight samples, B inputs,
+        outputs per sample): 8×8-digits CNN 1.15 (4, 64, 41k) and 0.49 (100, 512, 328k);
+        MNIST-1D CNN 1.64 (4, 64, 31k), 2.83 (100, 64, 31k) and 0.28 (100, 512, 246k); LeNet
+        on 28×28 0.71 (4, 128, 573k) and 0.52 (100, 512, 2.3M).
 
     Sites: latents ``f"{name}.{parameter name}"``, the plate ``"data"`` (dim −1), the observed
     site ``"obs"``, and the network output as the deterministic site ``"logits"``
@@ -223,7 +230,8 @@ class BayesianNetwork(nn.Module):
         self.weight_samples = weight_samples
         # vmap until it fails on the network (e.g. nn.GRU has no batching rule)
         self._vmappable = weight_samples != "loop"
-        self._convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        self._layers = [m for m in net.modules()
+                        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
         self._vmap_for_shape: Dict[Tuple[int, ...], bool] = {}  # "auto": choice per input shape
         self._finite_inputs: Optional[tuple] = None  # (weakref, version) of the last finite x
 
@@ -365,14 +373,15 @@ class BayesianNetwork(nn.Module):
 
     def _auto_vmap(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor) -> bool:
         """``weight_samples="auto"``: vmap unless, on CPU, gradients flow to more than
-        :data:`LOOP_GRAD_WEIGHTS` weights per sample, or one sample's convolution outputs on
-        inputs of this shape exceed :data:`LOOP_CONV_ELEMENTS` (one probe call per shape)."""
+        :data:`LOOP_GRAD_WEIGHTS` weights per sample, or one sample's ``nn.Linear`` and
+        convolution outputs on inputs of this shape exceed :data:`LOOP_OUTPUT_ELEMENTS` (one
+        probe call per shape)."""
         if self.weight_samples != "auto" or x.device.type != "cpu":
             return True
         if torch.is_grad_enabled() and any(v.requires_grad for v in flat.values()) \
                 and sum(v[0].numel() for v in flat.values()) > LOOP_GRAD_WEIGHTS:
             return False
-        if not self._convs:
+        if not self._layers:
             return True
         key = tuple(x.shape)
         if key not in self._vmap_for_shape:
@@ -381,14 +390,14 @@ class BayesianNetwork(nn.Module):
             def add(module, inputs, output):
                 count[0] += output.numel()
 
-            hooks = [m.register_forward_hook(add) for m in self._convs]
+            hooks = [m.register_forward_hook(add) for m in self._layers]
             try:
                 with torch.no_grad():
                     self._call({n: v[0] for n, v in flat.items()}, hidden, x, None)
             finally:
                 for h in hooks:
                     h.remove()
-            self._vmap_for_shape[key] = count[0] <= LOOP_CONV_ELEMENTS
+            self._vmap_for_shape[key] = count[0] <= LOOP_OUTPUT_ELEMENTS
         return self._vmap_for_shape[key]
 
     def __getstate__(self):

@@ -434,26 +434,29 @@ def test_targets_that_do_not_fit_the_likelihood_raise(default_dtype, likelihood,
         svi.step(torch.randn(6, 4, dtype=default_dtype), y)
 
 
-def test_auto_weight_samples_loop_for_large_convolution_outputs(monkeypatch, default_dtype):
-    """``weight_samples="auto"`` on CPU: vmap for an MLP and for small convolution outputs, a
-    loop once one sample's convolution outputs exceed LOOP_CONV_ELEMENTS (decided once per
-    input shape); the outputs do not depend on the choice."""
+def test_auto_weight_samples_loop_for_large_layer_outputs(monkeypatch, default_dtype):
+    """``weight_samples="auto"`` on CPU: vmap while one sample's ``nn.Linear`` and convolution
+    outputs stay within LOOP_OUTPUT_ELEMENTS, a loop beyond (decided once per input shape), with
+    or without gradients; the outputs do not depend on the choice."""
     from pyro_viking import bnn as bnn_module
 
     calls = []
     vmap = torch.vmap
     monkeypatch.setattr(torch, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
-    monkeypatch.setattr(bnn_module, "LOOP_CONV_ELEMENTS", 3 * 4 * 4 * 5)  # cnn: 48 per input
-    for make, shape, n, vmapped in ((mlp, (4,), 50, True), (cnn, (1, 4, 4), 5, True),
-                                    (cnn, (1, 4, 4), 6, False)):
-        bnn = BayesianNetwork(make(default_dtype), prior_scale=1.0)
-        x, _ = data(default_dtype, n=n, shape=shape)
-        W = {k: torch.randn((3,) + s, dtype=default_dtype) for k, s in bnn.latent_shapes.items()}
-        calls.clear()
-        out = [bnn.forward_network(W, x) for _ in range(2)][0]
-        assert len(calls) == (2 if vmapped else 0), (make.__name__, n)
-        ref = BayesianNetwork(make(default_dtype), prior_scale=1.0, weight_samples="loop")
-        torch.testing.assert_close(out, ref.forward_network(W, x))
+    # per input: mlp 8 + 3 Linear outputs; cnn 3·4·4 convolution + 3 Linear outputs
+    monkeypatch.setattr(bnn_module, "LOOP_OUTPUT_ELEMENTS", 51 * 5)
+    for make, shape, n, vmapped in ((mlp, (4,), 23, True), (mlp, (4,), 24, False),
+                                    (cnn, (1, 4, 4), 5, True), (cnn, (1, 4, 4), 6, False)):
+        for grad in (False, True):
+            bnn = BayesianNetwork(make(default_dtype), prior_scale=1.0)
+            x, _ = data(default_dtype, n=n, shape=shape)
+            W = {k: torch.randn((3,) + s, dtype=default_dtype).requires_grad_(grad)
+                 for k, s in bnn.latent_shapes.items()}
+            calls.clear()
+            out = [bnn.forward_network(W, x) for _ in range(2)][0]
+            assert len(calls) == (2 if vmapped else 0), (make.__name__, n, grad)
+            ref = BayesianNetwork(make(default_dtype), prior_scale=1.0, weight_samples="loop")
+            torch.testing.assert_close(out, ref.forward_network(W, x))
 
 
 @pytest.mark.parametrize("likelihood,out_dim", [("classification", 3), ("binary", 1),
