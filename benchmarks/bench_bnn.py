@@ -13,7 +13,7 @@ median and interquartile range in ms):
   projection, one batched network call over 4 weight samples);
 * ``VIKING K=4 vec vmap`` / ``loop``: the same with ``BayesianNetwork(weight_samples=...)``
   forced to ``torch.vmap`` or to one network call per weight sample (the default ``"auto"``
-  picks the loop for LeNet's convolution outputs on CPU, vmap for the MLP);
+  picks the loop for LeNet's layer outputs on CPU and for the MLP's 269k weights);
 * ``VIKING K=4 seq``: ``num_particles=4`` sequential (4 model runs, 4 minibatches);
 * ``VIKING K=1 fixed prior``: ``prior_scale=0.1`` (a learned prior scale makes AutoViking run
   the model once more per step to read it);
