@@ -35,6 +35,7 @@ accuracy in 100 steps, like MAP. A too tight prior at a large β (``s/√β ≲ 
 
 from __future__ import annotations
 
+import math
 import weakref
 from fnmatch import fnmatchcase
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -234,6 +235,7 @@ class BayesianNetwork(nn.Module):
                         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
         self._vmap_for_shape: Dict[Tuple[int, ...], bool] = {}  # "auto": choice per input shape
         self._finite_inputs: Optional[tuple] = None  # (weakref, version) of the last finite x
+        self._row_shape: Optional[Tuple[int, ...]] = None  # x.shape[1:] of the first good call
 
     # -- names ----------------------------------------------------------------------------------
     def site_name(self, param_name: str) -> str:
@@ -314,7 +316,8 @@ class BayesianNetwork(nn.Module):
 
     def _input_mismatch(self, x: Tensor) -> Optional[str]:
         """What to do when the inputs' dtype or device differs from the network's (e.g. a
-        float64 tensor made from a NumPy array), or ``None``."""
+        float64 tensor made from a NumPy array), or their rows' shape from that of the
+        network's first call (training), or ``None``."""
         p = next(iter(self.net.parameters()), None)
         if p is None or not torch.is_tensor(x):
             return None
@@ -325,6 +328,14 @@ class BayesianNetwork(nn.Module):
         if x.device != p.device:
             return (f"BayesianNetwork: x is on {x.device} but the network is on {p.device}; "
                     f"pass x.to('{p.device}').")
+        rows = tuple(x.shape[1:])
+        if self._row_shape is not None and rows != self._row_shape:
+            want = ", ".join(str(n) for n in self._row_shape)
+            fix = (f", e.g. x.reshape(len(x), {want})"
+                   if math.prod(rows) == math.prod(self._row_shape) else "")
+            return (f"BayesianNetwork: x has rows of shape {rows} (x is {tuple(x.shape)}) but "
+                    f"the network ran on rows of shape {self._row_shape} before; pass inputs "
+                    f"of shape (N, {want}){fix}.")
         return None
 
     def forward_network(self, latent: Dict[str, Tensor], x: Tensor,
@@ -346,12 +357,16 @@ class BayesianNetwork(nn.Module):
         batch = torch.broadcast_shapes(*(v.shape[:v.dim() - len(self.latent_shapes[n])]
                                          for n, v in latent.items()))
         if not batch:
-            return self._call(latent, hidden, x, ref)
-        flat = {n: v.expand(batch + self.latent_shapes[n]).reshape((-1,) + self.latent_shapes[n])
-                for n, v in latent.items()}
-        out = self._map_samples(flat, hidden, x, ref)
-        out_batch = batch[:-1] if batch[-1] == 1 else batch
-        return out.reshape(out_batch + out.shape[1:])
+            out = self._call(latent, hidden, x, ref)
+        else:
+            flat = {n: v.expand(batch + self.latent_shapes[n])
+                    .reshape((-1,) + self.latent_shapes[n]) for n, v in latent.items()}
+            out = self._map_samples(flat, hidden, x, ref)
+            out_batch = batch[:-1] if batch[-1] == 1 else batch
+            out = out.reshape(out_batch + out.shape[1:])
+        if self._row_shape is None:
+            self._row_shape = tuple(x.shape[1:])
+        return out
 
     def _map_samples(self, flat: Dict[str, Tensor], hidden: Dict[str, Tensor], x: Tensor,
                      ref: Optional[Dict[str, Tensor]]) -> Tensor:

@@ -628,3 +628,29 @@ def test_inputs_of_another_dtype_get_the_fix():
     guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
     svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
     assert math.isfinite(svi.step(x.float(), y))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_prediction_inputs_of_another_row_shape_get_the_fix(parallel, default_dtype):
+    """Prediction inputs whose rows differ in shape from the training inputs (images left
+    unflattened for an MLP): torch's shape error with the expected shape and the reshape to
+    make appended; the reshaped inputs predict."""
+    pyro.clear_param_store()
+    x, y = data(default_dtype, n=16)
+    bnn = BayesianNetwork(mlp(default_dtype), prior_scale="learned", batch_size=8)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
+    for _ in range(2):
+        svi.step(x, y)
+    images = torch.randn(5, 2, 2, dtype=default_dtype)
+    predictive = Predictive(bnn, guide=guide, num_samples=3, parallel=parallel,
+                            return_sites=["logits"])
+    with pytest.raises(RuntimeError, match=r"(?s)x has rows of shape \(2, 2\) \(x is \(5, 2, "
+                                           r"2\)\) but the network ran on rows of shape \(4,\) "
+                                           r"before; pass inputs of shape \(N, 4\), e\.g\. "
+                                           r"x\.reshape\(len\(x\), 4\)"):
+        predictive(images)
+    with pytest.raises(RuntimeError, match=r"rows of shape \(4,\) before; pass inputs of shape "
+                                           r"\(N, 4\)\.\n"):
+        predictive(torch.randn(5, 3, dtype=default_dtype))  # no reshape to suggest
+    assert predictive(images.reshape(-1, 4))["logits"].shape == (3, 5, 3)
