@@ -309,15 +309,15 @@ class BayesianNetwork(nn.Module):
                                 (ref,), (step,))
             return f_ref + f_step
         except RuntimeError as e:
-            hint = self._input_mismatch(x)
+            hint = self._input_mismatch(x, str(e))
             if hint is None:
                 raise
             raise RuntimeError(f"{e}\n{hint}") from e
 
-    def _input_mismatch(self, x: Tensor) -> Optional[str]:
+    def _input_mismatch(self, x: Tensor, error: str = "") -> Optional[str]:
         """What to do when the inputs' dtype or device differs from the network's (e.g. a
-        float64 tensor made from a NumPy array), or their rows' shape from that of the
-        network's first call (training), or ``None``."""
+        float64 tensor made from a NumPy array), or, for torch's shape errors (``error``), when
+        their rows' shape differs from that of the network's first call, or ``None``."""
         p = next(iter(self.net.parameters()), None)
         if p is None or not torch.is_tensor(x):
             return None
@@ -329,7 +329,8 @@ class BayesianNetwork(nn.Module):
             return (f"BayesianNetwork: x is on {x.device} but the network is on {p.device}; "
                     f"pass x.to('{p.device}').")
         rows = tuple(x.shape[1:])
-        if self._row_shape is not None and rows != self._row_shape:
+        shape_error = "shape" in error or "size" in error
+        if shape_error and self._row_shape is not None and rows != self._row_shape:
             want = ", ".join(str(n) for n in self._row_shape)
             fix = (f", e.g. x.reshape(len(x), {want})"
                    if math.prod(rows) == math.prod(self._row_shape) else "")
