@@ -133,8 +133,8 @@ def ood_auroc(score_in, score_out) -> float:
     (``sklearn.metrics.roc_auc_score``). 0.5 = chance, 1 = perfect separation."""
     from sklearn.metrics import roc_auc_score
 
-    s_in = torch.as_tensor(score_in).detach().to(torch.float64).reshape(-1)
-    s_out = torch.as_tensor(score_out).detach().to(torch.float64).reshape(-1)
+    s_in = torch.as_tensor(score_in).detach().to(dtype=torch.float64, device="cpu").reshape(-1)
+    s_out = torch.as_tensor(score_out).detach().to(dtype=torch.float64, device="cpu").reshape(-1)
     labels = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)])
     return float(roc_auc_score(labels.numpy(), torch.cat([s_in, s_out]).numpy()))
 
