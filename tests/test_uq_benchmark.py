@@ -45,3 +45,16 @@ def test_quick_run_writes_results_schema(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "VIKING / IVON seconds per pass" in table
     assert all((tmp_path / f"{t}.png").exists() for t in ("digits", "mnist1d", "diabetes"))
+
+
+def test_quick_timing_writes_per_pass_ratios(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "uq" / "run.py"), "--quick",
+                           "--timing", "--tasks", "diabetes", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    timing = json.loads((tmp_path / "timing.json").read_text())["diabetes"]
+    assert set(timing["seconds_per_epoch"]) == {"MAP", "IVON", "AutoNormal", "VIKING",
+                                                "AutoDelta"}
+    assert all(s > 0 for s in timing["seconds_per_epoch"].values())
+    ratio = timing["seconds_per_epoch"]["VIKING"] / timing["seconds_per_epoch"]["IVON"]
+    assert timing["viking_over_ivon"] == ratio and timing["device"] == "cpu"

@@ -76,7 +76,7 @@ def train_map(task: Task, seed: int, prior_scale: float, budget: Budget):
 
     Returns (net, log_noise, seconds). ``log_noise`` is a learned scalar for regression."""
     net = _new_net(task, seed)
-    log_noise = nn.Parameter(torch.tensor(math.log(0.5)))
+    log_noise = nn.Parameter(torch.tensor(math.log(0.5), device=task.x_fit.device))
     params = list(net.parameters()) + ([] if task.classification else [log_noise])
     opt = torch.optim.Adam(params, lr=budget.lr)
     n = len(task.x_fit)
@@ -126,7 +126,7 @@ def fit_ivon(task: Task, seed: int, hess_init: float, budget: Budget) -> Fitted:
     import ivon
 
     net = _new_net(task, seed)
-    log_noise = nn.Parameter(torch.tensor(math.log(0.5)))
+    log_noise = nn.Parameter(torch.tensor(math.log(0.5), device=task.x_fit.device))
     params = list(net.parameters()) + ([] if task.classification else [log_noise])
     n = len(task.x_fit)
     opt = ivon.IVON(params, lr=budget.ivon_lr, ess=n, hess_init=hess_init)

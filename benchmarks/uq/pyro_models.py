@@ -26,13 +26,13 @@ from torch.distributions import constraints
 INIT_PRIOR_SCALE = 0.1353352832366127  # e⁻², the paper's init log α = 4
 
 
-def _prior(shape: torch.Size, prior_scale: Optional[float]):
+def _prior(shape: torch.Size, prior_scale: Optional[float], device: torch.device):
     def make(_module):
         if prior_scale is None:
-            s = pyro.param("prior_scale", lambda: torch.tensor(INIT_PRIOR_SCALE),
+            s = pyro.param("prior_scale", lambda: torch.tensor(INIT_PRIOR_SCALE, device=device),
                            constraint=constraints.positive)
         else:
-            s = torch.tensor(prior_scale)
+            s = torch.tensor(prior_scale, device=device)
         return dist.Normal(0.0, s).expand(shape).to_event(len(shape))
 
     return make
@@ -44,11 +44,12 @@ class PyroBNN(PyroModule):
     def __init__(self, net: nn.Module, kind: str, prior_scale: Optional[float]):
         super().__init__()
         net = copy.deepcopy(net)
+        device = next(net.parameters()).device  # the priors' scales live where the weights do
         self.init_values = {f"net.{n}": p.detach().clone() for n, p in net.named_parameters()}
         to_pyro_module_(net)
         for module in net.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, PyroSample(_prior(p.shape, prior_scale)))
+                setattr(module, name, PyroSample(_prior(p.shape, prior_scale, device)))
         self.net = net
         self.kind = kind
 
@@ -63,7 +64,7 @@ class PyroBNN(PyroModule):
                             obs=None if y is None else y[idx])
             else:
                 mean = out.squeeze(-1)
-                noise = pyro.param("noise_scale", lambda: torch.tensor(0.5),
+                noise = pyro.param("noise_scale", lambda: torch.tensor(0.5, device=out.device),
                                    constraint=constraints.positive)
                 pyro.deterministic("mean", mean)
                 pyro.sample("obs", dist.Normal(mean, noise), obs=None if y is None else y[idx])

@@ -123,11 +123,16 @@ def main(argv=None) -> list:
                    help="only time one epoch per method, interleaved (timing.json)")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="where --timing runs every method (e.g. cuda); the main run is CPU")
     p.add_argument("--ablation-beta", type=float, default=None,
                    help="β of the ablations (default: the validation choice, else 0.03)")
     p.add_argument("--ablation-epochs", type=int, default=None,
                    help="epochs of the ablations (default: the main run's)")
     args = p.parse_args(argv)
+    if args.device != "cpu" and not args.timing:
+        p.error(f"--device {args.device} applies to --timing only (the main run and the "
+                "ablations run on the CPU)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ initialisation and the minibatch order, never the split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -52,6 +52,13 @@ class Task:
     @property
     def classification(self) -> bool:
         return self.kind == "classification"
+
+    def to(self, device) -> Task:
+        """The task with every tensor, and the networks ``make_net`` builds, on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if torch.is_tensor(getattr(self, f.name))}
+        make = self.make_net
+        return replace(self, **moved, make_net=lambda: make().to(device))
 
 
 def _split(x: np.ndarray, y: np.ndarray, stratify: bool):

@@ -90,16 +90,20 @@ def run_timing(args) -> dict:
     out = {}
     for task_name in args.tasks:
         pyro.clear_param_store()  # guide parameters are named per guide class, not per task
-        task = load_task(task_name)
+        task = load_task(task_name).to(args.device)
         budget = budget_for(task_name, args.quick)
         fns = _epoch_fns(task, budget)
+        # a GPU runs asynchronously: wait for its queue around every timed epoch
+        sync = torch.cuda.synchronize if task.x_fit.is_cuda else (lambda: None)
         for fn in fns.values():  # one untimed epoch each (start-up costs)
             fn()
         times = {k: [] for k in fns}
         for _ in range(TIMING_ROUNDS[args.quick]):
             for name, fn in fns.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[task_name] = {"seconds_per_epoch": med,
@@ -107,7 +111,8 @@ def run_timing(args) -> dict:
                           "viking_over_map": med["VIKING"] / med["MAP"],
                           "viking_over_autonormal": med["VIKING"] / med["AutoNormal"],
                           "viking_over_autodelta": med["VIKING"] / med["AutoDelta"],
-                          "steps_per_epoch": math.ceil(len(task.x_fit) / budget.batch_size)}
+                          "steps_per_epoch": math.ceil(len(task.x_fit) / budget.batch_size),
+                          "device": str(task.x_fit.device)}
         print(task_name, json.dumps(out[task_name]), flush=True)
     (args.out / "timing.json").write_text(json.dumps(out, indent=1))
     return out
