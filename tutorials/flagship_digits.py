@@ -183,9 +183,9 @@ plt.close(fig)
 # likelihood is declared inside the plate.
 #
 # Every guide starts where Pyro's autoguides start by default (`init_to_median` of the prior
-# for MAP and VIKING, zero means for the Gaussian guides); `init_loc_fn=bnn.init_loc_fn` would
-# start them at the network's PyTorch initialisation instead (the uncertainty benchmark under
-# `benchmarks/uq` does).
+# for MAP, the low-rank guide and VIKING's warm-up, zero means for `AutoNormal`);
+# `init_loc_fn=bnn.init_loc_fn` would start them at the network's PyTorch initialisation
+# instead (the uncertainty benchmark under `benchmarks/uq` does).
 
 # %%
 def mlp(n_in=64, hidden=HIDDEN, n_out=NUM_CLASSES):
@@ -280,8 +280,8 @@ def fit_low_rank(model, seed):
 #    datum) is used, and gradients are not propagated through the projection (cheaper; see
 #    the design notes).
 #
-# Before predicting, `project_training_data(x_train, y_train)` walks the training
-# plate in chunks of 64 and projects each of the S = 100 prediction samples on every chunk's
+# Before predicting, `project_training_data(x_train, y_train)` walks the training plate in
+# chunks of 64 and projects each of the S = 100 prediction samples on every chunk's
 # kernel in turn (alternating projections), so predictions use the kernel of the *full-data*
 # Jacobian and never that of the test inputs.
 
