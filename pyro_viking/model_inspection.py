@@ -11,7 +11,6 @@ latents, so that the Jacobian can be taken at their values instead of at prior d
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator, Optional
@@ -30,6 +29,7 @@ from .model_likelihood import (
     observed_sites,
     trace_model,
 )
+from .user_warnings import warn
 
 __all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "batch_call",
            "check_no_subsampled_latents", "check_not_jit_traced", "inspect_model",
@@ -171,9 +171,8 @@ def other_latents(guide, call: ModelCall, args: tuple, kwargs: dict,
     if not call.extra_latents:
         return None
     if guide.master is None:
-        warnings.warn(f"latents {sorted(call.extra_latents)} are hidden from AutoViking: its "
-                      "Jacobian uses prior draws of them (guide them in an AutoGuideList to "
-                      "use their medians)", stacklevel=5)
+        warn(f"latents {sorted(call.extra_latents)} are hidden from AutoViking: its Jacobian "
+             "uses prior draws of them (guide them in an AutoGuideList to use their medians)")
         return None
     median = {}
     with poutine.block():  # AutoDelta.median runs its guide
@@ -210,8 +209,8 @@ class ModelInspector:
             call = inspect_model(self.model, args, kwargs, self.layout, training=training)
             if training and not call.has_observations and not self.warned_no_observations:
                 self.warned_no_observations = True
-                warnings.warn("the model has no observed sites: without a likelihood the kernel "
-                              "is the whole space and q = N(loc, σ_ker² I)", stacklevel=5)
+                warn("the model has no observed sites: without a likelihood the kernel is the "
+                     "whole space and q = N(loc, σ_ker² I)")
             self.calls[key] = call
         return self.calls.get(key, ModelCall())
 

@@ -39,7 +39,6 @@ Rows (:func:`make_rows_fn`)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -54,6 +53,8 @@ from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Independent, biject_to, constraints
+
+from .user_warnings import warn
 
 __all__ = [
     "LatentLayout",
@@ -278,13 +279,13 @@ def _loss_rows(site) -> Tensor:
     rows = _plates_first(lp, plates, k)
     rows = rows.reshape(rows.shape[0], -1, n_event).sum(1).reshape(-1)
     if rows.numel() == 1 and site["value"].numel() > 1:
-        warnings.warn(
+        warn(
             f"observed site '{site['name']}' gives one Jacobian row for "
             f"{site['value'].numel()} observed values, so the projection sees them as a single "
             "datum: batch dimensions outside a pyro.plate are summed into one row, and so is a "
             f"distribution that does not factorise over its values ({type(site['fn']).__name__}"
             "); declare independent data with pyro.plate, or use .to_event() on an element-wise "
-            "distribution.", stacklevel=2)
+            "distribution.")
     return rows
 
 

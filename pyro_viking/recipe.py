@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
@@ -50,6 +49,7 @@ from .elbo import TraceViking_ELBO
 from .model_inspection import batch_call
 from .priors import isotropic_prior_scale
 from .scale_init import CurvatureStatistics, curvature_statistics, optimal_scales
+from .user_warnings import warn
 
 __all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales"]
 
@@ -251,15 +251,14 @@ def _warn_if_prior_too_wide(stats: CurvatureStatistics, beta: float, prior_scale
     if not prior_scale > WIDE_PRIOR_FACTOR * best:
         return
     cost, cost_best = stats.kernel_cost(prior_scale ** 2), stats.kernel_cost(best ** 2)
-    warnings.warn(
+    warn(
         f"σ_ker is tied to the model's fixed prior scale s = {prior_scale:.3g}, but at the MAP "
         f"the ELBO prefers a kernel scale of {best:.3g} ({prior_scale / best:.0f}× smaller): "
         f"kernel noise of the prior's size is predicted to cost {cost:.4g} nats of expected "
         f"log-likelihood ({cost_best:.3g} at {best:.3g}), "
         "so posterior samples will fit the data far worse than the MAP. Learn the prior scale "
         "(BayesianNetwork(prior_scale='learned'): the recipe sets it from curvature), use a "
-        "smaller prior scale, or untie σ_ker (fit_viking(kernel_scale='learned')).",
-        stacklevel=4)  # fit_viking's caller
+        "smaller prior scale, or untie σ_ker (fit_viking(kernel_scale='learned')).")
 
 
 def _new_history() -> Dict[str, list]:

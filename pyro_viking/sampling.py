@@ -18,7 +18,6 @@ when they are built and draw from it; neither knows the guide.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import deque
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
@@ -31,6 +30,7 @@ from torch.distributions import constraints
 from .distributions import KernelImageNormal, marginal_variance
 from .linalg import KernelProjector
 from .model_likelihood import LatentLayout
+from .user_warnings import warn
 
 __all__ = ["PredictionPosterior", "SamplingState", "VikingPosterior", "check_parameters"]
 
@@ -199,7 +199,7 @@ class SamplingState:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=5)
+            warn(message)
 
     def prediction_samples(self) -> Tuple[Tensor, Tensor]:
         """``(ε, Pε)`` that prediction draws come from (with a warning where they are not

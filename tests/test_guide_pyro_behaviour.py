@@ -252,8 +252,10 @@ def test_predictive_sequential_and_parallel():
     guide.project_training_data(x, y, num_samples=S)
     x_test = torch.linspace(-2, 2, 5)
     seq = Predictive(scalar_model, guide=guide, num_samples=S)(x_test)
-    with pytest.warns(UserWarning, match="draws on the same inputs"):  # the second run repeats
+    with pytest.warns(UserWarning, match="draws on the same inputs") as caught:  # repeats
         par = Predictive(scalar_model, guide=guide, num_samples=S, parallel=True)(x_test)
+    # attributed to this line, not to the Pyro or pyro_viking internals it is raised in
+    assert [w.filename for w in caught if "same inputs" in str(w.message)] == [__file__]
     for name in ("a", "b", "c"):
         assert seq[name].shape == par[name].shape == (S, 1)
         # both walk through all S cached samples (from different starting points)
@@ -323,8 +325,9 @@ def test_no_observed_sites_warns():
     def model():
         pyro.sample("a", dist.Normal(0.0, 1.0))
 
-    with pytest.warns(UserWarning, match="no observed sites"):
+    with pytest.warns(UserWarning, match="no observed sites") as caught:
         AutoViking(model)()
+    assert caught[0].filename == __file__
 
 
 def test_non_finite_observation_error_names_site():

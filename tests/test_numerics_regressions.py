@@ -212,6 +212,7 @@ def test_to_event_rows_without_plate_are_masked(dtype):
 def test_non_factorising_likelihood_without_plate_warns(dtype):
     X, y = _data(20)
     z = torch.tensor([0.3, -1.0, 0.2])
-    with pytest.warns(UserWarning, match="one Jacobian row for 20 observed values"):
+    with pytest.warns(UserWarning, match="one Jacobian row for 20 observed values") as caught:
         rows, proj = _rows_and_projector(linreg_mvn, X, y, z)
+    assert caught[0].filename == __file__  # the first frame outside the libraries
     assert rows.shape == (1,) and proj.rank == 1

@@ -12,12 +12,13 @@ its residual and a remedy (:class:`ConvergenceWarning`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..user_warnings import warn as warn_user
 
 __all__ = [
     "ConvergenceWarning", "SolveInfo", "cg_solve", "cholesky_factor", "cholesky_solve",
@@ -123,13 +124,10 @@ def cg_solve(
     residual = _relative_residual(R, X, matvec)
     converged = bool((residual <= rtol) or (R - matvec(X)).norm(dim=-1).max() <= atol)
     if warn and not converged:
-        warnings.warn(
-            f"CG stopped after {it} iterations with relative residual {residual:.2e} "
-            f"> rtol={rtol:.1e}; the projection is inaccurate (‖JPv‖/‖Jv‖ ≈ residual). "
-            "Increase maxiter, loosen rtol, or use a direct solver (solver='eigh').",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+        warn_user(f"CG stopped after {it} iterations with relative residual {residual:.2e} "
+                  f"> rtol={rtol:.1e}; the projection is inaccurate (‖JPv‖/‖Jv‖ ≈ residual). "
+                  "Increase maxiter, loosen rtol, or use a direct solver (solver='eigh').",
+                  ConvergenceWarning)
     return X, SolveInfo("cg", it, residual, converged)
 
 
