@@ -151,8 +151,10 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
             text += f"- {task}: " + "; ".join(parts) + "\n"
     timing = out / "timing.json"
     if timing.exists():
+        devices = sorted({t.get("device", "cpu") for t in json.loads(timing.read_text()).values()})
         text += ("\n### Seconds per pass over the fit split, interleaved in one process "
-                 "(`run.py --timing`, median of 9)\n\n| task | MAP | IVON | AutoNormal | "
+                 f"(`run.py --timing`, median of 9, {', '.join(devices)})\n\n"
+                 "| task | MAP | IVON | AutoNormal | "
                  "AutoDelta | VIKING | VIKING / IVON | VIKING / MAP | VIKING / AutoNormal | "
                  "VIKING / AutoDelta |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for task, t in json.loads(timing.read_text()).items():
