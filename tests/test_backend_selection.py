@@ -207,6 +207,25 @@ def test_per_example_rejects_non_finite_jacobian(monkeypatch):
     torch.testing.assert_close(op.gram(), x @ x.T)
 
 
+def test_per_example_loop_builds_under_no_grad(default_dtype):
+    """The loop of reverse passes (modules without a vmap rule) builds the same Jacobian under
+    ``torch.no_grad()`` (``Predictive`` projecting lazily) as with gradients enabled."""
+    from pyro_viking.linalg import per_example
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=default_dtype)
+
+    def fn(z):
+        return torch.tanh(x @ z) ** 2
+
+    z = torch.randn(3, dtype=default_dtype)
+    want = per_example.PerExampleJacobian(fn, z, vectorize=False).J
+    with torch.no_grad():
+        got = per_example.PerExampleJacobian(fn, z, vectorize=False).J
+    torch.testing.assert_close(got, want)
+    assert float(want.abs().max()) > 0
+
+
 # --------------------------------------------------------------------------- benchmark smoke test
 def test_bench_step_quick_runs():
     """``benchmarks/bench_step.py --quick`` end to end (about 20 s on 2 busy CPU cores)."""

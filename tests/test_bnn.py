@@ -45,11 +45,12 @@ def cnn1d(dtype, out=3):
 
 
 class GRUClassifier(nn.Module):
-    """A recurrent classifier: ``torch.vmap`` has no batching rule for ``nn.GRU``."""
+    """A recurrent classifier: ``torch.vmap`` has no batching rule for ``nn.GRU`` (nor, for
+    the per-example Jacobian, for ``nn.LSTM``'s backward: its Jacobian is built by a loop)."""
 
-    def __init__(self, out):
+    def __init__(self, out, cell=nn.GRU):
         super().__init__()
-        self.gru, self.head = nn.GRU(2, 4, batch_first=True), nn.Linear(4, out)
+        self.gru, self.head = cell(2, 4, batch_first=True), nn.Linear(4, out)
 
     def forward(self, x):
         return self.head(self.gru(x)[0][:, -1])
@@ -58,6 +59,11 @@ class GRUClassifier(nn.Module):
 def gru(dtype, out=3):
     torch.manual_seed(0)
     return GRUClassifier(out).to(dtype)
+
+
+def lstm(dtype, out=3):
+    torch.manual_seed(0)
+    return GRUClassifier(out, nn.LSTM).to(dtype)
 
 
 def batchnorm_eval(dtype, out=3):
@@ -519,7 +525,8 @@ def test_auto_weight_samples_loop_for_many_weights_with_gradients(monkeypatch, d
 def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
     """Dropout in training mode (a random f) and batch norm with minibatch statistics (rows
     that depend on each other) are refused with the fix; in eval mode they train and predict
-    with vectorised particles and parallel Predictive, as does a GRU (no vmap rule)."""
+    with vectorised particles and parallel Predictive, as do a GRU and an LSTM (no vmap rule;
+    Predictive projects on the training data under no_grad)."""
     torch.manual_seed(0)
     dropout = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
     dropout.to(default_dtype)
@@ -536,7 +543,7 @@ def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
     with pytest.raises(ValueError, match="Dropout"):
         bnn(torch.randn(5, 4))
     for make, shape in ((lambda d: dropout.eval(), (4,)), MORE_NETS["batchnorm_eval"],
-                        MORE_NETS["gru"]):
+                        MORE_NETS["gru"], (lstm, (3, 2))):
         pyro.clear_param_store()
         x, y = data(default_dtype, n=40, shape=shape)
         bnn = BayesianNetwork(make(default_dtype), prior_scale="learned", batch_size=10)

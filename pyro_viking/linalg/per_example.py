@@ -164,7 +164,10 @@ class PerExampleJacobian(JacobianOperator):
             except (RuntimeError, NotImplementedError):
                 J = None  # e.g. random ops or operators without a batching rule
         if J is None:
-            J = _jacobian_loop(rows, x)
+            # whatever the caller's mode (prediction under no_grad projects lazily): indexing
+            # the rows under no_grad would cut them from the graph
+            with torch.enable_grad():
+                J = _jacobian_loop(rows, x)
         J = J.detach()
         if not _all_finite(J):
             raise ValueError("the per-example Jacobian contains non-finite values (NaN or inf); "
