@@ -88,6 +88,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .linalg.per_example import evaluate_rows, jacobian_loop
 from .linalg.solvers import default_rcond
 from .model_inspection import batch_call
 from .model_likelihood import LatentLayout, make_rows_fn
@@ -287,10 +288,9 @@ def per_example_gradients(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     try:
         return torch.func.jacrev(fn)(z).detach()
     except Exception:  # noqa: BLE001 - vmap-incompatible model code: fall back to a loop
-        zz = z.detach().requires_grad_(True)
-        rows = fn(zz)
-        return torch.stack([torch.autograd.grad(rows[i], zz, retain_graph=True)[0]
-                            for i in range(rows.shape[0])]).detach()
+        with torch.enable_grad():  # the loop is plain autograd: not under a caller's no_grad
+            zz = z.detach().requires_grad_(True)
+            return jacobian_loop(evaluate_rows(fn, zz), zz).detach()
 
 
 def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid,

@@ -150,3 +150,27 @@ def test_linear_gaussian_fixed_prior(dtype):
     loss = dense_elbo_loss(X, y, theta_hat, batches)
     x = brute_force(lambda si: loss(0.3, si, 0.8, 0.8), [0.1])
     assert got["image_scale"] == pytest.approx(float(x[0]), rel=0.05)
+
+
+def test_per_example_gradients_fallback_loop_under_no_grad(monkeypatch, default_dtype):
+    """Model code that ``torch.func.jacrev`` cannot transform falls back to one reverse pass per
+    row, which also works under a caller's ``torch.no_grad()``; both give the exact Jacobian."""
+    from pyro_viking import scale_init
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=default_dtype)
+    z = torch.randn(3, dtype=default_dtype)
+
+    def fn(v):
+        return torch.tanh(x @ v)
+
+    want = (1 - torch.tanh(x @ z) ** 2)[:, None] * x  # d tanh(x_i · z) / dz
+    torch.testing.assert_close(scale_init.per_example_gradients(fn, z), want)
+
+    def no_transforms(f):
+        raise RuntimeError("model code without a functorch rule")
+
+    monkeypatch.setattr(torch.func, "jacrev", no_transforms)
+    with torch.no_grad():
+        got = scale_init.per_example_gradients(fn, z)
+    torch.testing.assert_close(got, want)

@@ -28,6 +28,7 @@ __all__ = [
     "autograd_bilinear",
     "evaluate_rows",
     "forward_jacobian_columns",
+    "jacobian_loop",
 ]
 
 RowFn = Callable[[Tensor], Tensor]
@@ -112,8 +113,9 @@ def _jacobian_vmap(fn: RowFn, z: Tensor, B: int, chunk_size: Optional[int]) -> T
     return torch.func.vmap(vjp_fn, chunk_size=chunk_size)(eye)[0].to(z.dtype)
 
 
-def _jacobian_loop(rows: Tensor, z: Tensor) -> Tensor:
-    """``(B, D)`` Jacobian from B reverse passes into a preallocated tensor."""
+def jacobian_loop(rows: Tensor, z: Tensor) -> Tensor:
+    """``(B, D)`` Jacobian of ``rows`` ``(B,)`` w.r.t. ``z`` ``(D,)`` from B reverse passes into a
+    preallocated tensor (zeros where a row does not depend on z); grad mode must be on."""
     B, D = rows.shape[0], z.shape[0]
     J = torch.zeros(B, D, dtype=z.dtype, device=z.device)
     if not rows.requires_grad:
@@ -167,7 +169,7 @@ class PerExampleJacobian(JacobianOperator):
             # whatever the caller's mode (prediction under no_grad projects lazily): indexing
             # the rows under no_grad would cut them from the graph
             with torch.enable_grad():
-                J = _jacobian_loop(rows, x)
+                J = jacobian_loop(rows, x)
         J = J.detach()
         if not _all_finite(J):
             raise ValueError("the per-example Jacobian contains non-finite values (NaN or inf); "
