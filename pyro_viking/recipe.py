@@ -14,7 +14,11 @@ Phases (each a plain :class:`~pyro.infer.SVI` loop with the optimiser you pass):
    minimised in ``σ_im`` and the prior precision ``α = 1/s²`` (``σ_ker² = 1/α`` when tied) in
    closed form from ``tr(H(I − P))``, ``tr(HP)``, ``rank J`` and ``‖θ̂‖²``
    (:mod:`pyro_viking.scale_init`, where the derivation is). The learned prior scale is set in
-   Pyro's param store; the guide starts at ``θ̂`` with that ``σ_im``.
+   Pyro's param store; the guide starts at ``θ̂`` with that ``σ_im``. Before, a
+   :class:`~pyro_viking.BayesianNetwork`'s learned regression noise scale is set to its
+   maximum-likelihood value at ``θ̂``, the root mean squared residual on the training data
+   (Adam moves a log-scale by about the learning rate per step, so the warm-up leaves it far
+   from its optimum, and the curvature scales with ``1/σ²``).
 3. optional **scales only** (``scales_steps``): the full ELBO with ``θ̂`` hidden from the
    optimiser (the paper's phase; with the curvature start it is rarely needed).
 4. **full ELBO** (``num_steps``): :class:`~pyro_viking.TraceViking_ELBO` (``beta``).
@@ -43,15 +47,18 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_median, init_to_value
 from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
+from torch.distributions import constraints
 
 from .autoguide import AutoViking
+from .bnn import BayesianNetwork
 from .elbo import TraceViking_ELBO
 from .model_inspection import batch_call
 from .priors import isotropic_prior_scale
 from .scale_init import CurvatureStatistics, curvature_statistics, optimal_scales
 from .user_warnings import warn
 
-__all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales"]
+__all__ = ["DEFAULT_BETA", "VikingFit", "fit_map", "fit_viking", "initial_scales",
+           "set_noise_scale_at_map"]
 
 #: Default KL weight for classification BNNs (Pyro's convention: the plate already scales the
 #: likelihood by N/B, so β = 1 is the true ELBO). Chosen on the validation splits of the
@@ -236,6 +243,47 @@ def initial_scales(model: Callable, map_values: Dict[str, torch.Tensor], *args,
     return scales, statistics
 
 
+#: rows per network call of :func:`set_noise_scale_at_map`
+NOISE_CHUNK_ROWS = 4096
+
+
+def set_noise_scale_at_map(model: Callable, map_values: Dict[str, torch.Tensor], *args,
+                           batches: Optional[Iterable] = None, num_batches: int = 8,
+                           **kwargs) -> Optional[float]:
+    """Set a :class:`~pyro_viking.BayesianNetwork`'s learned regression noise scale to its
+    maximum-likelihood value at the MAP, ``σ² = mean_i ‖y_i − f(x_i; θ̂)‖² / O`` over the
+    training data ``bnn(x, y)`` (all of ``x``, or the first ``num_batches`` of ``batches``);
+    returns ``σ``, or ``None`` (and changes nothing) for any other model."""
+    name = getattr(model, "noise_scale_name", None)
+    if not isinstance(model, BayesianNetwork) or name is None:
+        return None
+    calls = [(args, kwargs)] if batches is None else \
+        [batch_call(b) for b in itertools.islice(batches, num_batches)]
+    latent = {n: map_values[model.site_name(n)] for n in model.latent_shapes}
+    total = count = 0.0
+    with torch.no_grad():
+        for a, kw in calls:
+            x, y = a[0], (a[1] if len(a) > 1 else kw.get("y"))
+            for i in range(0, len(x), NOISE_CHUNK_ROWS):
+                out = model.forward_network(latent, x[i:i + NOISE_CHUNK_ROWS])
+                r = out.reshape(out.shape[0], -1) - y[i:i + NOISE_CHUNK_ROWS].reshape(
+                    out.shape[0], -1).to(out.dtype)
+                total += float(r.double().pow(2).sum())
+                count += r.numel()
+    sigma = math.sqrt(total / count)
+    if not (math.isfinite(sigma) and sigma > 0):
+        return None  # an exact or diverged fit: leave the learned value
+    store = pyro.get_param_store()
+    if name in store:
+        like = store[name]
+        store[name] = torch.tensor(sigma, dtype=like.dtype, device=like.device)
+    else:  # the model has not run yet (MAP values given)
+        like = next(iter(latent.values()))
+        pyro.param(name, torch.tensor(sigma, dtype=like.dtype, device=like.device),
+                   constraint=constraints.positive)
+    return sigma
+
+
 #: ``fit_viking`` warns when σ_ker, tied to a fixed prior scale ``s``, exceeds this multiple of
 #: the kernel scale the linearised ELBO prefers at the MAP (measured: a 5-300-300-3 relu BNN with
 #: ``s = 1`` predicted 0.32 accuracy (the majority class: 0.50) at 14.5× the preferred scale;
@@ -335,6 +383,8 @@ def fit_viking(
                              progress=progress, history=history,
                              prior_weight=beta if temper_warmup else 1.0, **kwargs)
     if init_scales:
+        set_noise_scale_at_map(model, map_values, *args, batches=batches,
+                               num_batches=curvature_batches, **kwargs)
         init, statistics = initial_scales(
             model, map_values, *args, beta=beta, batches=batches, prior_scale_param=name,
             kernel=kernel_scale, statistics=statistics, num_batches=curvature_batches,
