@@ -270,9 +270,9 @@ def set_noise_scale_at_map(model: Callable, map_values: Dict[str, torch.Tensor],
                     out.shape[0], -1).to(out.dtype)
                 total += float(r.double().pow(2).sum())
                 count += r.numel()
-    sigma = math.sqrt(total / count)
+    sigma = math.sqrt(total / count) if count else math.nan
     if not (math.isfinite(sigma) and sigma > 0):
-        return None  # an exact or diverged fit: leave the learned value
+        return None  # no data, an exact or a diverged fit: leave the learned value
     store = pyro.get_param_store()
     if name in store:
         like = store[name]
