@@ -273,15 +273,21 @@ def set_noise_scale_at_map(model: Callable, map_values: Dict[str, torch.Tensor],
     sigma = math.sqrt(total / count) if count else math.nan
     if not (math.isfinite(sigma) and sigma > 0):
         return None  # no data, an exact or a diverged fit: leave the learned value
+    _set_positive_param(name, sigma, like=next(iter(latent.values())))
+    return sigma
+
+
+def _set_positive_param(name: str, value: float, like: torch.Tensor) -> None:
+    """Set the positive ``pyro.param`` ``name`` to ``value`` in the param store (created with
+    ``like``'s dtype and device when the model has not run yet, e.g. MAP values given)."""
     store = pyro.get_param_store()
     if name in store:
-        like = store[name]
-        store[name] = torch.tensor(sigma, dtype=like.dtype, device=like.device)
-    else:  # the model has not run yet (MAP values given)
-        like = next(iter(latent.values()))
-        pyro.param(name, torch.tensor(sigma, dtype=like.dtype, device=like.device),
+        old = store[name]
+        store[name] = torch.tensor(value, dtype=old.dtype, device=old.device)
+        store[name].unconstrained().grad = None
+    else:
+        pyro.param(name, torch.tensor(value, dtype=like.dtype, device=like.device),
                    constraint=constraints.positive)
-    return sigma
 
 
 #: ``fit_viking`` warns when σ_ker, tied to a fixed prior scale ``s``, exceeds this multiple of
@@ -390,10 +396,8 @@ def fit_viking(
             kernel=kernel_scale, statistics=statistics, num_batches=curvature_batches,
             num_label_samples=num_label_samples, **kwargs)
         if name is not None:
-            store = pyro.get_param_store()
-            like = store[name]
-            store[name] = torch.tensor(init["prior_scale"], dtype=like.dtype, device=like.device)
-            store[name].unconstrained().grad = None
+            _set_positive_param(name, init["prior_scale"],
+                                like=next(iter(map_values.values())))
     else:
         init = {"image_scale": init_image_scale, "kernel_scale": float("nan"),
                 "prior_scale": float(pyro.param(name).detach()) if name else float("nan")}
