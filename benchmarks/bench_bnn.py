@@ -62,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
-from pyro_viking.bnn import BayesianNetwork  # noqa: E402
+from pyro_viking.nn.bayesian_network import BayesianNetwork  # noqa: E402
 
 
 def _bench_models():

@@ -62,8 +62,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import PROBLEMS, dense_bytes, layer_widths_bytes, make_problem  # noqa: E402
 
 from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
-from pyro_viking.jacobian_backends import build_projector  # noqa: E402
-from pyro_viking.model_likelihood import LatentLayout, make_rows_fn  # noqa: E402
+from pyro_viking.infer.autoguide.projector_choice import build_projector  # noqa: E402
+from pyro_viking.model_trace.layout import LatentLayout  # noqa: E402
+from pyro_viking.model_trace.rows import make_rows_fn  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers

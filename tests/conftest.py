@@ -23,9 +23,13 @@ import pytest
 import torch
 
 # Run from a checkout without installing the package: make the repository root importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TESTS)
 if importlib.util.find_spec("pyro_viking") is None:
     sys.path.insert(0, _ROOT)
+# The shared test problems (tests/problems.py), importable from every test folder.
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 SEED = 0
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

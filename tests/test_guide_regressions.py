@@ -23,7 +23,7 @@ from torch.distributions import constraints
 from torch.func import jacrev
 
 from pyro_viking import AutoViking, TraceViking_ELBO
-from pyro_viking.model_likelihood import make_rows_fn
+from pyro_viking.model_trace.rows import make_rows_fn
 
 
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])

@@ -14,11 +14,12 @@ from pyro import poutine
 from pyro.infer import SVI
 
 from pyro_viking import AutoViking, TraceViking_ELBO
-from pyro_viking.jacobian_backends import build_projector
+from pyro_viking.infer.autoguide.projector_choice import build_projector
 from pyro_viking.linalg import FunctionalJacobian, KernelProjector
 from pyro_viking.linalg.layer_gram import LayerGramJacobian
 from pyro_viking.linalg.per_example import PerExampleJacobian
-from pyro_viking.model_likelihood import LatentLayout, make_rows_fn
+from pyro_viking.model_trace.layout import LatentLayout
+from pyro_viking.model_trace.rows import make_rows_fn
 
 DTYPES = [torch.float32, torch.float64]
 BACKENDS = ["layer_gram", "per_example", "matrix_free"]

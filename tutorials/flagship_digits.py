@@ -47,6 +47,7 @@ if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")  # write PNGs; no display needed
 import matplotlib.pyplot as plt
 import pyro
+import pyro_viking.evaluation as ev
 import torch
 import torch.nn as nn
 from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -60,10 +61,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-import pyro_viking.evaluation as ev
 from pyro_viking import BayesianNetwork
-from pyro_viking.beta_selection import select_beta
-from pyro_viking.recipe import fit_viking
+from pyro_viking.infer.recipe.beta_selection import select_beta
+from pyro_viking.infer.recipe.fit import fit_viking
 
 # %% [markdown]
 # ## Settings

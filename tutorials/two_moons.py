@@ -54,7 +54,7 @@ from sklearn.datasets import make_moons
 from tqdm.auto import tqdm
 
 from pyro_viking import AutoViking, TraceViking_ELBO
-from pyro_viking.bnn import BayesianNetwork
+from pyro_viking.nn.bayesian_network import BayesianNetwork
 
 # %% [markdown]
 # `SMOKE_TEST=1` (used by the test suite) shrinks every budget so that the script finishes in a

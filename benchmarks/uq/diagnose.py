@@ -40,7 +40,7 @@ from run import KNOBS, budget_for  # noqa: E402
 from tasks import TASKS, load_task  # noqa: E402
 from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, _fitted, fit_viking, make_bnn  # noqa: E402
 
-from pyro_viking.recipe import fit_viking as recipe_fit_viking  # noqa: E402
+from pyro_viking.infer.recipe.fit import fit_viking as recipe_fit_viking  # noqa: E402
 
 VARIANTS = ("recipe", "post-hoc")
 

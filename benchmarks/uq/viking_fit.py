@@ -26,7 +26,7 @@ from pyro_models import INIT_PRIOR_SCALE
 from tasks import Task
 
 from pyro_viking import AutoViking, BayesianNetwork
-from pyro_viking.recipe import fit_viking as recipe_fit_viking
+from pyro_viking.infer.recipe.fit import fit_viking as recipe_fit_viking
 
 #: AutoViking options of the benchmark (the library's defaults, spelled out for the ablations)
 DEFAULT_OPTIONS = dict(jacobian="loss", grad_through_projection=False)

@@ -10,7 +10,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..linalg.projectors import KernelProjector
+from pyro_viking.linalg.projectors import KernelProjector
 
 __all__ = ["KernelImageNormal", "RANK_ESTIMATORS", "marginal_variance"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, Normal, register_kl
 
-from .kernel_image_normal import KernelImageNormal, marginal_variance
+from pyro_viking.distributions.kernel_image_normal import KernelImageNormal, marginal_variance
 
 __all__ = ["cross_entropy_diag_normal", "kl_kernel_image_normal_diag",
            "kl_kernel_image_normal_isotropic"]

@@ -1,9 +1,14 @@
 """Numerical core: Jacobian operators, Gram solvers and kernel projectors (no Pyro inside)."""
 
-from .operators import CallableJacobian, FunctionalJacobian, JacobianOperator
-from .per_example import PerExampleJacobian
-from .projectors import SOLVERS, DenseProjector, KernelProjector, MatrixFreeProjector
-from .solvers import (
+from pyro_viking.linalg.operators import CallableJacobian, FunctionalJacobian, JacobianOperator
+from pyro_viking.linalg.per_example import PerExampleJacobian
+from pyro_viking.linalg.projectors import (
+    SOLVERS,
+    DenseProjector,
+    KernelProjector,
+    MatrixFreeProjector,
+)
+from pyro_viking.linalg.solvers import (
     ConvergenceWarning,
     SolveInfo,
     cg_solve,

@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .layer_pieces import (
+from pyro_viking.linalg.layer_pieces import (
     Block,
     LayerGramNotApplicable,
     RowFn,
@@ -52,8 +52,8 @@ from .layer_pieces import (
     record_forward,
     validate_calls,
 )
-from .operators import JacobianOperator
-from .per_example import (
+from pyro_viking.linalg.operators import JacobianOperator
+from pyro_viking.linalg.per_example import (
     PerExampleJacobian,
     autograd_bilinear,
     evaluate_rows,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from .per_example import evaluate_rows
+from pyro_viking.linalg.per_example import evaluate_rows
 
 __all__ = [
     "Block", "Ghost", "LayerGramNotApplicable", "RowFn", "check_overlaps", "default_check_tol",

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .operators import JacobianOperator
+from pyro_viking.linalg.operators import JacobianOperator
 
 __all__ = [
     "DEFAULT_VMAP_MAX_ELEMENTS",

@@ -23,9 +23,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .operators import CallableJacobian, JacobianOperator
-from .per_example import PerExampleJacobian
-from .solvers import (
+from pyro_viking.linalg.operators import CallableJacobian, JacobianOperator
+from pyro_viking.linalg.per_example import PerExampleJacobian
+from pyro_viking.linalg.solvers import (
     SolveInfo,
     cg_solve,
     cholesky_factor,

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..user_warnings import warn as warn_user
+from pyro_viking.user_warnings import warn as warn_user
 
 __all__ = [
     "ConvergenceWarning", "SolveInfo", "cg_solve", "cholesky_factor", "cholesky_solve",
