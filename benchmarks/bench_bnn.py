@@ -1,7 +1,7 @@
 """Cost of one SVI step of a ``BayesianNetwork`` (CNN or MLP): K = 4 vectorised particles vs K = 1.
 
 The LeNet-like CNN of ``bench_models`` (1×28×28 inputs, 10 classes, ≈ 44k parameters;
-``--quick``: a narrow one) wrapped by :class:`pyro_viking.bnn.BayesianNetwork` (learned prior
+``--quick``: a narrow one) wrapped by :class:`pyro_viking.BayesianNetwork` (learned prior
 scale, plate of N = 8·B random inputs subsampled to B). Configurations, timed *interleaved* (one
 step of each in turn, in a rotating order, ``--repeats`` rounds after ``--warmup`` rounds;
 median and interquartile range in ms):
@@ -29,25 +29,12 @@ prior scale ≤ 1.1× AutoNormal's): after a few SVI steps each, ``AutoNormal`` 
 lazy projection leaves them) each predict 100 samples on 512 new inputs, sequential and
 ``parallel=True``, interleaved as above.
 
-Measured 2026-11-30 ≈ 13:25 UTC (2-core CPU, 1 thread, B = 128, default options; the K = 1 and
-K = 4 vectorised rows take ``TraceViking_ELBO``'s fused step; median ms, × VIKING K=1), after
-the loop over weight samples stopped allocating a full gradient per sample and ``"auto"``
-started looping over samples of more than ``LOOP_GRAD_WEIGHTS`` weights when training. LeNet
-(20 rounds): MAP 22.7 (0.55), AutoNormal 33.6 (0.81), VIKING K=1 41.6, K=4 vectorised 78.4
-(1.88; auto = loop), forced vmap 116.5 (2.80), forced loop 88.6 (2.13: the same code as the
-auto row, so rounds move by ±10 %), K=4 sequential 204.3 (4.91). MLP (25 rounds): MAP 20.7
-(0.94), AutoNormal 40.7 (1.85), VIKING K=1 22.1, K=4 vectorised 48.9 (2.22; auto = loop now),
-forced vmap 50.9 (2.31), forced loop 51.2 (2.32), K=4 sequential 113.2 (5.13). Earlier the
-same day (12:10, before those changes): LeNet K=4 2.08, MLP 2.27 (through vmap). All VIKING
-rows on the layer-Gram backend. ``--predict`` (100 samples, 512 inputs): VIKING / AutoNormal
-0.79 sequential and 0.72 parallel (MLP, 13:30), 0.95 and 0.92 (LeNet, 12:10; with "auto" both
-guides' parallel runs loop over LeNet's samples: 3.5 s for AutoNormal, 8.5 s through vmap).
+Results (with the run each comes from): ``benchmarks/README.md``, "Results, fifth round".
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -55,27 +42,18 @@ import time
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import bench_models as bm  # noqa: E402
 from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
 from pyro_viking.nn.bayesian_network import BayesianNetwork  # noqa: E402
 
 
-def _bench_models():
-    spec = importlib.util.spec_from_file_location(
-        "bench_models", os.path.join(ROOT, "benchmarks", "bench_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_models"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def make_runs(quick: bool, B: int, device: str, net_name: str = "lenet"):
-    bm = _bench_models()
     torch.manual_seed(0)
     N = 8 * B
     shape = (1, 28, 28) if net_name == "lenet" else (784,)
@@ -148,8 +126,6 @@ def time_interleaved(fns: dict, rounds: int, warmup: int, device: str) -> dict:
 def time_predictive(args) -> None:
     """Interleaved timing of Predictive(num_samples=100) on 512 inputs: AutoNormal vs
     AutoViking (learned prior scale; projection done beforehand, untimed)."""
-    from pyro.infer import Predictive
-
     runs, data = make_runs(args.quick, args.batch_size, args.device, args.net)
     x, y = data["VIKING K=1"]
     x_new = torch.randn((512,) + x.shape[1:], device=x.device)

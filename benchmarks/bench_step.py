@@ -16,9 +16,9 @@ Three sections (``--sections``):
     (AutoLowRankMultivariateNormal(rank=10) at the first K).
     K > 1 uses ``vectorize_particles=True`` (the models' layers accept particle-batched weights,
     see ``bench_models.py``). Every K of a problem is timed in the same interleaved rounds; a
-    final table gives the ratios the speed issue's acceptance names (default and stop-grad
-    step / AutoNormal at K=1, K=4 / K=1, and ‖JPε‖/‖Jε‖ of the default projection at the
-    trained θ̂).
+    final table gives the ratios the speed issue's acceptance names (the default stop-grad
+    step and the step through P / AutoNormal at K=1, K=4 / K=1, and ‖JPε‖/‖Jε‖ of the default
+    projection at the trained θ̂).
 ``accuracy``
     For each Jacobian backend and solver: time of ``build_projector`` +
     ``kernel_and_image`` of 2 vectors (the kernel parts of 2 vectors and 2 image draws: what
@@ -26,8 +26,8 @@ Three sections (``--sections``):
     Jacobian-vector product of the model's rows function (backend-independent reference).
 ``memory``
     Peak memory added by building the projector and drawing 2 vectors so, per route and batch
-    size, each in a fresh subprocess (Linux: peak RSS reset through ``/proc/self/clear_refs``;
-    CUDA: ``torch.cuda.max_memory_allocated``).
+    size, each in a fresh subprocess (``bench_step_memory.py``; Linux: peak RSS reset through
+    ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``).
 
 Timing protocol: every method is warmed up (2 steps), then ``--repeats`` rounds, interleaved
 (the order rotates each round), each round timing several consecutive steps; the tables give
@@ -37,15 +37,11 @@ the median over rounds. One intra-op thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import pyro
 import torch
@@ -58,63 +54,24 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import PROBLEMS, dense_bytes, layer_widths_bytes, make_problem  # noqa: E402
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_models import PROBLEMS, dense_bytes, make_problem  # noqa: E402
+from benchmarks.bench_step_memory import memory_section  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    device_sync,
+    format_ratio,
+    print_table,
+    time_interleaved,
+)
 from pyro_viking import AutoViking, TraceViking_ELBO  # noqa: E402
 from pyro_viking.infer.autoguide.projector_choice import build_projector  # noqa: E402
 from pyro_viking.model_trace.layout import LatentLayout  # noqa: E402
 from pyro_viking.model_trace.rows import make_rows_fn  # noqa: E402
 
 
-# --------------------------------------------------------------------------- helpers
-def _sync(device: str) -> Callable[[], None]:
-    if device == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def time_interleaved(steppers: Dict[str, Callable[[], object]], *, repeats: int,
-                     target_s: float, sync: Callable[[], None], max_steps: int = 50):
-    """Median seconds per call of each stepper over ``repeats`` interleaved rounds."""
-    counts = {}
-    for name, f in steppers.items():
-        f()
-        sync()
-        t0 = time.perf_counter()
-        f()
-        sync()
-        dt = time.perf_counter() - t0
-        counts[name] = max(1, min(max_steps, round(target_s / max(dt, 1e-6))))
-    times: Dict[str, List[float]] = {k: [] for k in steppers}
-    names = list(steppers)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            f, n = steppers[name], counts[name]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                f()
-            sync()
-            times[name].append((time.perf_counter() - t0) / n)
-    return {k: statistics.median(v) for k, v in times.items()}, counts
-
-
-def print_table(title: str, header: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
-    print(f"\n{title}\n")
-    print(fmt(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(fmt(r))
-    sys.stdout.flush()
-
-
-def _x(v: float) -> str:
-    return f"{v:.2f}x" if v < 100 else f"{v:.0f}x"
-
-
+# --------------------------------------------------------------------------- steppers
 def torch_stepper(prob) -> Callable[[], None]:
     opt = torch.optim.Adam(prob.torch_net.parameters(), lr=1e-3)
 
@@ -182,7 +139,7 @@ def _jvp64(prob, layout, loc):
 def step_section(args) -> None:
     """One interleaved table per problem (every K in it, so that K-ratios are measured in the
     same rounds), then the acceptance summary of the speed issue."""
-    sync = _sync(args.device)
+    sync = device_sync(args.device)
     summary = []
     for name in args.problems:
         prob = make_problem(name, args.batch_size, quick=args.quick, device=args.device,
@@ -208,10 +165,10 @@ def step_section(args) -> None:
             backend = getattr(guides.get((label, K)), "backend_used", None)
             own1 = med.get((label, K1))
             rows.append([label + (f" [{backend}]" if backend else ""), K, f"{t * 1e3:.2f}",
-                         counts[label, K], _x(t / med["torch MAP step", 1]),
-                         _x(t / med["MAP (AutoDelta)", 1]),
-                         _x(t / med.get(("AutoNormal", K), float("nan"))),
-                         _x(t / own1) if own1 and K != K1 else ""])
+                         counts[label, K], format_ratio(t / med["torch MAP step", 1]),
+                         format_ratio(t / med["MAP (AutoDelta)", 1]),
+                         format_ratio(t / med.get(("AutoNormal", K), float("nan"))),
+                         format_ratio(t / own1) if own1 and K != K1 else ""])
         print_table(
             f"SVI step, {PROBLEMS[name]}{' (quick)' if args.quick else ''}, "
             f"D={prob.num_params}, B={args.batch_size}, K particles (K > 1 vectorised); "
@@ -229,8 +186,9 @@ def _acceptance_table(args, summary) -> None:
     rows = []
     for name, D, med, acc in summary:
         for label in (DEFAULT, THROUGH):
-            row = [f"{PROBLEMS[name]} (D={D})", label, _x(med[label, K1] / med["AutoNormal", K1])]
-            row += [_x(med[label, K] / med[label, K1]) for K in Ks]
+            row = [f"{PROBLEMS[name]} (D={D})", label,
+                   format_ratio(med[label, K1] / med["AutoNormal", K1])]
+            row += [format_ratio(med[label, K] / med[label, K1]) for K in Ks]
             row.append(f"{acc:.1e}" if label == DEFAULT else "(same route)")
             rows.append(row)
     print_table(
@@ -260,7 +218,7 @@ def accuracy_section(args) -> None:
 
 def _accuracy_problem(args, name: str) -> None:
     """One table: every backend's time and accuracy on one problem."""
-    sync = _sync(args.device)
+    sync = device_sync(args.device)
     prob = make_problem(name, args.batch_size, quick=args.quick, device=args.device,
                         map_steps=args.map_steps)
     model, x, y = prob.model, prob.x, prob.y
@@ -310,94 +268,13 @@ def _accuracy_problem(args, name: str) -> None:
                   else f"{info.method}, rank {info.rank}, {info.refinements} refinement"
                        f"{'' if info.refinements == 1 else 's'}")
         rows.append([label, proj.operator.backend_name, f"{acc:.1e}", detail,
-                     f"{med[label] * 1e3:.1f}", _x(med[label] / med["torch MAP step"])])
+                     f"{med[label] * 1e3:.1f}", format_ratio(med[label] / med["torch MAP step"])])
     print_table(
         f"Projection accuracy and cost, {PROBLEMS[name]}{' (quick)' if args.quick else ''},"
         f" D={D}, B={B}, float32 (reference: float64 jvp; float32 floor {floor:.1e}; "
         f"build + kernel parts of 2 vectors and 2 image draws; torch MAP step "
         f"{med['torch MAP step'] * 1e3:.2f} ms)",
         ["backend", "operator", "max |JPe|/|Je|", "solver", "ms", "x torch MAP"], rows)
-
-
-# --------------------------------------------------------------------------- memory section
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _project_once(prob, route: str):
-    model, x, y = prob.model, prob.x, prob.y
-    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(x, y))
-    loc = layout.pack(prob.init_values).detach()
-    proj = build_projector(model, layout, (x, y), {}, loc, backend=route,
-                           differentiable=False, check=False)
-    out = proj.kernel_and_image(torch.randn(2, loc.numel(), dtype=loc.dtype, device=loc.device))
-    return proj, out
-
-
-def memory_child(cfg: dict) -> None:
-    """Run in a fresh process: peak memory added by one projection, printed as JSON."""
-    torch.set_num_threads(cfg["threads"])
-    kw = dict(quick=cfg["quick"], device=cfg["device"])
-    _project_once(make_problem(cfg["problem"], 4, **kw), cfg["route"])  # load kernels
-    prob = make_problem(cfg["problem"], cfg["B"], **kw)
-    gc.collect()
-    method = "cuda"
-    if cfg["device"] == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kb("VmRSS") * 1024
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-            method = "VmHWM after clear_refs"
-        except OSError:
-            method = "ru_maxrss (upper bound)"
-    _project_once(prob, cfg["route"])
-    if cfg["device"] == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    elif method.startswith("VmHWM"):
-        peak = _status_kb("VmHWM") * 1024
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"delta": peak - base, "method": method, "D": prob.num_params}))
-
-
-def memory_section(args) -> None:
-    name = "mlp_784_256_256_10"
-    ref = make_problem(name, 4, quick=args.quick)
-    D = ref.num_params
-    rows, method = [], ""
-    for B in args.memory_batch_sizes:
-        got = {}
-        for route in ("layer_gram", "per_example"):
-            cfg = dict(problem=name, route=route, B=B, quick=args.quick, device=args.device,
-                       threads=args.threads)
-            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
-                                  json.dumps(cfg)], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"memory child failed:\n{res.stderr[-3000:]}")
-            out = json.loads(res.stdout.strip().splitlines()[-1])
-            got[route], method = out["delta"], out["method"]
-        mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-        rows.append([B, mb(got["layer_gram"]), mb(layer_widths_bytes(ref, B)),
-                     mb(got["per_example"]), mb(dense_bytes(B, D)),
-                     f"{got['per_example'] / max(got['layer_gram'], 1):.0f}x"])
-    print_table(
-        f"Peak memory added by build + kernel parts of 2 vectors and 2 image draws, "
-        f"{PROBLEMS[name]}"
-        f"{' (quick)' if args.quick else ''}, D={D}, float32, fresh process per cell "
-        f"({method}); MB",
-        ["B", "layer_gram", "B*sum(in+out)*4 + B^2*8", "per_example", "B*D*4",
-         "per_example / layer_gram"], rows)
 
 
 # --------------------------------------------------------------------------- main
@@ -425,7 +302,6 @@ def parse_args(argv=None):
                    help="time per method per round (default 0.3; quick: 0.01)")
     p.add_argument("--max-dense-mb", type=float, default=1024,
                    help="largest dense (B, D) Jacobian the accuracy section builds")
-    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
     defaults = dict(batch_size=8 if q else 128, particles=[1, 2] if q else [1, 4],
@@ -444,9 +320,6 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.memory_child is not None:
-        memory_child(json.loads(args.memory_child))
-        return
     pyro.set_rng_seed(0)
     t0 = time.perf_counter()
     print(f"bench_step: torch {torch.__version__}, pyro {pyro.__version__}, device "

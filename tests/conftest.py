@@ -12,6 +12,11 @@ Markers (registered in ``setup.cfg``):
 
 The dtype is a test id suffix (``[float32]`` / ``[float64]``), so ``-k float32`` selects one half
 of the suite; a test may also ask for the ``default_dtype`` fixture to read the current dtype.
+
+Two more fixtures set the default dtype inside that run, for one test: ``dtype`` (float32, then
+float64: a second dtype axis, so such a test runs four times) and ``float32`` (float32 whatever
+``default_dtype`` is, for a behaviour checked in the user's default dtype only). New tests use
+``default_dtype`` alone.
 """
 
 import importlib.util
@@ -83,6 +88,24 @@ def _dtype_seeded_validated(default_dtype: torch.dtype):
     yield
     pyro.clear_param_store()
     torch.set_default_dtype(old_dtype)
+
+
+@pytest.fixture(params=list(DTYPES.values()), ids=list(DTYPES))
+def dtype(request: pytest.FixtureRequest):
+    """Set the default dtype to ``request.param`` for this test (after the autouse fixture)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def float32():
+    """Set the default dtype to float32 for this test, whatever ``default_dtype`` is."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield torch.float32
+    torch.set_default_dtype(old)
 
 
 @pytest.fixture

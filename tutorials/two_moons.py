@@ -100,7 +100,7 @@ y_train = torch.tensor(Y, dtype=torch.float32)
 #
 # A 2-50-50-1 tanh network (D = 2,751 weights and biases), every parameter a latent with prior
 # N(0, 1), and a Bernoulli likelihood on the logit. We write the network as an ordinary
-# `nn.Module` and let `pyro_viking.bnn.BayesianNetwork` turn it into the Pyro model: one latent
+# `nn.Module` and let `pyro_viking.BayesianNetwork` turn it into the Pyro model: one latent
 # site per parameter tensor (`"bnn.0.weight"`, ...), the data plate, and the observed site
 # `"obs"`; no `PyroSample` code.
 #

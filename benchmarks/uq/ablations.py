@@ -21,14 +21,26 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
-from methods import Budget
-from metrics import classification_metrics, regression_metrics
-from report import mean_std
-from tasks import load_task
-from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, fit_viking, phase_epochs
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
+from benchmarks.uq.protocol import Budget, budget_for  # noqa: E402
+from benchmarks.uq.report import mean_std  # noqa: E402
+from benchmarks.uq.tasks import load_task, quick_task  # noqa: E402
+from benchmarks.uq.viking_fit import (  # noqa: E402
+    DEFAULT_GAMMA,
+    DEFAULT_OPTIONS,
+    fit_viking,
+    phase_epochs,
+)
 
 ABLATIONS: Dict[str, List[tuple]] = {  # in order of priority (partial runs keep the first)
     "gamma": [(f"γ={g:g}", {"gamma": g}) for g in (0.0, 0.2, 0.5, 0.8, 1.0)],
@@ -52,8 +64,6 @@ def _key(options: dict, warmup: int) -> str:
 
 
 def _scores(task, fitted) -> dict:
-    import torch
-
     x = torch.cat([task.x_val, task.x_test, task.x_ood])
     s = fitted.sample(x).detach()
     v, t, o = torch.split(s, [len(task.x_val), len(task.x_test), len(task.x_ood)], dim=1)
@@ -74,13 +84,9 @@ def run_ablations(args) -> list:
     selection = json.loads(sel_path.read_text()) if sel_path.exists() else {}
     rows, cache = [], {}
     for task_name in tasks:
-        from run import _quick_task, budget_for
-
-        task = _quick_task(task_name) if args.quick else load_task(task_name)
+        task = quick_task(task_name) if args.quick else load_task(task_name)
         budget: Budget = budget_for(task_name, args.quick)
         if args.ablation_epochs:
-            from dataclasses import replace
-
             budget = replace(budget, epochs=args.ablation_epochs)
         beta = args.ablation_beta or selection.get(task_name, {}).get("VIKING", {}).get(
             "chosen", 0.03)
@@ -173,8 +179,6 @@ def plot_ablations(rows: List[dict], out: Path) -> None:
 
 
 if __name__ == "__main__":  # re-render tables and figures from FOLDER/ablations.json
-    import sys
-
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
     rows = json.loads((folder / "ablations.json").read_text())
     (folder / "ablations.md").write_text(ablation_markdown(rows))

@@ -27,21 +27,27 @@ import time
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parents[1]))
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
-from methods import _seed  # noqa: E402
-from metrics import classification_metrics, regression_metrics  # noqa: E402
-from report import mean_std  # noqa: E402
-from run import KNOBS, budget_for  # noqa: E402
-from tasks import TASKS, load_task  # noqa: E402
-from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, _fitted, fit_viking, make_bnn  # noqa: E402
 
+from benchmarks.uq.methods import _seed  # noqa: E402
+from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
+from benchmarks.uq.protocol import KNOBS, TASKS, budget_for  # noqa: E402
+from benchmarks.uq.report import mean_std  # noqa: E402
+from benchmarks.uq.tasks import load_task  # noqa: E402
+from benchmarks.uq.viking_fit import (  # noqa: E402
+    DEFAULT_GAMMA,
+    DEFAULT_OPTIONS,
+    _fitted,
+    fit_viking,
+    make_bnn,
+)
 from pyro_viking.infer.recipe.fit import fit_viking as recipe_fit_viking  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
 VARIANTS = ("recipe", "post-hoc")
 
 

@@ -21,22 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_value
-from pyro_models import PyroBNN, init_values
-from tasks import Task
+from torch.utils.data import DataLoader, TensorDataset
 
-
-@dataclass
-class Budget:
-    """Sizes shared by every method of a task (see the README for the values used)."""
-
-    epochs: int
-    batch_size: int = 64
-    lr: float = 3e-3  # Adam, for MAP, the ensemble members and every Pyro guide
-    num_samples: int = 100  # posterior samples per prediction
-    ensemble_size: int = 5
-    ivon_lr: float = 0.1  # ivon-opt's README value
-    guide_init_scale: float = 1e-2  # AutoNormal / AutoLowRank initial std
-    particles: int = 1  # sequential particles of every Pyro guide (each its own minibatch)
+from benchmarks.uq.protocol import Budget
+from benchmarks.uq.pyro_models import PyroBNN, init_values
+from benchmarks.uq.tasks import Task
 
 
 @dataclass
@@ -159,8 +148,7 @@ def fit_laplace(task: Task, seed: int, prior_scale: float, budget: Budget) -> Fi
     predictive (classification: ``link_approx="probit"`` for the BMA is its default; here the
     S samples of ``predictive_samples`` are used for every metric, so that all methods are
     scored the same way). The MAP's prior scale is the MAP's chosen knob."""
-    from laplace import Laplace
-    from torch.utils.data import DataLoader, TensorDataset
+    from laplace import Laplace  # optional: the benchmark's extra packages (setup.sh)
 
     net, log_noise, secs = train_map(task, seed, prior_scale, budget)
     start = time.perf_counter()

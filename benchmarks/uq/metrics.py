@@ -1,9 +1,10 @@
-"""Metrics of one method's predictions (torchmetrics and scikit-learn).
+"""Scores of one method's predictions on one split.
 
 Classification predictions are sampled class probabilities ``probs`` (S, N, C) (S = 1 for a
-point estimate); the Bayesian model average (BMA) is their mean over S. Regression predictions
-are sampled means ``mean`` (S, N) of a Gaussian likelihood with noise scale ``noise``; the
-predictive distribution is the mixture ``(1/S) Σ_s N(mean_s, noise²)``.
+point estimate), scored by the package's metrics (:mod:`pyro_viking.metrics`) on their Bayesian
+model average (BMA, the mean over S). Regression predictions are sampled means ``mean`` (S, N)
+of a Gaussian likelihood with noise scale ``noise``; the predictive distribution is the mixture
+``(1/S) Σ_s N(mean_s, noise²)``: the package has no regression metrics, so they are here.
 """
 
 from __future__ import annotations
@@ -12,50 +13,27 @@ import math
 from typing import Dict, Optional
 
 import torch
-from sklearn.metrics import roc_auc_score
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from pyro_viking.metrics import classification_metrics as bma_classification_metrics
+from pyro_viking.metrics import ood_auroc, ood_scores
 
 Z90 = 1.6448536269514722  # the 95 % standard normal quantile: a central 90 % interval
-
-
-def _auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
-    """AUROC of detecting OOD inputs by a higher score (0.5 when the score is constant)."""
-    scores = torch.cat([score_in, score_out]).double().numpy()
-    labels = [0] * len(score_in) + [1] * len(score_out)
-    if float(scores.max() - scores.min()) == 0.0:
-        return 0.5
-    return float(roc_auc_score(labels, scores))
-
-
-def classification_scores(probs: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """OOD scores per input: entropy of the BMA (nats) and the paper's max-over-classes
-    variance of the sampled probabilities (zero for a single network)."""
-    pbar = probs.mean(0)
-    entropy = -(pbar * pbar.clamp_min(1e-30).log()).sum(-1)
-    var = probs.var(0, unbiased=False).max(-1).values if probs.shape[0] > 1 else \
-        torch.zeros(probs.shape[1])
-    return {"entropy": entropy, "var": var}
+#: what the benchmark reports of :func:`pyro_viking.metrics.classification_metrics`
+CLASSIFICATION_KEYS = ("accuracy", "nll", "ece", "brier")
 
 
 def classification_metrics(probs: torch.Tensor, y: torch.Tensor,
                            probs_ood: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Accuracy, BMA NLL, ECE (15 equal-width bins, L1), Brier score (sum over classes of the
-    squared error of the BMA, averaged over inputs), and OOD AUROCs (entropy: ``ood_auroc``;
-    max-class variance: ``ood_auroc_var``) when ``probs_ood`` is given."""
-    probs = probs.double()
-    pbar = probs.mean(0)
-    c = pbar.shape[-1]
-    out = {
-        "accuracy": float(MulticlassAccuracy(num_classes=c, average="micro")(pbar, y)),
-        "nll": float(-pbar[torch.arange(len(y)), y].clamp_min(1e-300).log().mean()),
-        "ece": float(MulticlassCalibrationError(num_classes=c, n_bins=15, norm="l1")(
-            pbar.float(), y)),
-        "brier": float(((pbar - torch.nn.functional.one_hot(y, c)) ** 2).sum(-1).mean()),
-    }
+    """Accuracy, NLL, ECE (15 equal-width bins) and Brier score of the BMA (definitions:
+    :func:`pyro_viking.metrics.classification_metrics`), and with ``probs_ood`` the OOD AUROCs
+    of the BMA's entropy (``ood_auroc``) and of the max-over-classes variance of the sampled
+    probabilities (``ood_auroc_var``; 0.5 for a single network, whose variance is 0)."""
+    scores = bma_classification_metrics(probs, y)
+    out = {key: scores[key] for key in CLASSIFICATION_KEYS}
     if probs_ood is not None:
-        s_in, s_out = classification_scores(probs), classification_scores(probs_ood.double())
-        out["ood_auroc"] = _auroc(s_in["entropy"], s_out["entropy"])
-        out["ood_auroc_var"] = _auroc(s_in["var"], s_out["var"])
+        s_in, s_out = ood_scores(probs), ood_scores(probs_ood)
+        out["ood_auroc"] = ood_auroc(s_in["entropy"], s_out["entropy"])
+        out["ood_auroc_var"] = ood_auroc(s_in["max_var"], s_out["max_var"])
     return out
 
 
@@ -87,8 +65,8 @@ def regression_metrics(mean: torch.Tensor, noise: float, y: torch.Tensor,
     if mean_ood is not None:
         mean_ood = mean_ood.double()
         epi_ood = mean_ood.var(0, unbiased=False)
-        out["ood_auroc"] = _auroc(std, (epi_ood + noise ** 2).sqrt())
-        out["ood_auroc_var"] = _auroc(epi, epi_ood)
+        out["ood_auroc"] = ood_auroc(std, (epi_ood + noise ** 2).sqrt())
+        out["ood_auroc_var"] = ood_auroc(epi, epi_ood)
         if y_ood is not None:
             out["ood_nll"] = float(_mixture_nll(mean_ood, noise, y_ood).mean())
             out["ood_rmse"] = float(((mean_ood.mean(0) - y_ood.double()) ** 2).mean().sqrt())

@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ORDER = ("MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING")
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.uq.protocol import METHODS, TASKS  # noqa: E402
+
 CLASSIFICATION = [("accuracy", "acc ↑"), ("nll", "NLL ↓"), ("ece", "ECE ↓"), ("brier", "Brier ↓"),
                   ("ood_auroc", "AUROC H ↑"), ("ood_auroc_var", "AUROC var ↑"),
                   ("epoch_seconds", "s/epoch"), ("predict_seconds", "predict s")]
@@ -34,12 +38,9 @@ def _fmt(m, s, key) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-TASK_ORDER = ("digits", "mnist1d", "diabetes")
-
-
 def group(rows: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
     out: Dict[str, Dict[str, List[dict]]] = {}
-    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    order = {t: i for i, t in enumerate(TASKS)}
     for r in sorted(rows, key=lambda r: order.get(r["task"], len(order))):  # stable
         out.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
     return out
@@ -87,7 +88,7 @@ def markdown(rows: List[dict]) -> str:
         lines += [f"### {task} ({n} seed{'s' * (n > 1)}, mean ± std)", "",
                   "| method | " + " | ".join(c[1] for c in cols) + " |",
                   "|---" * (len(cols) + 1) + "|"]
-        for method in ORDER:
+        for method in METHODS:
             if method not in by_method:
                 continue
             cells = [_fmt(*mean_std([r.get(k) for r in by_method[method]]), k) for k, _ in cols]
@@ -120,7 +121,7 @@ def plot(rows: List[dict], out: Path) -> None:
         keys = (["accuracy", "nll", "ece", "ood_auroc", "ood_auroc_var", "epoch_seconds"]
                 if first.get("accuracy") is not None else
                 ["nll", "rmse", "coverage90", "ood_auroc", "ood_nll", "epoch_seconds"])
-        methods = [m for m in ORDER if m in by_method]
+        methods = [m for m in METHODS if m in by_method]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
         for ax, key in zip(axes, keys):
             stats = [mean_std([r.get(key) for r in by_method[m]]) for m in methods]
@@ -145,8 +146,8 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
     text = markdown(rows)
     if selection:
         text += "\n### Validation choices (seed 0, BMA NLL on the validation split)\n\n"
-        for task, methods in sorted(selection.items(), key=lambda kv: TASK_ORDER.index(kv[0])
-                                    if kv[0] in TASK_ORDER else len(TASK_ORDER)):
+        for task, methods in sorted(selection.items(), key=lambda kv: TASKS.index(kv[0])
+                                    if kv[0] in TASKS else len(TASKS)):
             parts = [f"{m}: {v['knob']} = {v['chosen']:g}" for m, v in methods.items()]
             text += f"- {task}: " + "; ".join(parts) + "\n"
     timing = out / "timing.json"

@@ -5,6 +5,7 @@ AutoLowRank and VIKING on offline real tasks (see README.md in this folder).
     python benchmarks/uq/run.py --quick               # a smoke run (< 60 s), numbers meaningless
     python benchmarks/uq/run.py --tasks digits --methods MAP VIKING --seeds 0 1
     python benchmarks/uq/run.py --ablations           # VIKING ablations (ablations.py)
+    python -m benchmarks.uq.run --quick               # the same, as a module (repository root)
 
 Writes ``results.json`` (one object per task, method and seed), ``results.md`` (mean ± std
 table), ``selection.json`` (the validation choice of each method's knob) and figures to
@@ -21,13 +22,13 @@ import time
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parents[1]))  # the repository root: this checkout's pyro_viking
+if __package__ in (None, ""):  # run as a script: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-from methods import (  # noqa: E402
-    Budget,
+
+from benchmarks.uq.ablations import run_ablations  # noqa: E402
+from benchmarks.uq.methods import (  # noqa: E402
     fit_autolowrank,
     fit_autonormal,
     fit_ensemble,
@@ -35,33 +36,16 @@ from methods import (  # noqa: E402
     fit_laplace,
     fit_map,
 )
-from metrics import classification_metrics, regression_metrics  # noqa: E402
-from tasks import TASKS, load_task  # noqa: E402
-from viking_fit import fit_viking  # noqa: E402
+from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
+from benchmarks.uq.protocol import KNOBS, METHODS, SHARES_KNOB, TASKS, budget_for  # noqa: E402
+from benchmarks.uq.report import write_report  # noqa: E402
+from benchmarks.uq.tasks import load_task, quick_task  # noqa: E402
+from benchmarks.uq.timing import run_timing  # noqa: E402
+from benchmarks.uq.viking_fit import fit_viking  # noqa: E402
 
-METHODS = ("MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING")
+HERE = Path(__file__).resolve().parent
 FIT = {"MAP": fit_map, "Ensemble": fit_ensemble, "IVON": fit_ivon, "Laplace": fit_laplace,
        "AutoNormal": fit_autonormal, "AutoLowRank": fit_autolowrank, "VIKING": fit_viking}
-# The one knob each method may choose on the validation split (seed 0, best BMA NLL), and the
-# value used without selection (--no-select, --quick). Ensemble and Laplace reuse the MAP's
-# prior scale (Laplace's own prior precision is fitted by its marginal likelihood).
-KNOBS = {
-    "MAP": ("prior_scale", (0.3, 1.0, 3.0), 1.0),
-    "IVON": ("hess_init", (0.3, 1.0, 3.0), 1.0),
-    "AutoNormal": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
-    "AutoLowRank": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
-    "VIKING": ("beta", (0.01, 0.001, 0.0001), 0.001),
-}
-SHARES_KNOB = {"Ensemble": "MAP", "Laplace": "MAP"}
-# Epochs per task (passes over the fit split) for the full run and for --quick.
-EPOCHS = {"digits": 60, "mnist1d": 20, "diabetes": 50}
-QUICK_EPOCHS = {"digits": 2, "mnist1d": 1, "diabetes": 2}
-
-
-def budget_for(task: str, quick: bool) -> Budget:
-    if quick:
-        return Budget(epochs=QUICK_EPOCHS[task], num_samples=4, ensemble_size=2)
-    return Budget(epochs=EPOCHS[task], batch_size=32 if task == "diabetes" else 64)
 
 
 def evaluate(task, fitted, x_parts):
@@ -111,7 +95,7 @@ def select_knobs(task, methods, budget, log) -> dict:
     return chosen, table, {m: fits[(m, v)] for m, v in chosen.items()}
 
 
-def main(argv=None) -> list:
+def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -133,22 +117,25 @@ def main(argv=None) -> list:
     if args.device != "cpu" and not args.timing:
         p.error(f"--device {args.device} applies to --timing only (the main run and the "
                 "ablations run on the CPU)")
+    return args
+
+
+def main(argv=None) -> list:
+    """Run what the arguments ask (the main run, ``--ablations`` or ``--timing``) and return
+    its rows (``--timing``: the per-task timings)."""
+    args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.ablations:
-        from ablations import run_ablations
-
         return run_ablations(args)
     if args.timing:
-        from timing import run_timing
-
         return run_timing(args)
     seeds = [args.seeds[0]] if args.quick else args.seeds
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     results, selection = [], {}
     for task_name in args.tasks:
-        task = load_task(task_name) if not args.quick else _quick_task(task_name)
+        task = quick_task(task_name) if args.quick else load_task(task_name)
         budget = budget_for(task_name, args.quick)
         log(f"{task_name}: fit {len(task.x_fit)}, val {len(task.x_val)}, test "
             f"{len(task.x_test)}, OOD {len(task.x_ood)}; {budget}")
@@ -172,8 +159,6 @@ def main(argv=None) -> list:
                 log(f"  {task_name}/{method} seed {seed}: NLL {m['nll']:.4f} "
                     f"acc {m.get('accuracy')} {fitted.epoch_seconds:.3f} s/epoch")
                 _write(args.out, results, selection)
-    from report import write_report
-
     write_report(results, args.out, selection)
     return results
 
@@ -182,15 +167,6 @@ def _write(out: Path, results: list, selection: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if selection:
         (out / "selection.json").write_text(json.dumps(selection, indent=1))
-
-
-def _quick_task(name: str):
-    """The task with at most 300 fit inputs (MNIST-1D generated at 1,000 sequences)."""
-    from tasks import mnist1d_task
-
-    task = mnist1d_task(1000) if name == "mnist1d" else load_task(name)
-    task.x_fit, task.y_fit = task.x_fit[:300], task.y_fit[:300]
-    return task
 
 
 if __name__ == "__main__":

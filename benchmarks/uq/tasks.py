@@ -24,8 +24,9 @@ import torch.nn as nn
 from sklearn.datasets import load_diabetes, load_digits
 from sklearn.model_selection import train_test_split
 
+from benchmarks.uq.protocol import QUICK_FIT_SIZE, QUICK_MNIST1D
+
 DATA_SEED = 0
-TASKS = ("digits", "mnist1d", "diabetes")
 
 
 @dataclass
@@ -163,5 +164,13 @@ def diabetes_task() -> Task:
 
 
 def load_task(name: str) -> Task:
-    """Build the named task (see ``TASKS``)."""
+    """Build the named task (one of ``protocol.TASKS``)."""
     return {"digits": digits_task, "mnist1d": mnist1d_task, "diabetes": diabetes_task}[name]()
+
+
+def quick_task(name: str) -> Task:
+    """The task of ``--quick``: at most ``QUICK_FIT_SIZE`` fit inputs (MNIST-1D generated at
+    ``QUICK_MNIST1D`` sequences)."""
+    task = mnist1d_task(QUICK_MNIST1D) if name == "mnist1d" else load_task(name)
+    task.x_fit, task.y_fit = task.x_fit[:QUICK_FIT_SIZE], task.y_fit[:QUICK_FIT_SIZE]
+    return task

@@ -16,28 +16,28 @@ import json
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import pyro
 import torch
-from methods import _batches, _new_net, _nll, run_svi, train_map
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
-from pyro_models import PyroBNN
-from tasks import load_task
-from viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, make_bnn
 
+from benchmarks.uq.methods import _batches, _new_net, _nll, run_svi, train_map
+from benchmarks.uq.protocol import budget_for
+from benchmarks.uq.pyro_models import PyroBNN
+from benchmarks.uq.tasks import load_task
+from benchmarks.uq.viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, make_bnn
 from pyro_viking import AutoViking, TraceViking_ELBO
 
-#: interleaved rounds (full, quick): epochs of a few tens of ms move by ±20 % under load, and
-#: the median of 3 moved the VIKING / IVON ratio by up to one unit between runs
+#: interleaved rounds (full, quick): short epochs move with the machine's load, and a median over
+#: few rounds moved the VIKING / IVON ratio between runs (README: "Cost per pass")
 TIMING_ROUNDS = {False: 9, True: 2}
 
 
 def _epoch_fns(task, budget):
     """One-epoch closures of each method, all started from one trained-ish network."""
-    from dataclasses import replace
-
-    import ivon
+    import ivon  # optional: the benchmark's extra packages (setup.sh)
 
     net, log_noise, _ = train_map(task, 0, 1.0, replace(budget, epochs=2))
     values = {f"net.{n}": p.detach().clone() for n, p in net.named_parameters()}
@@ -85,8 +85,6 @@ def _epoch_fns(task, budget):
 
 
 def run_timing(args) -> dict:
-    from run import budget_for
-
     out = {}
     for task_name in args.tasks:
         pyro.clear_param_store()  # guide parameters are named per guide class, not per task

@@ -21,10 +21,11 @@ import time
 from typing import Optional
 
 import pyro
-from methods import Budget, Fitted, _new_net, _seed, pyro_sampler
-from pyro_models import INIT_PRIOR_SCALE
-from tasks import Task
 
+from benchmarks.uq.methods import Fitted, _new_net, _seed, pyro_sampler
+from benchmarks.uq.protocol import Budget
+from benchmarks.uq.pyro_models import INIT_PRIOR_SCALE
+from benchmarks.uq.tasks import Task
 from pyro_viking import AutoViking, BayesianNetwork
 from pyro_viking.infer.recipe.fit import fit_viking as recipe_fit_viking
 

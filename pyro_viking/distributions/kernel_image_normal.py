@@ -12,7 +12,8 @@ from torch.distributions import constraints
 
 from pyro_viking.linalg.projectors import KernelProjector
 
-__all__ = ["KernelImageNormal", "RANK_ESTIMATORS", "marginal_variance"]
+__all__ = ["KernelImageNormal", "KernelImageNormalBase", "RANK_ESTIMATORS",
+           "marginal_variance"]
 
 #: ``"exact"`` (rank of J from a factorised Gram), ``"hutchinson"`` (``⟨ε, Pε⟩`` estimates
 #: ``R = tr P``, variance ``2R``), ``"image"`` (``⟨ε, ε − Pε⟩`` estimates ``D − R``, variance
@@ -27,7 +28,61 @@ def marginal_variance(kernel_scale: Tensor, image_scale: Tensor, kernel_diag: Te
     return si2 + (kernel_scale[..., None] ** 2 - si2) * kernel_diag
 
 
-class KernelImageNormal(TorchDistribution):
+class KernelImageNormalBase(TorchDistribution):
+    r"""What a Gaussian ``N(loc, σ_ker² P + σ_im² (I − P))`` on ``R^D`` computes from its
+    scales and ``R = tr P`` alone, whatever gives ``P`` (a projector, or samples already
+    projected): mean, mode, ``log det Σ``, entropy, and the log-density from a Mahalanobis term.
+
+    Subclasses set ``loc`` ``(..., D)``, ``kernel_scale`` and ``image_scale`` (broadcastable to
+    the batch shape) and define :attr:`kernel_dim`.
+    """
+
+    arg_constraints = {
+        "loc": constraints.real_vector,
+        "kernel_scale": constraints.positive,
+        "image_scale": constraints.positive,
+    }
+    support = constraints.real_vector
+    has_rsample = True
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    @property
+    def kernel_dim(self) -> Tensor:
+        """``R = tr P`` (exact or estimated, as the subclass says)."""
+        raise NotImplementedError
+
+    def log_det_covariance(self) -> Tensor:
+        """``log det Σ = 2R log σ_ker + 2(D − R) log σ_im`` (batch shape)."""
+        D = self.event_shape[0]
+        R = self.kernel_dim
+        return 2 * R * self.kernel_scale.log() + 2 * (D - R) * self.image_scale.log()
+
+    def entropy(self) -> Tensor:
+        """``½ D (1 + log 2π) + R log σ_ker + (D − R) log σ_im`` (batch shape)."""
+        D = self.event_shape[0]
+        h = 0.5 * D * (1 + math.log(2 * math.pi)) + 0.5 * self.log_det_covariance()
+        return h.expand(self.batch_shape)
+
+    def _log_density(self, maha: Tensor) -> Tensor:
+        """``−½ (maha + log det Σ + D log 2π)``: the log-density at ``x`` given its Mahalanobis
+        term ``maha = (x − loc)ᵀ Σ⁻¹ (x − loc)``."""
+        D = self.event_shape[0]
+        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
+
+    def _log_density_of_noise(self, kernel_noise: Tensor, image_noise: Tensor) -> Tensor:
+        """The log-density at ``loc + σ_ker k + σ_im i`` for the noise parts ``k = Pε`` and
+        ``i = ε − Pε`` ``(..., D)``: its Mahalanobis term is ``‖k‖² + ‖i‖²`` (no projection)."""
+        return self._log_density((kernel_noise ** 2).sum(-1) + (image_noise ** 2).sum(-1))
+
+
+class KernelImageNormal(KernelImageNormalBase):
     r"""Gaussian on ``R^D`` with covariance ``Σ = σ_ker² P + σ_im² (I − P)``.
 
     ``P`` is the orthogonal projector onto the kernel of a Jacobian, given as a
@@ -45,14 +100,6 @@ class KernelImageNormal(TorchDistribution):
     :param projector: projector onto ``ker J`` acting on ``(K, D)`` batches.
     :param rank_estimator: one of :data:`RANK_ESTIMATORS`.
     """
-
-    arg_constraints = {
-        "loc": constraints.real_vector,
-        "kernel_scale": constraints.positive,
-        "image_scale": constraints.positive,
-    }
-    support = constraints.real_vector
-    has_rsample = True
 
     def __init__(
         self,
@@ -117,14 +164,6 @@ class KernelImageNormal(TorchDistribution):
         super(KernelImageNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
-
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
 
     @property
     def variance(self) -> Tensor:
@@ -232,12 +271,6 @@ class KernelImageNormal(TorchDistribution):
         return (1.0 - self._stats["diag_image"]).to(self.loc.dtype)
 
     # -- densities ------------------------------------------------------------------------------
-    def log_det_covariance(self) -> Tensor:
-        """``log det Σ = 2R log σ_ker + 2(D − R) log σ_im`` (batch shape)."""
-        D = self.event_shape[0]
-        R = self.kernel_dim
-        return 2 * R * self.kernel_scale.log() + 2 * (D - R) * self.image_scale.log()
-
     def log_prob(self, value: Tensor) -> Tensor:
         """``−½ (‖Pv‖²/σ_ker² + ‖v − Pv‖²/σ_im²) − ½ log det Σ − ½ D log 2π``, ``v = x − loc``."""
         if self._validate_args:
@@ -249,12 +282,7 @@ class KernelImageNormal(TorchDistribution):
         img = v - k
         maha = ((k ** 2).sum(-1) / self.kernel_scale ** 2
                 + (img ** 2).sum(-1) / self.image_scale ** 2)
-        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
-
-    def entropy(self) -> Tensor:
-        """``½ D (1 + log 2π) + R log σ_ker + (D − R) log σ_im``."""
-        D = self.event_shape[0]
-        return 0.5 * D * (1 + math.log(2 * math.pi)) + 0.5 * self.log_det_covariance()
+        return self._log_density(maha)
 
 
 class _ScaledSum(torch.autograd.Function):

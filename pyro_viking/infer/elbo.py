@@ -99,8 +99,8 @@ class TraceViking_ELBO(Trace_ELBO):
     :param beta: weight of the KL (``1``: the ELBO; ``< 1``: the tempered objective).
     :param fused: let the training steps of a :class:`~pyro_viking.BayesianNetwork` with an
         :class:`~pyro_viking.AutoViking` guide skip Pyro's traces (the same loss, gradients and
-        random numbers at about half the cost on small networks; see
-        :mod:`pyro_viking.fused_step` for when it applies). ``False``: always trace.
+        random numbers without the traces' overhead, which ``benchmarks/README.md`` measures;
+        see :mod:`pyro_viking.infer.fused_step` for when it applies). ``False``: always trace.
     Other arguments are those of :class:`~pyro.infer.Trace_ELBO` (``num_particles``,
     ``vectorize_particles``, ``max_plate_nesting``, ...).
     """
@@ -113,7 +113,7 @@ class TraceViking_ELBO(Trace_ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """One training step's loss estimate, with gradients: the fused step where it applies
-        (:mod:`pyro_viking.fused_step`), else Pyro's traced one."""
+        (:mod:`pyro_viking.infer.fused_step`), else Pyro's traced one."""
         if self._takes_fused_step(model, guide, args, kwargs):
             return fused_step.fused_loss_and_grads(model, guide, args, beta=self.beta,
                                                    num_particles=self.num_particles)

@@ -3,8 +3,9 @@ r"""The training step of a :class:`~pyro_viking.BayesianNetwork` under an
 Pyro's traces.
 
 The traced step runs the guide and the model under Pyro's handlers (the model once more inside
-the guide, for the Jacobian's rows), which on small networks costs as much as the numerics. This
-step computes the same loss and gradients directly::
+the guide, for the Jacobian's rows), a per-call overhead that weighs most on small networks (the
+step's cost with and without it: ``benchmarks/README.md``). This step computes the same loss and
+gradients directly::
 
     idx  ~ the model's data plate (B of N)                      # the same random draw
     P    = projector of J(θ̂), J the Jacobian of the rows  log p(y_i | f(x_i; θ̂)), i ∈ idx
@@ -12,8 +13,8 @@ step computes the same loss and gradients directly::
     loss = −(N / B) Σ_{i∈idx} log p(y_i | f(x_i; z)) + β KL(q ‖ N(0, s² I))
 
 and draws its random numbers in the traced step's order (the plate's permutation, then the
-noise), so under one seed both give the same losses (``tests/test_fused_step.py``). Parameters
-are read through ``pyro.param`` (``SVI`` captures and updates them as usual).
+noise), so under one seed both give the same losses (``tests/infer/test_fused_step.py``).
+Parameters are read through ``pyro.param`` (``SVI`` captures and updates them as usual).
 
 With ``K`` vectorised particles (``vectorize_particles=True``) the K draws share the minibatch
 and the projector, the network runs on the K weight samples as the model batches them

@@ -167,7 +167,7 @@ class LayerGramJacobian(JacobianOperator):
         # Random signs, not Gaussian weights: backpropagating ±1 instead of 1 from a row negates
         # every intermediate exactly, so autograd and the factored form round identically row
         # by row and agree to the final reductions, even where the per-row gradients are
-        # themselves inaccurate (float32 log-softmax of saturated, memorised data: ~1e-2).
+        # themselves inaccurate (float32 log-softmax of saturated, memorised data).
         gen = torch.Generator(device=x.device).manual_seed(0)
         u = torch.randint(0, 2, (self.shape[0],), generator=gen, device=x.device)
         u = (2 * u - 1).to(x.dtype)

@@ -9,8 +9,9 @@ model materialises a ``(B, D)`` gradient buffer; it wins for small ``B·D`` only
 :data:`DEFAULT_VMAP_MAX_ELEMENTS`). The loop is also the fallback when the model cannot be
 vmapped (data-dependent control flow, random ops, unsupported operators).
 
-Memory is ``B·D`` numbers: use it when that is small (LeNet-sized models at B ≈ 128), else
-:class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian` or a matrix-free route.
+Memory is ``B·D`` numbers: use it when that is small, else
+:class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian` or a matrix-free route
+(``benchmarks/bench_step.py``, sections ``accuracy`` and ``memory``, compares the routes).
 """
 
 from __future__ import annotations
@@ -28,18 +29,36 @@ __all__ = [
     "autograd_bilinear",
     "evaluate_rows",
     "forward_jacobian_columns",
+    "gram64",
     "jacobian_loop",
 ]
 
 RowFn = Callable[[Tensor], Tensor]
 
-#: Largest ``B·D`` for which ``PerExampleJacobian(vectorize=None)`` uses vmap. Measured on one
-#: CPU thread, Pyro BNNs at B = 128 (benchmarks/bench_step.py): vmap 4.5x faster than the loop
-#: for D = 2.8k (B·D = 3.5e5), but 2.3x / 3.4x slower for D = 44k / 269k (B·D = 5.7e6 / 3.4e7),
-#: where it also peaks at about 4·B·D floats against B·D for the loop.
+#: Largest ``B·D`` for which ``PerExampleJacobian(vectorize=None)`` uses vmap: above it the
+#: batched reverse pass (B² work in data-parallel layers, a ``(B, D)`` buffer per slice of z)
+#: loses to the loop in time and memory. The crossover is measured with
+#: ``benchmarks/bench_step.py``; see ``benchmarks/README.md`` (``per_example.py``).
 DEFAULT_VMAP_MAX_ELEMENTS = 2**21
 #: Float64 elements per column chunk of :meth:`PerExampleJacobian.gram` (32 MiB).
 _GRAM_CHUNK_ELEMENTS = 2**22
+
+
+def gram64(M: Tensor, chunk_columns: int) -> Tensor:
+    """``M Mᵀ`` ``(n, n)`` in float64 for ``M`` ``(n, D)``, accumulated over chunks of
+    ``chunk_columns`` columns: a float32 Gram would bury small singular values in rounding, and
+    a float64 copy of the whole M would double its memory (a float32 chunk is copied into one
+    reused float64 buffer; a float64 M is read in place)."""
+    n, D = M.shape
+    step = max(1, int(chunk_columns))
+    G = M.new_zeros(n, n, dtype=torch.float64)
+    buf = None if M.dtype == torch.float64 else M.new_empty(n, min(D, step), dtype=torch.float64)
+    for s in range(0, D, step):
+        c = M[:, s:s + step]
+        if buf is not None:
+            c = buf[:, :c.shape[1]].copy_(c)
+        G.addmm_(c, c.T)
+    return G
 
 
 def evaluate_rows(fn: RowFn, z: Tensor) -> Tensor:
@@ -101,7 +120,7 @@ def forward_jacobian_columns(fn: RowFn, z: Tensor, idx: Tensor, B: int) -> Tenso
 
 def _all_finite(J: Tensor) -> bool:
     """``torch.isfinite(J).all()`` by row chunks: ``isfinite`` of a whole large J allocates
-    ``|J|`` and a boolean copy (+1.3× the memory of J at its peak)."""
+    ``|J|`` and a boolean copy of J at once."""
     step = max(1, _GRAM_CHUNK_ELEMENTS // max(J.shape[1], 1))
     return all(bool(torch.isfinite(J[i:i + step]).all()) for i in range(0, J.shape[0], step))
 
@@ -207,16 +226,11 @@ class PerExampleJacobian(JacobianOperator):
         return self.J
 
     def gram(self) -> Tensor:
-        """``J Jᵀ`` in float64, accumulated over column chunks of J: a float64 copy of the
-        whole ``(B, D)`` J would double the memory of this route."""
+        """``J Jᵀ`` in float64 (:func:`gram64`, chunks of ``_GRAM_CHUNK_ELEMENTS``), computed
+        once."""
         if self._gram is None:
-            B, D = self.shape
-            step = max(1, _GRAM_CHUNK_ELEMENTS // max(B, 1))
-            G = torch.zeros(B, B, dtype=torch.float64, device=self.device)
-            for s in range(0, D, step):
-                Jc = self.J[:, s:s + step].detach().to(torch.float64)
-                G.addmm_(Jc, Jc.T)
-            self._gram = G
+            B = self.shape[0]
+            self._gram = gram64(self.J.detach(), _GRAM_CHUNK_ELEMENTS // max(B, 1))
         return self._gram
 
     def bilinear(self, U: Tensor, V: Tensor) -> Tensor:

@@ -6,12 +6,8 @@ For ``J ∈ R^{B×D}`` and vectors ``E`` (rows, ``(K, D)``) the kernel part is
 
 i.e. ``P = I − Jᵀ (J Jᵀ)⁺ J``. The image part is ``E − P E``.
 
-**Gradients.** ``(x, λ)`` solve the KKT system ``[[I, Jᵀ], [J, 0]] [x; λ] = [e; 0]``. For an
-incoming cotangent ``x̄`` the adjoint system (same matrix) gives ``ξ_x = P x̄`` and
-``ξ_λ = (J Jᵀ)⁺ J x̄``; then ``∂/∂e = ξ_x`` and, for whatever J depends on,
-``∂/∂θ = −∇_θ [ λᵀ J(θ) ξ_x + ξ_λᵀ J(θ) x ]`` — the gradient of two bilinear forms of J,
-provided by the operator
-(:meth:`~pyro_viking.linalg.operators.JacobianOperator.bilinear_grad`). With
+**Gradients** (:mod:`~pyro_viking.linalg.projection_grad`): implicit differentiation of
+the KKT system of the projection, w.r.t. E and whatever J depends on. With
 ``differentiable=False`` the projection is treated as a constant linear map of E (the gradient
 w.r.t. θ through P is stopped; the gradient w.r.t. E is still ``P x̄``).
 """
@@ -25,6 +21,7 @@ from torch import Tensor
 
 from pyro_viking.linalg.operators import CallableJacobian, JacobianOperator
 from pyro_viking.linalg.per_example import PerExampleJacobian
+from pyro_viking.linalg.projection_grad import ProjectFunction
 from pyro_viking.linalg.solvers import (
     SolveInfo,
     cg_solve,
@@ -49,8 +46,9 @@ class KernelProjector:
         ``"cholesky"`` (float64 Gram, factorised once; falls back to eigh when numerically
         singular, see :func:`~pyro_viking.linalg.solvers.cholesky_factor`), ``"cg"``
         (matrix-free, ``mv ∘ rmv``), or ``"auto"``: when the operator has a cheap Gram,
-        cholesky (a 128×128 Cholesky costs a tenth of an eigendecomposition), or eigh if an
-        explicit ``rcond`` is given (a pivot can hide a small eigenvalue); else CG.
+        cholesky (cheaper than an eigendecomposition; ``benchmarks/bench_step.py``, section
+        ``accuracy``, times both), or eigh if an explicit ``rcond`` is given (a pivot can hide
+        a small eigenvalue); else CG.
     :param rtol, atol, maxiter, reorthogonalize: CG settings (see :func:`cg_solve`).
     :param rcond: pseudo-inverse threshold of the direct solvers (see :func:`eigh_solve`).
     :param refine: most iterative-refinement passes of the direct solvers (they reuse the
@@ -58,8 +56,9 @@ class KernelProjector:
         measures the residual ``J X`` (one ``mv``) and stops there when
         ``‖J X‖ / ‖J E‖ ≤ refine_tol`` for every vector; otherwise it corrects X (one ``rmv``).
     :param refine_tol: residual below which refinement stops (default ``1e-6``: about 10
-        float32 epsilons, below which a float32 Jacobian is itself no more accurate; LeNet's
-        first pass leaves ~3e-5, a 784-256-256-10 MLP's ~4e-7). ``0`` always refines.
+        float32 epsilons, below which a float32 Jacobian is itself no more accurate; the
+        residuals of a first pass on the benchmark networks are measured by
+        ``benchmarks/bench_step.py``, section ``accuracy``). ``0`` always refines.
     :param differentiable: differentiate through P w.r.t. ``operator.params`` (implicit).
 
     After each call, :attr:`info` holds the :class:`SolveInfo` of the forward solve.
@@ -181,7 +180,7 @@ class KernelProjector:
 
     def _refine(self, X: Tensor, Lam: Tensor, JE: Tensor) -> Tuple[Tensor, Tensor, int]:
         # Iterative refinement: J X is the float32 round-off of the first pass; one more solve
-        # with the same factorisation removes most of it (LeNet: 3e-5 -> 1e-6).
+        # with the same factorisation removes most of it (benchmarks/bench_step.py measures it).
         if self.solver == "cg" or self.refine == 0:
             return X, Lam, 0
         op = self.operator
@@ -252,7 +251,7 @@ class KernelProjector:
             return X, img
         K = E.shape[0]
         pre = (torch.cat([X, torch.zeros_like(img)]), torch.cat([Lam, C.to(Lam.dtype)]))
-        out = _ProjectFunction.apply(self, pre, torch.cat([E, img]), *params)
+        out = ProjectFunction.apply(self, pre, torch.cat([E, img]), *params)
         return out[:K], img - out[K:]
 
     def _grad_params(self) -> Tuple[Tensor, ...]:
@@ -272,7 +271,7 @@ class KernelProjector:
         E2 = E.reshape(-1, self.dim)
         params = self._grad_params()
         if torch.is_grad_enabled() and (E2.requires_grad or params):
-            X = _ProjectFunction.apply(self, None, E2, *params)
+            X = ProjectFunction.apply(self, None, E2, *params)
         else:
             X, _, self.info = self._project_nograd(E2)
         return X[0] if squeeze else X.reshape(E.shape)
@@ -308,85 +307,6 @@ class KernelProjector:
             half = torch.where(keep, evals.clamp_min(0).rsqrt(), torch.zeros_like(evals))
             W = self.operator.rmv((U * half).T.to(self.operator.dtype))  # (B, D)
             return 1.0 - (W.to(torch.float64) ** 2).sum(0).to(self.operator.dtype)
-
-
-class _ProjectFunction(torch.autograd.Function):
-    """``X = P(θ) E`` with the implicit-differentiation backward of the module docstring."""
-
-    @staticmethod
-    def forward(ctx, projector: KernelProjector, pre: Optional[Tuple[Tensor, Tensor]],
-                E: Tensor, *params: Tensor) -> Tensor:
-        # pre: (P E, Λ) already computed by the caller (kernel_and_image), else solved here
-        if pre is None:
-            X, Lam, projector.info = projector._project_nograd(E)
-        else:
-            X, Lam = pre
-        ctx.projector = projector
-        ctx.num_params = len(params)
-        ctx.save_for_backward(X, Lam)
-        return X
-
-    @staticmethod
-    def backward(ctx, Xbar: Tensor):
-        # Detached: X is this node's own output, so the saved X carries this node as grad_fn and
-        # differentiating the bilinear form through it would re-enter this backward forever.
-        X, Lam = (t.detach() for t in ctx.saved_tensors)
-        proj: KernelProjector = ctx.projector
-        # Everything below is linear in the cotangent rows, so it runs on a basis of their span:
-        # Xbar = A Xb. (An AutoViking draw gives a particle's kernel and image rows the
-        # proportional cotangents σ_ker ḡ and −σ_im ḡ: 2K rows, rank K.)
-        A, Xb = _row_basis(Xbar)
-        Xi_xb, Xi_lamb, _ = proj._project_nograd(Xb)
-        Xi_x = None
-        if ctx.needs_input_grad[2]:
-            Xi_x = Xi_xb if A is None else A.to(Xi_xb.dtype) @ Xi_xb
-        grads = [None] * ctx.num_params
-        if ctx.num_params and any(ctx.needs_input_grad[3:]):
-            if A is not None:  # Σ_k λ_k J (ξ_x)_kᵀ = Σ_j (Aᵀλ)_j J (ξ_xb)_jᵀ, likewise for X
-                At = A.T.to(Lam.dtype)
-                Lam, X = At @ Lam, At @ X
-            got = proj.operator.bilinear_grad(torch.cat([Lam, Xi_lamb]), torch.cat([Xi_xb, X]))
-            # None where J does not depend on a param (a model linear in θ, rows without θ)
-            grads = [None if g is None else -g for g in got]
-        return (None, None, Xi_x, *grads)
-
-
-#: Columns per float64 chunk of :func:`_gram64` (a reused buffer instead of a float64 copy of
-#: the whole ``(n, D)`` matrix: fresh large temporaries cost page faults on CPU).
-_GRAM64_CHUNK = 2**16
-
-
-def _gram64(M: Tensor) -> Tensor:
-    """``M Mᵀ`` accumulated in float64 over column chunks (a float32 Gram would bury small
-    singular values in rounding)."""
-    if M.dtype == torch.float64:
-        return M @ M.T
-    n, D = M.shape
-    G = M.new_zeros(n, n, dtype=torch.float64)
-    buf = M.new_empty(n, min(D, _GRAM64_CHUNK), dtype=torch.float64)
-    for s in range(0, D, _GRAM64_CHUNK):
-        c = buf[:, :min(_GRAM64_CHUNK, D - s)]
-        c.copy_(M[:, s:s + _GRAM64_CHUNK])
-        G.addmm_(c, c.T)
-    return G
-
-
-def _row_basis(M: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-    """``(A, Mb)`` with ``M ≈ A Mb`` and ``Mb`` an orthogonal basis of the rows' span (``(r, D)``,
-    directions with singular values below ``100 eps · σ_max`` dropped), or ``(None, M)`` when
-    the rows are independent."""
-    n = M.shape[0]
-    if n == 1:
-        return None, M
-    evals, V = torch.linalg.eigh(_gram64(M))
-    keep = evals > (100 * torch.finfo(M.dtype).eps) ** 2 * evals.max().clamp_min(0.0)
-    r = int(keep.sum())
-    if r == n:
-        return None, M
-    if r == 0:
-        return torch.zeros(n, 1, dtype=M.dtype, device=M.device), M[:1] * 0
-    V, s = V[:, keep], evals[keep].sqrt()
-    return (V * s).to(M.dtype), ((V / s).T.to(M.dtype) @ M)
 
 
 def DenseProjector(J: Tensor, **kwargs) -> KernelProjector:

@@ -138,7 +138,7 @@ def default_rcond(B: int, dtype: torch.dtype) -> float:
     The eigenvalues are squared singular values, so J's own precision ``eps_J`` resolves them
     down to ``(B eps_J)² λ_max``; forming and factorising the Gram in float64 adds a floor of
     ``10 B eps_64``. (A threshold of ``B eps_J`` on ``λ`` would drop every direction with
-    ``σ < √(B eps_J) σ_max`` — about 1% for float32 — and leave ``‖JPv‖/‖Jv‖ ≈ 1e-2``.)
+    ``σ < √(B eps_J) σ_max`` and leave a projection residual ``‖JPv‖/‖Jv‖`` of that order.)
     """
     return max((B * torch.finfo(dtype).eps) ** 2, 10.0 * B * torch.finfo(torch.float64).eps)
 
@@ -181,7 +181,7 @@ def eigh_solve(
 
 #: Cholesky pivots ``L_ii² ≤ CHOLESKY_PIVOT_FLOOR · max G_ii`` count as singular whatever
 #: ``rcond``: a numerically singular float64 Gram often factorises anyway, with rounding-noise
-#: pivots (seen up to ~1e-11 · max G_ii).
+#: pivots far above ``eps · max G_ii``.
 CHOLESKY_PIVOT_FLOOR = 1e-10
 
 

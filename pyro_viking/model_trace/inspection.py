@@ -29,6 +29,7 @@ from pyro_viking.model_trace.rows import (
     observed_sites,
     trace_model,
 )
+from pyro_viking.model_trace.subsampling import subsampled_frames
 from pyro_viking.user_warnings import warn
 
 __all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "batch_call",
@@ -99,8 +100,7 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
                 "would use a random draw of it at each step. AutoViking cannot marginalise "
                 "discrete latents (enumerated or not): write the model with the site summed out "
                 "by hand.")
-        extra[name] = tuple((f.dim, f.name) for f in site["cond_indep_stack"]
-                            if f.vectorized and f.full_size is not None and f.size < f.full_size)
+        extra[name] = tuple((f.dim, f.name) for f in subsampled_frames(site))
     return ModelCall(observed_data_frames(trace), bool(observed), extra)
 
 
@@ -116,14 +116,14 @@ def check_no_subsampled_latents(prototype_trace, names) -> None:
     """Raise if a latent lies in a subsampled plate (one value per minibatch slot would be
     reused for every minibatch)."""
     for name in names:
-        for frame in prototype_trace.nodes[name]["cond_indep_stack"]:
-            if frame.vectorized and frame.full_size is not None and frame.size < frame.full_size:
-                raise ValueError(
-                    f"latent '{name}' lies in the subsampled plate '{frame.name}' (a local "
-                    "latent); AutoViking keeps one value per coordinate and cannot follow the "
-                    "minibatches. Guide local latents with another guide: "
-                    f"AutoGuideList with AutoViking(poutine.block(model, hide=['{name}'])) and "
-                    f"AutoNormal(poutine.block(model, expose=['{name}'])).")
+        frames = subsampled_frames(prototype_trace.nodes[name])
+        if frames:
+            raise ValueError(
+                f"latent '{name}' lies in the subsampled plate '{frames[0].name}' (a local "
+                "latent); AutoViking keeps one value per coordinate and cannot follow the "
+                "minibatches. Guide local latents with another guide: "
+                f"AutoGuideList with AutoViking(poutine.block(model, hide=['{name}'])) and "
+                f"AutoNormal(poutine.block(model, expose=['{name}'])).")
 
 
 class SeveralDataPlates(ValueError):

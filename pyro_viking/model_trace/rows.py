@@ -27,7 +27,8 @@ Rows (:func:`make_rows_fn`)
     ``f`` composes with ``torch.func.jvp``/``vjp``/``jacrev``/``vmap`` and with autograd
     (including double backward). Inside a ``torch.func`` transform Pyro/torch validation is
     switched off (invalid values would otherwise surface as obscure ``vmap`` ``.item()``
-    errors); call :func:`check_observations` once, outside transforms, to validate instead.
+    errors); validate outside transforms instead, with :func:`check_observed_site` on each
+    observed site (as :func:`~pyro_viking.model_trace.inspection.inspect_model` does).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from torch import Tensor
 from torch.distributions import Independent
 
 from pyro_viking.model_trace.layout import LatentLayout
+from pyro_viking.model_trace.subsampling import draws_random_indices, subsampled_frames
 from pyro_viking.user_warnings import warn
 
-__all__ = ["check_observations", "check_observed_site", "make_rows_fn", "observed_data_frames",
-           "observed_sites", "trace_model"]
+__all__ = ["check_observed_site", "make_rows_fn", "observed_data_frames", "observed_sites",
+           "trace_model"]
 
 
 @contextmanager
@@ -187,13 +189,12 @@ def _output_rows(site) -> Tensor:
 
 
 def _check_subsample(trace, subsample: dict[str, Tensor]) -> None:
-    sub_sites = {n: s for n, s in trace.nodes.items() if site_is_subsample(s)}
+    sub_sites = [n for n, s in trace.nodes.items() if site_is_subsample(s)]
     unknown = sorted(set(subsample) - set(sub_sites))
     if unknown:
         raise ValueError(f"subsample names {unknown} are not plates of the model")
-    for name, site in sub_sites.items():
-        fn = site["fn"]
-        if name not in subsample and fn.subsample_size is not None and fn.subsample_size < fn.size:
+    for name in sub_sites:
+        if name not in subsample and draws_random_indices(trace, name):
             raise ValueError(
                 f"plate '{name}' draws random subsample indices; pass "
                 f"subsample={{'{name}': indices}} so every call of f uses the same data."
@@ -247,32 +248,6 @@ _NO_OBS = (
 )
 
 
-def check_observations(
-    model: Callable,
-    args: tuple = (),
-    kwargs: dict | None = None,
-    subsample: dict[str, Tensor] | None = None,
-    layout: LatentLayout | None = None,
-):
-    """Run ``model`` once (blocked, validation on, RNG state restored) and validate it.
-
-    Raises ``ValueError`` if an observed value is non-finite or outside its distribution's
-    support, if there is no observed site, or
-    (given ``layout``) if the latent sites or their shapes differ from ``layout``.
-    Returns the trace.
-    """
-    with torch.random.fork_rng(devices=[]):
-        trace = trace_model(model, args, kwargs or {}, dict(subsample or {}), validate=True)
-    sites = observed_sites(trace)
-    if not sites:
-        raise ValueError(_NO_OBS)
-    for site in sites:
-        check_observed_site(site)
-    if layout is not None:
-        layout.check_shapes(trace)
-    return trace
-
-
 def check_observed_site(site) -> None:
     """Raise ``ValueError`` if an observed value is non-finite or outside its support."""
     value, name = site["value"], site["name"]
@@ -301,16 +276,7 @@ def observed_data_frames(trace) -> dict[str, CondIndepStackFrame]:
     """
     frames = {}
     for site in observed_sites(trace):
-        for frame in site["cond_indep_stack"]:
-            full = frame.full_size
-            if frame.vectorized and full is not None and frame.size < full \
-                    and _draws_random_indices(trace, frame.name):
+        for frame in subsampled_frames(site):
+            if draws_random_indices(trace, frame.name):
                 frames.setdefault(frame.name, frame)
     return frames
-
-
-def _draws_random_indices(trace, name: str) -> bool:
-    node = trace.nodes.get(name)
-    if node is None or not site_is_subsample(node):
-        return True
-    return getattr(node["fn"], "subsample_size", None) is not None

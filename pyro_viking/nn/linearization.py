@@ -19,11 +19,14 @@ __all__ = ["network_output"]
 def network_output(network: nn.Module, params: Dict[str, Tensor], x: Tensor,
                    linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
     """``network(x)`` evaluated with the parameters ``params`` (name → tensor, as in
-    ``network.named_parameters()``; e.g. Pyro samples), or, given ``linearise_at`` (same names),
-    its linearisation ``f(x; θ_ref) + J_f(x; θ_ref) (θ − θ_ref)``: one forward-mode product
-    (``torch.func.jvp``), no Jacobian is formed. Shape: that of ``network(x)``."""
+    ``network.named_parameters()``; e.g. Pyro samples), or, given ``linearise_at`` (some or all
+    of those names), its linearisation in those parameters,
+    ``f(x; θ_ref) + J_f(x; θ_ref) (θ − θ_ref)``, the others held at their ``params`` values: one
+    forward-mode product (``torch.func.jvp``), no Jacobian is formed. Parameters missing from
+    ``params`` keep the module's own values. Shape: that of ``network(x)``."""
     if linearise_at is None:
         return functional_call(network, params, (x,))
     step = {name: params[name] - linearise_at[name] for name in linearise_at}
-    f_ref, f_step = jvp(lambda p: functional_call(network, p, (x,)), (linearise_at,), (step,))
+    f_ref, f_step = jvp(lambda p: functional_call(network, {**params, **p}, (x,)),
+                        (linearise_at,), (step,))
     return f_ref + f_step

@@ -1,21 +1,19 @@
 """The uncertainty benchmark's report helpers (benchmarks/uq/report.py): issue #10's bar and the
 merge of re-run methods. Pure Python; no optional packages."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # benchmarks/ belongs to the checkout, not to the installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.uq import report  # noqa: E402
+
 pytestmark = pytest.mark.dtype_independent
-
-
-def _report():
-    spec = importlib.util.spec_from_file_location("uq_report", ROOT / "benchmarks/uq/report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rows(method, nll, ece, acc, task="digits"):
@@ -24,7 +22,6 @@ def _rows(method, nll, ece, acc, task="digits"):
 
 
 def test_acceptance_uses_the_reference_methods_std():
-    report = _report()
     by_method = {
         "MAP": _rows("MAP", [0.05, 0.06, 0.07], [0.01, 0.01, 0.01], [0.98, 0.99, 1.0]),
         "VIKING": _rows("VIKING", [0.065] * 3, [0.03] * 3, [0.98] * 3),
@@ -41,7 +38,6 @@ def test_acceptance_uses_the_reference_methods_std():
 
 
 def test_merge_replaces_rerun_methods(tmp_path):
-    report = _report()
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()

@@ -16,7 +16,7 @@ from problems import (
 )
 from torch.distributions import constraints
 
-from pyro_viking.distributions import KernelImageNormal
+from pyro_viking.distributions import KernelImageNormal, KernelImageNormalBase
 from pyro_viking.linalg import DenseProjector, MatrixFreeProjector
 
 CASES = [(6, 20, 4, 2), (30, 120, 20, 6), (60, 200, 45, 10)]  # B, D, rank r < B, duplicated rows
@@ -45,6 +45,37 @@ def test_log_prob_and_entropy_match_dense_twin(B, D, r, dup, batch):
     assert _rel(q.log_prob(x), twin.log_prob(x)) <= 1e-8
     assert _rel(q.entropy(), twin.entropy()) <= 1e-8
     assert q.log_prob(x).shape == (4, *batch) and q.entropy().shape == batch
+
+
+class _GivenKernelDim(KernelImageNormalBase):
+    """The shared base with nothing but the scales and ``R`` (as the prediction posterior)."""
+
+    def __init__(self, loc, kernel_scale, image_scale, kernel_dim):
+        self.loc, self.kernel_scale, self.image_scale = loc, kernel_scale, image_scale
+        self._kernel_dim = torch.as_tensor(float(kernel_dim))
+        super().__init__(loc.shape[:-1], loc.shape[-1:])
+
+    @property
+    def kernel_dim(self):
+        return self._kernel_dim
+
+
+@pytest.mark.float64_only
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_base_density_of_noise_and_entropy_match_dense_twin(batch):
+    """``KernelImageNormalBase`` needs only ``R``: the density of ``loc + σ_k Pε + σ_i (ε − Pε)``
+    from its noise parts, the entropy and the moments are the dense twin's."""
+    B, D, r = 6, 20, 4
+    J = jacobian_with_rank(B, D, r, cond=30.0)
+    loc, sk, si = torch.randn(*batch, D), torch.rand(batch) + 0.5, torch.rand(batch) * 0.2 + 0.05
+    q = _GivenKernelDim(loc, sk, si, D - r)
+    twin = dense_twin(loc, sk, si, J)
+    eps = torch.randn(4, *batch, D)
+    k = eps @ dense_projector(J)
+    x = loc + sk[..., None] * k + si[..., None] * (eps - k)
+    assert _rel(q._log_density_of_noise(k, eps - k), twin.log_prob(x)) <= 1e-8
+    assert _rel(q.entropy(), twin.entropy()) <= 1e-8 and q.entropy().shape == batch
+    assert q.mean is loc and q.mode is loc
 
 
 @pytest.mark.float64_only

@@ -15,6 +15,7 @@ from pyro.infer.autoguide import AutoDelta, AutoGuideList
 from torch import nn
 
 from pyro_viking import AutoViking, BayesianNetwork, TraceViking_ELBO
+from pyro_viking.infer import fused_step
 from pyro_viking.infer.elbo import fused_applies
 
 STEPS = 6
@@ -60,8 +61,6 @@ CASES = {
 
 def _count_fused(monkeypatch):
     """Count the steps that took the fused path."""
-    from pyro_viking.infer import fused_step
-
     count = {"fused": 0}
     original = fused_step.fused_loss_and_grads
 

@@ -17,6 +17,7 @@ from pyro_viking.linalg import (
     MatrixFreeProjector,
     PerExampleJacobian,
 )
+from pyro_viking.linalg.layer_gram import LayerGramJacobian
 
 SOLVERS = [dict(solver="eigh"), dict(solver="cholesky"), dict(solver="cg", rtol=1e-13)]
 SOLVER_IDS = ["eigh", "cholesky", "cg"]
@@ -110,16 +111,21 @@ def _grads(out, C, inputs):
     return torch.autograd.grad((out * C).sum(), inputs)
 
 
+def _assert_gradients_match_dense(J, E, C, kw):
+    """The gradients w.r.t. E and J of ``⟨C, P E⟩`` equal autograd through the dense P."""
+    got = _grads(DenseProjector(J, **kw)(E), C, (E, J))
+    ref = _grads(E @ dense_projector(J), C, (E, J))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.float64_only
 @pytest.mark.parametrize("kw", SOLVERS, ids=SOLVER_IDS)
 def test_gradient_matches_dense_autograd(kw):
     J = jacobian_with_rank(4, 9, 4, cond=5.0).requires_grad_()
     E = torch.randn(3, 9, requires_grad=True)
     C = torch.randn(3, 9)  # random cotangent
-    got = _grads(DenseProjector(J, **kw)(E), C, (E, J))
-    ref = _grads(E @ dense_projector(J), C, (E, J))
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+    _assert_gradients_match_dense(J, E, C, kw)
 
 
 @pytest.mark.float64_only
@@ -131,10 +137,7 @@ def test_gradient_with_dependent_cotangent_rows(kw):
     E = torch.randn(5, 9, requires_grad=True)
     g = torch.randn(2, 9)
     C = torch.stack([0.7 * g[0], 0.7 * g[1], -0.2 * g[0], -0.2 * g[1], torch.zeros(9)])
-    got = _grads(DenseProjector(J, **kw)(E), C, (E, J))
-    ref = _grads(E @ dense_projector(J), C, (E, J))
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10)
+    _assert_gradients_match_dense(J, E, C, kw)
 
 
 @pytest.mark.float64_only
@@ -378,3 +381,18 @@ def test_image_draw_gradient_is_unbiased_for_the_projected_noise_gradient():
     se = ((new.var(0) + old.var(0)) / batches).sqrt()
     assert bool((diff.abs() <= 5 * se + 1e-12).all()), float((diff / se).abs().max())
     assert float(new.var(0).sum()) <= 1.1 * float(old.var(0).sum())  # Rao–Blackwellised
+
+
+@pytest.mark.parametrize("make", [PerExampleJacobian, LayerGramJacobian, FunctionalJacobian])
+def test_implicit_gradient_when_rows_do_not_depend_on_theta(dtype, make):
+    """Rows independent of θ (no autograd graph at all): P = I, the gradient w.r.t. the vectors
+    is the cotangent and θ gets none (no 'does not require grad' error)."""
+    x = torch.randn(5)
+    theta = torch.randn(3, requires_grad=True)
+    proj = KernelProjector(make(lambda z: x.clone(), theta))
+    E = torch.randn(2, 3, requires_grad=True)
+    C = torch.randn(2, 3)
+    (proj(E) * C).sum().backward()
+    torch.testing.assert_close(E.grad, C)
+    assert theta.grad is None or torch.all(theta.grad == 0)
+    assert proj.rank in (0, None)  # None: CG, which does not know the rank

@@ -3,12 +3,14 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from problems import known_weight_data
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
+from pyro_viking.infer.autoguide.projector_choice import build_projector
 from pyro_viking.model_trace.layout import LatentLayout
-from pyro_viking.model_trace.rows import check_observations, make_rows_fn, observed_data_frames
+from pyro_viking.model_trace.rows import make_rows_fn, observed_data_frames
 
 N, P = 12, 3
 
@@ -217,30 +219,13 @@ def test_double_backward():
 
 
 def test_errors():
+    """(Invalid observations and changed latent shapes: tests/model_trace/test_inspection.py.)"""
     X, y = data()
     layout, z = setup(linreg, X, y)
-    assert check_observations(linreg, (X, y), layout=layout) is not None
-    y_bad = y.clone()
-    y_bad[3] = float("nan")
-    with pytest.raises(ValueError, match="observed site 'y' has non-finite"):
-        check_observations(linreg, (X, y_bad))
-    with pytest.raises(ValueError, match="no observed sites"):
-        check_observations(linreg, (X,))
     with pytest.raises(ValueError, match="no observed sites"):
         make_rows_fn(linreg, layout, (X,))(z)
-    X5 = torch.randn(N, 5)
-    msg = r"latent 'w' of shape \(3,\), now called with \(5,\); create a new guide"
-    with pytest.raises(ValueError, match=msg):
-        check_observations(linreg, (X5, y), layout=layout)
     with pytest.raises(ValueError, match="jacobian must be"):
         make_rows_fn(linreg, layout, (X, y), jacobian="hessian")
-
-
-def test_check_observations_keeps_rng_state():
-    X, y = data()
-    state = torch.get_rng_state()
-    check_observations(linreg, (X, y))
-    assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("dim", [-1, -2])
@@ -268,8 +253,6 @@ def test_validation_outside_and_inside_transforms():
 
     y_bad = torch.tensor([0.0, 0.5, 1.0])
     layout, z = setup(model, torch.tensor([0.0, 1.0, 1.0]))
-    with pytest.raises(ValueError, match="observed site 'y' has values outside the support"):
-        check_observations(model, (y_bad,))
     f = make_rows_fn(model, layout, (y_bad,))
     with pytest.raises(ValueError):
         f(z)  # plain call: Pyro/torch validation is active
@@ -291,3 +274,94 @@ def test_deterministic_sites_are_not_rows():
     for kind in ("loss", "output"):
         rows = make_rows_fn(model, layout, (X, y), jacobian=kind)(torch.zeros(3))
         assert rows.shape == (6,)
+
+
+# -- .to_event likelihoods: one row per element, with a plate or without ------------------------
+def linreg_plate(X, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("obs", dist.Normal(X @ w, 0.5), obs=y)
+
+
+def linreg_to_event(X, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    pyro.sample("obs", dist.Normal(X @ w, 0.5).to_event(1), obs=y)
+
+
+def linreg_mvn(X, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    cov = 0.25 * torch.eye(X.shape[0])
+    pyro.sample("obs", dist.MultivariateNormal(X @ w, cov), obs=y)
+
+
+def _rows_and_projector(model, X, y, z):
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, y))
+    rows = make_rows_fn(model, layout, (X, y))(z)
+    proj = build_projector(model, layout, (X, y), {}, z, backend="per_example",
+                           differentiable=False)
+    return rows, proj
+
+
+@pytest.mark.parametrize("jacobian", ["loss", "output"])
+def test_to_event_likelihood_has_one_row_per_element(dtype, jacobian):
+    """``Normal(..).to_event(1)`` over 20 data gives the plate version's 20 rows, rank and P."""
+    X, y = known_weight_data(20)
+    z = torch.tensor([0.3, -1.0, 0.2])
+    got, ref = [], []
+    for model, out in ((linreg_to_event, got), (linreg_plate, ref)):
+        layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, y))
+        out.append(make_rows_fn(model, layout, (X, y), jacobian=jacobian)(z))
+        proj = build_projector(model, layout, (X, y), {}, z, jacobian=jacobian,
+                               backend="per_example", differentiable=False)
+        out += [proj.rank, proj.operator.to_dense()]
+    assert got[0].shape == (20,)
+    torch.testing.assert_close(got[0], ref[0])
+    assert got[1] == ref[1] == 3
+    torch.testing.assert_close(got[2], ref[2])
+
+
+def test_to_event_rows_inside_a_plate_stay_per_datum(dtype):
+    """Inside a plate the plate's elements are the data: plate of 6 × ``to_event(1)`` over 2
+    outputs, half the data masked, gives 6 rows (outputs summed), masked rows zero."""
+    X, _ = known_weight_data(6)
+    Y = torch.randn(6, 2)
+    mask = torch.arange(6) < 3
+
+    def model(X, Y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        loc = (X @ w)[:, None].expand(6, 2)
+        with pyro.plate("data", 6):
+            pyro.sample("obs", dist.Normal(loc, 0.5).to_event(1).mask(mask), obs=Y)
+
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, Y))
+    z = torch.tensor([0.3, -1.0, 0.2])
+    rows = make_rows_fn(model, layout, (X, Y))(z)
+    ref = dist.Normal((X @ z)[:, None], 0.5).log_prob(Y).sum(-1)
+    torch.testing.assert_close(rows, torch.where(mask, ref, 0.0))
+
+
+def test_to_event_rows_without_plate_are_masked(dtype):
+    """No plate: ``.mask(m).to_event(1)`` gives one row per element, zero where masked."""
+    X, y = known_weight_data(6)
+    mask = torch.arange(6) < 3
+
+    def model(X, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.sample("obs", dist.Normal(X @ w, 0.5).mask(mask).to_event(1), obs=y)
+
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, y))
+    z = torch.tensor([0.3, -1.0, 0.2])
+    rows = make_rows_fn(model, layout, (X, y))(z)
+    ref = dist.Normal(X @ z, 0.5).log_prob(y)
+    torch.testing.assert_close(rows, torch.where(mask, ref, 0.0))
+
+
+def test_non_factorising_likelihood_without_plate_warns(dtype):
+    """A ``MultivariateNormal`` over all the data without a plate gives one row (rank 1), with a
+    warning attributed to the caller's line."""
+    X, y = known_weight_data(20)
+    z = torch.tensor([0.3, -1.0, 0.2])
+    with pytest.warns(UserWarning, match="one Jacobian row for 20 observed values") as caught:
+        rows, proj = _rows_and_projector(linreg_mvn, X, y, z)
+    assert caught[0].filename == __file__  # the first frame outside the libraries
+    assert rows.shape == (1,) and proj.rank == 1

@@ -1,9 +1,9 @@
 """``BayesianNetwork``: a Pyro model from an ordinary ``nn.Module``.
 
-Checked against a hand-written ``PyroSample`` model (same log joint on the same weights),
-batched weights against a loop of unbatched calls, the learned prior scale (gradient, one shared
-scale tied to ``σ_ker``, closed-form KL), vectorised against sequential particles, the layer-Gram
-backend, Pyro's guides, ``Predictive``, pickling, and a ≤ 15-line LeNet classifier."""
+Checked against a hand-written ``PyroSample`` model (same log joint on the same weights), the
+linearised network, the learned prior scale (gradient, one shared scale tied to ``σ_ker``,
+closed-form KL), vectorised against sequential particles, the layer-Gram backend, Pyro's guides,
+``Predictive``, minibatch plates, pickling, and a ≤ 15-line LeNet classifier."""
 
 import copy
 import math
@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from bnn_networks import DTYPES, NETS, TOL, data, mlp, weights_of
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
@@ -22,69 +23,6 @@ from torch import nn
 
 from pyro_viking import AutoViking, TraceViking_ELBO
 from pyro_viking.nn.bayesian_network import BayesianNetwork
-
-DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-
-
-def mlp(dtype, out=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, out)).to(dtype)
-
-
-def cnn(dtype, out=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(12, out)).to(dtype)
-
-
-def cnn1d(dtype, out=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, out)
-                         ).to(dtype)
-
-
-class GRUClassifier(nn.Module):
-    """A recurrent classifier: ``torch.vmap`` has no batching rule for ``nn.GRU`` (nor, for
-    the per-example Jacobian, for ``nn.LSTM``'s backward: its Jacobian is built by a loop)."""
-
-    def __init__(self, out, cell=nn.GRU):
-        super().__init__()
-        self.gru, self.head = cell(2, 4, batch_first=True), nn.Linear(4, out)
-
-    def forward(self, x):
-        return self.head(self.gru(x)[0][:, -1])
-
-
-def gru(dtype, out=3):
-    torch.manual_seed(0)
-    return GRUClassifier(out).to(dtype)
-
-
-def lstm(dtype, out=3):
-    torch.manual_seed(0)
-    return GRUClassifier(out, nn.LSTM).to(dtype)
-
-
-def batchnorm_eval(dtype, out=3):
-    """Batch norm in eval mode (fixed running statistics, here made non-trivial)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, out))
-    net[1].running_mean.normal_()
-    net[1].running_var.uniform_(0.5, 2.0)
-    return net.to(dtype).eval()
-
-
-NETS = {"mlp": (mlp, (4,)), "cnn": (cnn, (1, 4, 4)), "cnn1d": (cnn1d, (1, 6))}
-MORE_NETS = {**NETS, "gru": (gru, (3, 2)), "batchnorm_eval": (batchnorm_eval, (4,))}
-
-
-def data(dtype, likelihood="classification", n=30, shape=(4,), classes=3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, *shape, generator=g, dtype=dtype)
-    if likelihood == "classification":
-        return x, torch.randint(0, classes, (n,), generator=g)
-    return x, torch.randn(n, generator=g, dtype=dtype)
 
 
 class HandBNN(PyroModule):
@@ -115,13 +53,6 @@ class HandBNN(PyroModule):
             return pyro.sample("obs", dist.Normal(out.squeeze(-1), self.noise), obs=y)
 
 
-def weights_of(model, x, y):
-    with poutine.block():
-        tr = poutine.trace(model).get_trace(x, y)
-    return {n: s["value"].detach() for n, s in tr.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"] and n != "data"}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("prior", [0.3, "learned"])
@@ -146,27 +77,6 @@ def test_log_joint_equals_hand_written_model(dtype, likelihood, prior):
         (g_hand,) = torch.autograd.grad(lp_hand,
                                         pyro.get_param_store()._params["net.prior_scale"])
         assert torch.allclose(g_bnn, g_hand, rtol=TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("arch", sorted(MORE_NETS))
-@pytest.mark.parametrize("lead", [(4, 1), (4,), (2, 1, 1)])
-@pytest.mark.parametrize("weight_samples", ["auto", "vmap", "loop"])
-def test_batched_weights_equal_unbatched_calls(dtype, arch, lead, weight_samples):
-    """Batched weights (vmap, or a loop where vmap has no batching rule) = one call each."""
-    make, shape = MORE_NETS[arch]
-    bnn = BayesianNetwork(make(dtype), "classification", prior_scale=1.0,
-                          weight_samples=weight_samples)
-    x, _ = data(dtype, n=5, shape=shape)
-    torch.manual_seed(2)
-    W = {n: torch.randn(lead + s, dtype=dtype) for n, s in bnn.latent_shapes.items()}
-    out = bnn.forward_network(W, x)
-    K = math.prod(lead)
-    assert out.shape == (lead[:-1] if lead[-1] == 1 else lead) + (5, 3)
-    flat = out.reshape(K, 5, 3)
-    for k in range(K):
-        one = {n: w.reshape((K,) + w.shape[len(lead):])[k] for n, w in W.items()}
-        assert torch.allclose(flat[k], bnn.forward_network(one, x), atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -309,32 +219,6 @@ def test_predictive_parallel_learned_prior():
         == (8, 5)
 
 
-def test_latent_selection_and_hidden_parameters():
-    x, y = data(torch.float64, n=20)
-    net = mlp(torch.float64)
-    assert BayesianNetwork(net, latent="2").latent_sites == ("bnn.2.weight", "bnn.2.bias")
-    assert BayesianNetwork(net, latent="*.weight").latent_sites == ("bnn.0.weight",
-                                                                    "bnn.2.weight")
-    assert BayesianNetwork(net, latent=[nn.Linear]).latent_sites == (
-        "bnn.0.weight", "bnn.0.bias", "bnn.2.weight", "bnn.2.bias")
-    assert BayesianNetwork(net, latent=lambda n, p: p.dim() == 1).latent_sites == (
-        "bnn.0.bias", "bnn.2.bias")
-    with pytest.raises(ValueError, match="selects no parameter"):
-        BayesianNetwork(net, latent="fc9")
-    bnn = BayesianNetwork(net, "classification", latent="2")  # last layer Bayesian
-    w0 = net[0].weight.detach().clone()
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
-    for _ in range(3):
-        svi.step(x, y)
-    assert guide.latent_dim == 8 * 3 + 3
-    assert not torch.equal(bnn.network[0].weight, w0)  # hidden: point estimate, trained
-    assert "bnn.0.weight" in pyro.get_param_store()
-    frozen = BayesianNetwork(copy.deepcopy(net), latent="2", fit_hidden=False)
-    tr = poutine.trace(frozen).get_trace(x, y)
-    assert not [n for n, s in tr.nodes.items() if s["type"] == "param" and "0." in n]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hidden_parameters_train_with_vectorised_particles(dtype):
     x, y = data(dtype, n=20)
@@ -422,139 +306,6 @@ def test_invalid_arguments():
                                        torch.ones(4, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("likelihood, out, y, message", [
-    ("regression", 1, torch.zeros(6, 1), r"targets of shape \(N,\).*\(6, 1\).*squeeze"),
-    ("regression", 2, torch.zeros(6), r"targets \(N, 2\).*\(6,\)"),
-    ("classification", 3, torch.zeros(6, 1, dtype=torch.long), r"class indices.*\(6, 1\)"),
-    ("binary", 1, torch.zeros(6, dtype=torch.long), r"float labels.*torch.int64.*y\.float\(\)"),
-    ("regression", 1, torch.zeros(5), r"x has 6 rows, y has 5"),
-])
-def test_targets_that_do_not_fit_the_likelihood_raise(default_dtype, likelihood, out, y, message):
-    """Labels/targets of the wrong shape or dtype get an error naming both and the fix (before:
-    Pyro's 'invalid log_prob shape', a support error, a dtype cast error or an index error)."""
-    bnn = BayesianNetwork(mlp(default_dtype, out=out), likelihood, batch_size=4)
-    y = y.to(default_dtype) if y.is_floating_point() else y
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
-    with pytest.raises(ValueError, match=message):
-        svi.step(torch.randn(6, 4, dtype=default_dtype), y)
-
-
-def test_auto_weight_samples_loop_for_large_layer_outputs(monkeypatch, default_dtype):
-    """``weight_samples="auto"`` on CPU: vmap while one sample's ``nn.Linear`` and convolution
-    outputs stay within LOOP_OUTPUT_ELEMENTS, a loop beyond (decided once per input shape), with
-    or without gradients; the outputs do not depend on the choice."""
-    from pyro_viking.nn import bayesian_network as bnn_module
-
-    calls = []
-    vmap = torch.vmap
-    monkeypatch.setattr(torch, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
-    # per input: mlp 8 + 3 Linear outputs; cnn 3·4·4 convolution + 3 Linear outputs
-    monkeypatch.setattr(bnn_module, "LOOP_OUTPUT_ELEMENTS", 51 * 5)
-    for make, shape, n, vmapped in ((mlp, (4,), 23, True), (mlp, (4,), 24, False),
-                                    (cnn, (1, 4, 4), 5, True), (cnn, (1, 4, 4), 6, False)):
-        for grad in (False, True):
-            bnn = BayesianNetwork(make(default_dtype), prior_scale=1.0)
-            x, _ = data(default_dtype, n=n, shape=shape)
-            W = {k: torch.randn((3,) + s, dtype=default_dtype).requires_grad_(grad)
-                 for k, s in bnn.latent_shapes.items()}
-            calls.clear()
-            out = [bnn.forward_network(W, x) for _ in range(2)][0]
-            assert len(calls) == (2 if vmapped else 0), (make.__name__, n, grad)
-            ref = BayesianNetwork(make(default_dtype), prior_scale=1.0, weight_samples="loop")
-            torch.testing.assert_close(out, ref.forward_network(W, x))
-
-
-@pytest.mark.parametrize("likelihood,out_dim", [("classification", 3), ("binary", 1),
-                                                 ("regression", 1), ("regression", 2)])
-def test_row_log_likelihood_equals_the_observation_distribution(likelihood, out_dim,
-                                                                 default_dtype):
-    """The fused step's rows ``log p(y_i | f_i)`` (no distribution built) equal the model's
-    observation distribution, for unbatched and batched outputs, with their gradients."""
-    torch.manual_seed(0)
-    bnn = BayesianNetwork(nn.Linear(4, out_dim).to(default_dtype), likelihood, prior_scale=1.0,
-                          noise_scale=0.7)
-    B = 6
-    if likelihood == "classification":
-        y = torch.randint(0, out_dim, (B,))
-    elif likelihood == "binary":
-        y = torch.randint(0, 2, (B,)).to(default_dtype)
-    else:
-        y = torch.randn((B, out_dim) if out_dim > 1 else (B,), dtype=default_dtype)
-    for lead in ((), (3,)):
-        out = (3 * torch.randn(lead + (B, out_dim), dtype=default_dtype)).requires_grad_()
-        got = bnn.row_log_likelihood(out, y)
-        want = bnn.observation_distribution(out).log_prob(y)
-        assert got.shape == want.shape == lead + (B,)
-        torch.testing.assert_close(got, want)
-        u = torch.randn_like(got)
-        torch.testing.assert_close(torch.autograd.grad(got, out, u)[0],
-                                   torch.autograd.grad(want, out, u)[0])
-
-
-def test_auto_weight_samples_loop_for_many_weights_with_gradients(monkeypatch, default_dtype):
-    """``weight_samples="auto"`` on CPU: weights that need gradients and number more than
-    LOOP_GRAD_WEIGHTS per sample run in a loop, fewer or without gradients through vmap; the
-    values and the gradients do not depend on the choice."""
-    from pyro_viking.nn import bayesian_network as bnn_module
-
-    calls = []
-    vmap = torch.vmap
-    monkeypatch.setattr(torch, "vmap", lambda *a, **k: calls.append(1) or vmap(*a, **k))
-    bnn = BayesianNetwork(mlp(default_dtype), prior_scale=1.0)
-    ref = BayesianNetwork(mlp(default_dtype), prior_scale=1.0, weight_samples="loop")
-    D = sum(math.prod(s) for s in bnn.latent_shapes.values())
-    x, _ = data(default_dtype, n=7, shape=(4,))
-    for limit, grad, vmapped in ((D - 1, True, False), (D, True, True), (D - 1, False, True)):
-        monkeypatch.setattr(bnn_module, "LOOP_GRAD_WEIGHTS", limit)
-        W = {k: torch.randn((3,) + s, dtype=default_dtype).requires_grad_(grad)
-             for k, s in bnn.latent_shapes.items()}
-        calls.clear()
-        out = bnn.forward_network(W, x)
-        assert len(calls) == (1 if vmapped else 0), (limit, grad)
-        expected = ref.forward_network(W, x)
-        torch.testing.assert_close(out, expected)
-        if grad:
-            u = torch.randn_like(out)
-            got = torch.autograd.grad(out, list(W.values()), u)
-            want = torch.autograd.grad(expected, list(W.values()), u)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w)
-
-
-def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
-    """Dropout in training mode (a random f) and batch norm with minibatch statistics (rows
-    that depend on each other) are refused with the fix; in eval mode they train and predict
-    with vectorised particles and parallel Predictive, as do a GRU and an LSTM (no vmap rule;
-    Predictive projects on the training data under no_grad)."""
-    torch.manual_seed(0)
-    dropout = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
-    dropout.to(default_dtype)
-    with pytest.raises(ValueError, match=r"'2' \(Dropout\).*net\.eval\(\)"):
-        BayesianNetwork(dropout)
-    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\).*statistics.*net\.eval\(\)"):
-        BayesianNetwork(batchnorm_eval(default_dtype).train())
-    no_stats = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False))
-    no_stats.to(default_dtype)
-    with pytest.raises(ValueError, match="BatchNorm1d"):
-        BayesianNetwork(no_stats.eval())
-    bnn = BayesianNetwork(dropout.eval())
-    dropout.train()  # switched back after building: refused at the next call
-    with pytest.raises(ValueError, match="Dropout"):
-        bnn(torch.randn(5, 4))
-    for make, shape in ((lambda d: dropout.eval(), (4,)), MORE_NETS["batchnorm_eval"],
-                        MORE_NETS["gru"], (lstm, (3, 2))):
-        pyro.clear_param_store()
-        x, y = data(default_dtype, n=40, shape=shape)
-        bnn = BayesianNetwork(make(default_dtype), prior_scale="learned", batch_size=10)
-        guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-        elbo = TraceViking_ELBO(num_particles=2, vectorize_particles=True)
-        svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
-        assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
-        pred = Predictive(bnn, guide=guide, num_samples=4, parallel=True)(x[:5])
-        assert pred["logits"].shape == (4, 5, 3)
-
-
 @pytest.mark.dtype_independent
 def test_lenet_classifier_in_fifteen_lines():
     """A LeNet-style CNN classifier on scikit-learn's 8×8 digits with VIKING in 14 user lines:
@@ -586,78 +337,4 @@ def test_lenet_classifier_in_fifteen_lines():
     accuracy = (probs.argmax(-1) == y_test).float().mean()
     assert guide.backend_used == "layer_gram"
     print(f"LeNet BMA test accuracy {accuracy:.3f}")
-    assert accuracy > 0.7, accuracy  # 0.86 (0.81 on the guide branch) when written; chance 0.1
-
-
-def test_non_finite_inputs_raise_with_the_rows(default_dtype):
-    """NaN / inf inputs give an error naming the rows, in the traced step, in the fused step
-    (after the training tensor is changed in place) and for prediction; a clean training
-    tensor is checked once, not at every step."""
-    pyro.clear_param_store()
-    x, y = data(default_dtype, n=40)
-    bnn = BayesianNetwork(mlp(default_dtype), prior_scale="learned", batch_size=8)
-    bad = x.clone()
-    bad[3, 1], bad[17, 0] = float("nan"), float("inf")
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
-    with pytest.raises(ValueError, match=r"x holds NaN or inf in 2 of its 40 rows \(rows 3, 17\)"):
-        svi.step(bad, y)
-    calls = []
-    isfinite = torch.isfinite
-    try:
-        torch.isfinite = lambda t: calls.append(t.shape) or isfinite(t)
-        for _ in range(3):  # traced, then fused steps
-            svi.step(x, y)
-    finally:
-        torch.isfinite = isfinite
-    assert calls.count((40, 4)) == 1
-    with torch.no_grad():
-        x[5, 2] = float("nan")  # in place: a new version of the same tensor
-    with pytest.raises(ValueError, match=r"rows 5\)"):
-        svi.step(x, y)
-    with pytest.raises(ValueError, match="x holds NaN or inf"):
-        Predictive(bnn, guide=guide, num_samples=2)(bad[:10])
-
-
-def test_inputs_of_another_dtype_get_the_fix():
-    """float64 inputs (a tensor made from a NumPy array) for a float32 network: torch's dtype
-    error with what to do appended; the same network on float32 inputs trains."""
-    pyro.clear_param_store()
-    x, y = data(torch.float64, n=20)
-    bnn = BayesianNetwork(mlp(torch.float32), prior_scale="learned", batch_size=8)
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
-    with pytest.raises(RuntimeError, match=r"(?s)dtype.*x is torch.float64 but the network's "
-                                           r"parameters are torch.float32; pass x.to\(torch"
-                                           r".float32\)"):
-        svi.step(x, y)
-    pyro.clear_param_store()
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
-    assert math.isfinite(svi.step(x.float(), y))
-
-
-@pytest.mark.parametrize("parallel", [False, True])
-def test_prediction_inputs_of_another_row_shape_get_the_fix(parallel, default_dtype):
-    """Prediction inputs whose rows differ in shape from the training inputs (images left
-    unflattened for an MLP): torch's shape error with the expected shape and the reshape to
-    make appended; the reshaped inputs predict."""
-    pyro.clear_param_store()
-    x, y = data(default_dtype, n=16)
-    bnn = BayesianNetwork(mlp(default_dtype), prior_scale="learned", batch_size=8)
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-3}), TraceViking_ELBO())
-    for _ in range(2):
-        svi.step(x, y)
-    images = torch.randn(5, 2, 2, dtype=default_dtype)
-    predictive = Predictive(bnn, guide=guide, num_samples=3, parallel=parallel,
-                            return_sites=["logits"])
-    with pytest.raises(RuntimeError, match=r"(?s)x has rows of shape \(2, 2\) \(x is \(5, 2, "
-                                           r"2\)\) but the network ran on rows of shape \(4,\) "
-                                           r"before; pass inputs of shape \(N, 4\), e\.g\. "
-                                           r"x\.reshape\(len\(x\), 4\)"):
-        predictive(images)
-    with pytest.raises(RuntimeError, match=r"rows of shape \(4,\) before; pass inputs of shape "
-                                           r"\(N, 4\)\.\n"):
-        predictive(torch.randn(5, 3, dtype=default_dtype))  # no reshape to suggest
-    assert predictive(images.reshape(-1, 4))["logits"].shape == (3, 5, 3)
+    assert accuracy > 0.7, accuracy  # chance is 0.1; measured: benchmarks/README.md

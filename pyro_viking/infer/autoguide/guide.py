@@ -10,7 +10,6 @@ from typing import Callable, Dict, Iterable, Optional
 
 import pyro
 import pyro.poutine as poutine
-import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
@@ -18,6 +17,11 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from pyro_viking.distributions import RANK_ESTIMATORS, KernelImageNormal
+from pyro_viking.infer.autoguide.guide_checks import (
+    check_finite_init,
+    check_parameters,
+    check_stored_loc,
+)
 from pyro_viking.infer.autoguide.kernel_scale import (
     TiedPriorScale,
     check_scale_arguments,
@@ -25,7 +29,13 @@ from pyro_viking.infer.autoguide.kernel_scale import (
 )
 from pyro_viking.infer.autoguide.posteriors import PredictionPosterior, VikingPosterior
 from pyro_viking.infer.autoguide.projector_choice import ProjectorBuilder
-from pyro_viking.infer.autoguide.sampling import SamplingState, check_parameters
+from pyro_viking.infer.autoguide.sampling import SamplingState
+from pyro_viking.infer.autoguide.training_projection import (
+    call_projector,
+    plate_indices,
+    project_on_training_data,
+    refresh_prediction_samples,
+)
 from pyro_viking.model_trace import inspection
 from pyro_viking.model_trace.layout import LatentLayout
 
@@ -40,9 +50,9 @@ class AutoViking(AutoContinuous):
         (a ``pyro.param`` is followed, with gradients), ``"learned"`` makes it a parameter (from
         ``init_kernel_scale``, default the prior scales' RMS), ``"auto"`` ties when possible.
     :param gamma: memory ``γ ∈ [0, 1]`` of the stochastic alternating projections; ``jacobian,
-        backend, solver, solver_options``: see ``jacobian_backends.ProjectorBuilder``.
+        backend, solver, solver_options``: see ``projector_choice.ProjectorBuilder``.
     :param grad_through_projection: differentiate the samples through ``P(θ̂)`` (the paper's
-        gradient; off by default: no measurable gain in the ablations, 1.35–1.6× the step cost).
+        gradient; off by default, as the ablation in ``benchmarks/uq/README.md`` decided).
     :param rank_estimator: how ``dim ker`` enters the KL (``distributions.RANK_ESTIMATORS``);
         ``image_noise``: ``"fresh"`` (a fresh draw of ``N(0, I − P_t)``, as the KL assumes) or
         the paper's ``"carried"`` ``e − P_t e``; ``num_chains``: carried samples.
@@ -74,23 +84,10 @@ class AutoViking(AutoContinuous):
         self._inspector = inspection.ModelInspector(self._raw_model[0], self.layout)
         self._call = self._inspector(args, kwargs)
         init_loc = self._init_loc()
-        if not bool(torch.isfinite(init_loc).all()):
-            bad = [n for n, part in zip(self.layout.names, self.layout.split(init_loc))
-                   if not bool(torch.isfinite(part).all())]
-            raise ValueError(
-                f"AutoViking's initial values are not finite at {', '.join(bad)} (from its "
-                "init_loc_fn; e.g. init_to_mean of a HalfCauchy, whose mean is infinite): pass "
-                "init_loc_fn=init_to_median or init_to_feasible, or init_to_value with finite "
-                "values.")
+        check_finite_init(self.layout, init_loc)
         self.loc = PyroParam(init_loc)
-        stored = self.loc  # the param store's value when it already holds this name
-        if stored.shape != init_loc.shape:
-            raise ValueError(
-                f"Pyro's param store already holds '{self._pyro_name}.loc' of shape "
-                f"{tuple(stored.shape)}, but this model's latents ({', '.join(self.layout.names)}"
-                f") need {tuple(init_loc.shape)}: it is another model's (Pyro names an "
-                "autoguide's parameters after its class). Call pyro.clear_param_store() before "
-                "fitting a new model.")
+        # reading self.loc gives the param store's value when it already holds this name
+        check_stored_loc(self.loc, init_loc, f"{self._pyro_name}.loc", self.layout.names)
         self.image_scale = PyroParam(init_loc.new_tensor(self.init_image_scale),
                                      constraints.positive)
         #: ``"prior"`` (tied), ``"learned"`` or ``"fixed"``: how σ_ker is set, once set up
@@ -162,7 +159,7 @@ class AutoViking(AutoContinuous):
             return self.training_posterior(args, kwargs)
         loc, si, sk = self.loc, self.image_scale, self._kernel_scale_now(args, kwargs, True)
         check_parameters(loc, si, sk)
-        self._refresh_prediction_samples(self._state.begin_prediction(args, kwargs))
+        refresh_prediction_samples(self, self._state.begin_prediction(args, kwargs))
         return PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
 
     @pyro_method  # a public method reading Pyro-managed attributes (loc, image_scale)
@@ -172,62 +169,31 @@ class AutoViking(AutoContinuous):
         loc, si, sk = self.loc, self.image_scale, self._kernel_scale_now(args, kwargs, False)
         check_parameters(loc, si, sk)
         self._state.note_training_call(args, kwargs)
-        self.last_projector = self._projector(
-            args, kwargs, self._subsample_indices(), self.grad_through_projection, True
+        self.last_projector = call_projector(
+            self, args, kwargs, plate_indices(self.plates, self._call.data_frames),
+            self.grad_through_projection, True
         ) if rows is None else self._builder.build_from_rows(rows, loc, training=True)
         return VikingPosterior(loc, sk, si, self.last_projector, state=self._state,
                                layout=self.layout, rank_estimator=self.rank_estimator,
                                validate_args=False)
-
-    def _refresh_prediction_samples(self, n: int) -> None:
-        """Lazy projection on the training data (when known) if the samples call for it."""
-        st, data = self._state, self._state.training_data
-        if st.needs_projection(n) and data is not None and self._raw_model is not None:
-            with torch.enable_grad(), poutine.mask(mask=True):
-                try:
-                    self._project(*data, None, max(n, st.LAZY_NUM_SAMPLES), 1, False, lazy=True)
-                except inspection.SeveralDataPlates:  # no order to walk them in: warn instead
-                    st.forget_training_data()
-
-    def _subsample_indices(self) -> Dict[str, Tensor]:
-        idx = {n: getattr(self.plates.get(n), "_indices", None) for n in self._call.data_frames}
-        return {name: i for name, i in idx.items() if i is not None}
-
-    def _projector(self, args, kwargs, subsample, differentiable=False, training=False):
-        if self._raw_model is None:
-            raise RuntimeError("this AutoViking was loaded without its model (saving drops it): "
-                               "call guide.set_model(model) before training or projecting")
-        call = self._inspector(args, kwargs)
-        if not call.has_observations:
-            return ProjectorBuilder.identity(self.latent_dim, self.loc)
-        condition = inspection.other_latents(self, call, args, kwargs, subsample)
-        return self._builder.build(self._inspector.model, self.layout, args, kwargs, self.loc,
-                                   subsample=subsample, condition=condition,
-                                   differentiable=differentiable, training=training)
 
     def project_training_data(self, *args, batches: Optional[Iterable] = None,
                               num_samples: int = 100, num_passes: int = 1, progress: bool = False,
                               refresh_training_state: bool = False, **kwargs) -> Tensor:
         """Project ``num_samples`` fresh samples onto the kernel of the *whole* training set's
         Jacobian by ``num_passes`` passes of alternating projections over its batches
-        (``model_inspection.training_batches``); cache ``(ε, k)`` for predictions;
+        (``model_trace.inspection.training_batches``); cache ``(ε, k)`` for predictions;
         ``refresh_training_state`` restarts the training chains from them. Returns ``k (S, D)``."""
         if self.prototype_trace is None:
             if batches is not None:
                 raise RuntimeError("call the guide once (e.g. one SVI step) before "
                                    "project_training_data(batches=...)")
             self._setup_prototype(*args, **kwargs)
-        k = self._project(args, kwargs, batches, num_samples, num_passes, progress, lazy=False)
+        k = project_on_training_data(self, args, kwargs, batches, num_samples, num_passes,
+                                     progress, lazy=False)
         if refresh_training_state:
             self._state.chains = {num_samples: deque([k.clone()])}
         return k
-
-    def _project(self, args, kwargs, batches, num_samples, num_passes, progress, *, lazy):
-        frames = {} if batches is not None else self._inspector(args, kwargs).data_frames
-        projectors = [lambda b=b: self._projector(*b) for _ in range(num_passes)
-                      for b in inspection.training_batches(args, kwargs, batches, frames)]
-        return self._state.project(projectors, num_samples, self.loc.detach(), lazy=lazy,
-                                   progress=progress)
 
     @property
     def projected_samples(self):
@@ -249,19 +215,19 @@ class AutoViking(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         loc, sk, si = self.loc.detach(), self.kernel_scale, self.image_scale.detach()
         if not (args or kwargs):
-            self._refresh_prediction_samples(0)
+            refresh_prediction_samples(self, 0)
             q = PredictionPosterior(loc, sk, si, state=self._state, layout=self.layout)
         elif self._inspector(args, kwargs).data_frames:
             raise ValueError("the model subsamples its data plate, so one call's data are a "
                              "random minibatch; call guide.quantiles(q) without arguments")
         else:
-            q = KernelImageNormal(loc, sk, si, self._projector(args, kwargs, None))
+            q = KernelImageNormal(loc, sk, si, call_projector(self, args, kwargs, None))
         return loc, q.variance.sqrt()
 
     def __getstate__(self):
         # Pyro's clears the model of the live guide: copy. Drop weakrefs, as PyroModule does.
         if self.prototype_trace is not None:  # save samples projected on the training data
-            self._refresh_prediction_samples(0)
+            refresh_prediction_samples(self, 0)
         for param in self.parameters(recurse=True):
             param.__dict__.pop("unconstrained", None)
         return {**self.__dict__, "_model": None, "_raw_model": None, "master": None,

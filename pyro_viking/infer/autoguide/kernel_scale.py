@@ -9,15 +9,14 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyro_viking.model_trace.rows import trace_model
-
-__all__ = ["KERNEL_SCALES", "TiedPriorScale", "check_scale_arguments", "resolve_kernel_scale"]
-
 from pyro_viking.model_trace.priors import (
     isotropic_prior_scale,
     prior_scale_param,
     typical_prior_scale,
 )
+from pyro_viking.model_trace.rows import trace_model
+
+__all__ = ["KERNEL_SCALES", "TiedPriorScale", "check_scale_arguments", "resolve_kernel_scale"]
 
 KERNEL_SCALES = ("auto", "prior", "learned")
 

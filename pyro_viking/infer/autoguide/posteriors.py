@@ -10,16 +10,13 @@ import math
 from typing import Optional
 
 import torch
-from pyro.distributions import TorchDistribution
 from torch import Tensor
-from torch.distributions import constraints
 
-from pyro_viking.distributions import KernelImageNormal, marginal_variance
+from pyro_viking.distributions import KernelImageNormal, KernelImageNormalBase, marginal_variance
+from pyro_viking.infer.autoguide.sampling import SamplingState
 from pyro_viking.model_trace.layout import LatentLayout
 
 __all__ = ["PredictionPosterior", "VikingPosterior"]
-
-from pyro_viking.infer.autoguide.sampling import SamplingState
 
 
 class VikingPosterior(KernelImageNormal):
@@ -54,12 +51,10 @@ class VikingPosterior(KernelImageNormal):
         if cache is None or value is not cache[0]:
             return super().log_prob(value)
         _, k, img = cache
-        D = self.event_shape[0]
-        maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
-        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
+        return self._log_density_of_noise(k, img)
 
 
-class PredictionPosterior(TorchDistribution):
+class PredictionPosterior(KernelImageNormalBase):
     r"""The posterior at prediction time: ``loc + σ_ker Pε + σ_im (ε − Pε)`` for the samples
     ``(ε, Pε)`` projected on the *training* data that ``state`` holds when it is built (the
     state only keeps the count of samples used).
@@ -68,11 +63,6 @@ class PredictionPosterior(TorchDistribution):
     ``diag P ≈ mean_s ε_s ⊙ Pε_s`` over the samples (clipped to ``[0, 1]``); ``log_prob`` is
     available only for this distribution's own last draw.
     """
-
-    arg_constraints = {"loc": constraints.real_vector, "kernel_scale": constraints.positive,
-                       "image_scale": constraints.positive}
-    support = constraints.real_vector
-    has_rsample = True
 
     def __init__(self, loc: Tensor, kernel_scale, image_scale, *, state: SamplingState,
                  layout: LatentLayout, validate_args: Optional[bool] = None):
@@ -94,14 +84,6 @@ class PredictionPosterior(TorchDistribution):
                                                  validate_args=False)
         return new
 
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
-
     def kernel_diag(self) -> Tensor:
         """Estimate of ``diag P`` ``(D,)`` from the training-data samples."""
         return (self.noise * self.kernel).mean(0).clamp(0.0, 1.0)
@@ -115,15 +97,6 @@ class PredictionPosterior(TorchDistribution):
     def variance(self) -> Tensor:
         var = marginal_variance(self.kernel_scale, self.image_scale, self.kernel_diag())
         return var.expand(self.loc.shape)
-
-    def log_det_covariance(self) -> Tensor:
-        R, D = self.kernel_dim, self.event_shape[0]
-        return 2 * R * self.kernel_scale.log() + 2 * (D - R) * self.image_scale.log()
-
-    def entropy(self) -> Tensor:
-        D = self.event_shape[0]
-        h = 0.5 * D * (1 + math.log(2 * math.pi)) + 0.5 * self.log_det_covariance()
-        return h.expand(self.batch_shape)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
@@ -167,6 +140,4 @@ class PredictionPosterior(TorchDistribution):
         idx = idx.to(self.noise.device)
         k = self.kernel.index_select(0, idx).reshape(shape)
         img = self.noise.index_select(0, idx).reshape(shape) - k
-        D = self.event_shape[0]
-        maha = (k ** 2).sum(-1) + (img ** 2).sum(-1)
-        return -0.5 * (maha + self.log_det_covariance() + D * math.log(2 * math.pi))
+        return self._log_density_of_noise(k, img)

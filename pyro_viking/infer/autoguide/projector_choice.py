@@ -35,8 +35,9 @@ from pyro_viking.model_trace.rows import make_rows_fn
 __all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "SOLVERS", "ProjectorBuilder",
            "build_projector", "projector_from_rows"]
 
+#: the Jacobian backends (module docstring); ``SOLVERS``: those of
+#: :class:`~pyro_viking.linalg.KernelProjector`
 BACKENDS = ("auto", "layer_gram", "per_example", "matrix_free")
-#: the solvers of :class:`~pyro_viking.linalg.KernelProjector`
 
 
 def build_projector(

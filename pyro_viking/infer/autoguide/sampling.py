@@ -29,15 +29,7 @@ from pyro_viking.distributions import KernelImageNormal
 from pyro_viking.linalg import KernelProjector
 from pyro_viking.user_warnings import warn
 
-__all__ = ["SamplingState", "check_parameters"]
-
-
-def check_parameters(*params: Tensor) -> None:
-    """Raise a ``ValueError`` that says what to do when a guide parameter is not finite."""
-    if not all(bool(torch.isfinite(t.detach().sum())) for t in params):
-        raise ValueError("AutoViking's parameters are not finite (loc, image_scale or "
-                         "kernel_scale is NaN/inf): training diverged. Lower the learning rate "
-                         "(or clip gradients, e.g. ClippedAdam) and start again.")
+__all__ = ["SamplingState"]
 
 
 def _same_call(a: Tuple[tuple, dict], b: Tuple[tuple, dict]) -> bool:

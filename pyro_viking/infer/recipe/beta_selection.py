@@ -22,15 +22,15 @@ from pyro_viking.model_trace.rows import make_rows_fn, observed_data_frames
 
 __all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "select_beta", "validation_nll"]
 
-#: Candidates of :func:`select_beta` (Pyro's convention: β = 1 is the true ELBO). On the
-#: benchmark's tasks β = 1 was never competitive and 0.001 was chosen on two of three.
+#: Candidates of :func:`select_beta` (Pyro's convention: β = 1 is the true ELBO); the β chosen
+#: on the uncertainty benchmark's tasks are in ``benchmarks/uq/README.md``.
 DEFAULT_BETA_GRID = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
 class BetaSelection(NamedTuple):
     """``beta``: the choice; ``table``: one dict per candidate (``beta``, ``val_nll``,
     ``val_nll_se``, ``image_scale``, ``kernel_scale``, ``prior_scale`` at the end of training);
-    ``fit``: the :class:`~pyro_viking.recipe.VikingFit` of the chosen β (Pyro's param store holds
+    ``fit``: the :class:`~pyro_viking.VikingFit` of the chosen β (Pyro's param store holds
     its parameters on return)."""
 
     beta: float

@@ -80,7 +80,7 @@ stay in closed form). On a linear-Gaussian model ``c ≡ 0`` and the result is t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import pyro.poutine as poutine
@@ -88,11 +88,11 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_viking.linalg.per_example import evaluate_rows, jacobian_loop
-from pyro_viking.linalg.solvers import default_rcond
+from pyro_viking.linalg.per_example import PerExampleJacobian
+from pyro_viking.linalg.solvers import default_rcond, eigh_factor
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.model_trace.layout import LatentLayout
-from pyro_viking.model_trace.rows import make_rows_fn
+from pyro_viking.model_trace.rows import make_rows_fn, observed_sites, trace_model
 
 __all__ = ["CurvatureStatistics", "curvature_statistics", "optimal_scales", "scale_objective"]
 
@@ -107,6 +107,15 @@ class CurvatureStatistics:
     ``kernel_grid`` (``None``: the quadratic ``½ K v``).
     """
 
+    image_trace: float
+    kernel_trace: float
+    image_dim: float
+    latent_dim: int
+    sq_distance: float
+    num_batches: int = 1
+    kernel_grid: Optional[Tuple[float, ...]] = None
+    kernel_curve: Optional[Tuple[float, ...]] = None
+
     def kernel_cost(self, v: float) -> float:
         """``c(v)``: the expected likelihood cost of kernel noise of variance ``v``."""
         grid, curve = self.kernel_grid, self.kernel_curve
@@ -119,19 +128,6 @@ class CurvatureStatistics:
         l0, l1 = math.log(grid[j - 1]), math.log(grid[j])
         t = (lv - l0) / (l1 - l0)
         return (1 - t) * curve[j - 1] + t * curve[j]
-
-
-    image_trace: float
-    kernel_trace: float
-    image_dim: float
-    latent_dim: int
-    sq_distance: float
-    num_batches: int = 1
-    kernel_grid: Optional[Tuple[float, ...]] = None
-    kernel_curve: Optional[Tuple[float, ...]] = None
-
-    def as_dict(self) -> Dict[str, float]:
-        return asdict(self)
 
 
 def scale_objective(stats: CurvatureStatistics, beta: float, image_scale: float,
@@ -259,18 +255,6 @@ def _argmin_log(fn: Callable[[float], float], lo: float, hi: float, num: int = 2
 
 
 # -- per-example gradients ----------------------------------------------------------------------
-def _trace_at(model: Callable, layout: LatentLayout, z: Tensor, args, kwargs):
-    with poutine.block():
-        return poutine.trace(poutine.condition(model, data=layout.unpack(z))).get_trace(
-            *args, **kwargs)
-
-
-def _observed(trace, latent_names) -> list:
-    return [site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
-            and not site["infer"].get("_deterministic", False) and name not in latent_names]
-
-
 def _row_weights(sites, like: Tensor) -> Tensor:
     """Per-row scale ``w_i`` (the site's ``scale``: ``N/B`` of its plates, ``poutine.scale``)."""
     parts = []
@@ -283,61 +267,59 @@ def _row_weights(sites, like: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def per_example_gradients(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    """``(B, D)`` Jacobian of ``fn: (D,) -> (B,)`` at ``z``: ``torch.func.jacrev``, falling back
-    to one ``autograd.grad`` per row where the model does not vectorise."""
-    try:
-        return torch.func.jacrev(fn)(z).detach()
-    except Exception:  # noqa: BLE001 - vmap-incompatible model code: fall back to a loop
-        with torch.enable_grad():  # the loop is plain autograd: not under a caller's no_grad
-            zz = z.detach().requires_grad_(True)
-            return jacobian_loop(evaluate_rows(fn, zz), zz).detach()
-
-
 def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid,
                   num_kernel_samples):
     """``(A, T = tr H, r, c(grid))`` of one batch (float64 Python floats; ``c`` may be None)."""
-    trace = _trace_at(model, layout, z, args, kwargs)
+    trace = trace_model(model, args, kwargs, layout.unpack(z))
     subsample = {name: site["value"] for name, site in trace.nodes.items()
                  if site["type"] == "sample" and site_is_subsample(site)}
-    sites = _observed(trace, layout.names)
+    sites = observed_sites(trace, layout.names)
     if not sites:
         raise ValueError("the model has no observed site: no likelihood, no curvature")
     w = _row_weights(sites, z)
-    J = per_example_gradients(
-        make_rows_fn(model, layout, args, kwargs, subsample=subsample), z).double()
+    # as the guide's projector builds J: vmapped, or one reverse pass per row if vmap fails
+    jac = PerExampleJacobian(make_rows_fn(model, layout, args, kwargs, subsample=subsample), z,
+                             vectorize=True)
+    J = jac.J.double()
     if J.shape[0] != w.shape[0]:
         raise ValueError(f"{J.shape[0]} likelihood rows but {w.shape[0]} row weights")
     if rcond is None:  # the guide's projector threshold, so r is the rank its KL uses
         rcond = default_rcond(J.shape[0], z.dtype)
-    evals, evecs = torch.linalg.eigh(J @ J.T)
-    keep = evals > rcond * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
+    evals, evecs, keep = eigh_factor(jac.gram(), rcond)
     basis = evecs[:, keep] / evals[keep].sqrt()  # G⁺ = basis basisᵀ on the numerical range
     image, total = 0.0, 0.0
     for _ in range(num_label_samples):
         labels = {site["name"]: site["fn"].sample() for site in sites}
         fn = make_rows_fn(poutine.condition(model, data=labels), layout, args, kwargs,
                           subsample=subsample)
-        Jt = per_example_gradients(fn, z).double()
+        Jt = PerExampleJacobian(fn, z, vectorize=True).J.double()
         coef = basis.T @ (J @ Jt.T)  # (rank, B): coordinates of (I − P) g̃_i
         image += float((w * coef.pow(2).sum(0)).sum())
         total += float((w * Jt.pow(2).sum(1)).sum())
     curve = None
     if grid is not None:
         rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
-        eps = torch.randn(num_kernel_samples, z.shape[0], dtype=torch.float64, device=z.device)
-        kernel = (eps - (eps @ J.T) @ basis @ basis.T @ J).to(z.dtype)  # rows of P ε
-        roots = torch.tensor(grid, dtype=z.dtype, device=z.device).sqrt()
-        Z = (z + roots[:, None, None] * kernel).reshape(-1, z.shape[0])  # (grid · samples, D)
-        with torch.no_grad():
-            base = float((w * rows(z).double()).sum())
-            try:
-                L = torch.func.vmap(rows)(Z)
-            except Exception:  # noqa: BLE001 - model code that does not vectorise
-                L = torch.stack([rows(zz) for zz in Z])
-            cost = base - (L.double() @ w).reshape(len(grid), -1).mean(1)
-        curve = [float(c) if math.isfinite(c) else 1e300 for c in cost.tolist()]
+        curve = _kernel_curve(rows, z, J, basis, w, grid, num_kernel_samples)
     return image / num_label_samples, total / num_label_samples, int(keep.sum()), curve
+
+
+def _kernel_curve(rows: Callable[[Tensor], Tensor], z: Tensor, J: Tensor, basis: Tensor,
+                  w: Tensor, grid, num_samples: int) -> list:
+    """``c(v)`` at the kernel variances ``grid`` (module docstring): the weighted likelihood
+    cost of ``z + √v k`` over ``num_samples`` kernel draws ``k = P ε``, the same for every
+    ``v``; ``J`` ``(B, D)`` and ``basis`` (``G⁺ = basis basisᵀ``) in float64."""
+    eps = torch.randn(num_samples, z.shape[0], dtype=torch.float64, device=z.device)
+    kernel = (eps - (eps @ J.T) @ basis @ basis.T @ J).to(z.dtype)  # rows of P ε
+    roots = torch.tensor(grid, dtype=z.dtype, device=z.device).sqrt()
+    Z = (z + roots[:, None, None] * kernel).reshape(-1, z.shape[0])  # (grid · samples, D)
+    with torch.no_grad():
+        base = float((w * rows(z).double()).sum())
+        try:
+            L = torch.func.vmap(rows)(Z)
+        except Exception:  # noqa: BLE001 - model code that does not vectorise
+            L = torch.stack([rows(zz) for zz in Z])
+        cost = base - (L.double() @ w).reshape(len(grid), -1).mean(1)
+    return [float(c) if math.isfinite(c) else 1e300 for c in cost.tolist()]
 
 
 def curvature_statistics(
@@ -369,13 +351,11 @@ def curvature_statistics(
     :param rcond: relative eigenvalue threshold of the Gram pseudo-inverse (default: the
         projectors' :func:`~pyro_viking.linalg.solvers.default_rcond`).
     """
-    with poutine.block(), torch.no_grad():
-        proto = poutine.trace(model).get_trace(*args, **kwargs) if batches is None else None
-    if proto is None:
+    if batches is not None:
         batches = list(batches)
-        first = batch_call(batches[0])
-        with poutine.block(), torch.no_grad():
-            proto = poutine.trace(model).get_trace(*first[0], **first[1])
+    first = (args, kwargs) if batches is None else batch_call(batches[0])
+    with poutine.block(), torch.no_grad():
+        proto = poutine.trace(model).get_trace(*first[0], **first[1])
     layout = LatentLayout.from_trace(proto)  # latents only (observed sites are skipped)
     z = layout.pack({name: torch.as_tensor(loc[name]).detach() for name in layout.names})
     calls = [(args, kwargs)] * num_batches if batches is None \

@@ -1,24 +1,23 @@
 """AutoViking as a Pyro autoguide: the behaviours every Pyro guide is checked for (the list of
 pyro-ppl/pyro ``tests/infer/test_autoguide.py``), with this project's own models and numbers.
 
-Part 1 (part 2: ``test_conformance_inference.py``): scores and site shapes of every latent kind,
-init strategies, ``median``/``quantiles``, serialisation and training after a reload,
-``AutoGuideList`` and nested guides, ``Predictive`` (sequential and ``parallel=True``),
-subsampled data, discrete latents and ``PyroModule`` models. Every test runs in float32 and
-float64 (``conftest.py``); none is marked xfail.
+Scores and site shapes of every latent kind, init strategies, ``median``/``quantiles``,
+``Predictive`` (sequential and ``parallel=True``), subsampled data, discrete latents and
+``PyroModule`` models. Elsewhere in this folder: exact posteriors and particles
+(``test_guide_exact_posteriors.py``), serialisation (``test_guide_serialization.py``),
+``AutoGuideList`` (``test_guide_lists.py``) and errors (``test_guide_errors.py``). Every test runs
+in float32 and float64 (``conftest.py``); none is marked xfail.
 """
 
-import io
 import math
-import pickle
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from problems import logreg, predictive_shapes, regression, regression_data, trained
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 from pyro.infer.autoguide.initialization import (
     init_to_feasible,
     init_to_mean,
@@ -29,7 +28,6 @@ from pyro.infer.autoguide.initialization import (
 from pyro.nn import PyroModule, PyroSample
 from pyro.optim import Adam, ClippedAdam
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match
 from torch import nn
 
 from pyro_viking import AutoViking, TraceViking_ELBO
@@ -41,24 +39,6 @@ INITS = {"median": init_to_median, "mean": init_to_mean, "sample": init_to_sampl
 
 
 # -- models --------------------------------------------------------------------------------------
-def regression_data(n=8, d=3, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.get_default_dtype()
-    x = torch.randn(n, d, generator=g).to(dtype)
-    y = (x @ torch.tensor([0.5, -1.0, 2.0])[:d].to(dtype) + 0.3
-         + 0.2 * torch.randn(n, generator=g).to(dtype))
-    return x, y
-
-
-def regression(x, y=None):
-    """Vector weights, scalar bias and a HalfNormal noise scale; vectorisable over particles."""
-    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
-    b = pyro.sample("b", dist.Normal(0.0, 1.0))
-    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
-    with pyro.plate("data", x.shape[0]):
-        return pyro.sample("y", dist.Normal((x * w).sum(-1) + b, sigma), obs=y)
-
-
 def zoo(x, y=None):
     """One latent of each kind Pyro's guides handle, every one entering the mean (D = 18)."""
     a = pyro.sample("a", dist.Normal(0.0, 1.0))  # scalar
@@ -86,24 +66,9 @@ def three_marginals(obs):
     pyro.sample("obs", dist.Normal(x, 10.0), obs=obs)
 
 
-def trained(model, guide, args, steps, elbo=None, lr=0.05):
-    svi = SVI(model, guide, Adam({"lr": lr}), elbo or TraceViking_ELBO())
-    return [svi.step(*args) for _ in range(steps)]
-
-
 def _latent_sites(model, *args):
     trace = prune_subsample_sites(poutine.trace(model).get_trace(*args))
     return {n: s for n, s in trace.iter_stochastic_nodes()}
-
-
-def _predictive_shapes(model, args, num_samples, parallel=False):
-    """The shapes ``Predictive`` gives with Pyro's own ``AutoNormal`` (the reference)."""
-    with pyro.get_param_store().scope():
-        reference = AutoNormal(model)
-        reference(*args)
-        samples = Predictive(model, guide=reference, num_samples=num_samples,
-                             parallel=parallel)(*args[:1])
-    return {name: value.shape for name, value in samples.items()}
 
 
 # -- scores and shapes ---------------------------------------------------------------------------
@@ -209,92 +174,6 @@ def test_quantiles(Elbo):
     assert 0.01 < qz[0] and qz[0] + 0.1 < qz[1] and qz[1] + 0.1 < qz[2] and qz[2] < 0.99
 
 
-# -- serialisation -------------------------------------------------------------------------------
-def _round_trip(guide, method):
-    if method == "pickle":
-        return pickle.loads(pickle.dumps(guide))
-    buffer = io.BytesIO()
-    torch.save(guide, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-def _attach_if_asked(fn, guide, model):
-    """Run ``fn``; a reloaded guide may ask (in its error message) for ``set_model``."""
-    try:
-        return fn()
-    except Exception as error:  # noqa: BLE001 - the message is what is checked
-        assert "set_model" in str(error), f"unhelpful error after reload: {error!r}"
-        guide.set_model(model)
-        return fn()
-
-
-@pytest.mark.parametrize("method", ["torch", "pickle"])
-def test_serialization_and_training_after_load(method):
-    x, y = regression_data()
-    guide = AutoViking(regression)
-    trained(regression, guide, (x, y), steps=20)
-    loaded = _round_trip(guide, method)
-    assert guide.model is not None  # saving leaves the live guide usable
-    for name, value in guide.median().items():
-        torch.testing.assert_close(loaded.median()[name], value, rtol=0, atol=0)
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == \
-        {k: v.shape for k, v in guide.state_dict().items()}
-    pyro.set_rng_seed(1)
-    expected = Predictive(regression, guide=guide, num_samples=5)(x)["y"]
-    pyro.set_rng_seed(1)
-    actual = _attach_if_asked(lambda: Predictive(regression, guide=loaded, num_samples=5)(x)["y"],
-                              loaded, regression)
-    torch.testing.assert_close(actual, expected)
-    # Training goes on from the loaded state.
-    pyro.clear_param_store()
-    before = loaded.loc.detach().clone()
-    svi = SVI(regression, loaded, Adam({"lr": 0.05}), TraceViking_ELBO())
-    losses = [_attach_if_asked(lambda: svi.step(x, y), loaded, regression) for _ in range(10)]
-    assert all(math.isfinite(v) for v in losses)
-    assert not torch.equal(loaded.loc.detach(), before)
-
-
-# -- AutoGuideList and nested guides -------------------------------------------------------------
-def _callable_sigma_guide(x, y=None):
-    loc = pyro.param("sigma_loc", lambda: torch.tensor(0.5),
-                     constraint=dist.constraints.positive)
-    pyro.sample("sigma", dist.Delta(loc))
-
-
-@pytest.mark.parametrize("other", ["AutoDelta", "AutoNormal", "callable", "nested"])
-@pytest.mark.parametrize("Elbo", [Trace_ELBO, TraceViking_ELBO], ids=["Trace", "Viking"])
-def test_auto_guide_list(Elbo, other):
-    """AutoViking for the regression weights, another guide for the noise scale."""
-    x, y = regression_data()
-    guide = AutoGuideList(regression)
-    if other == "nested":
-        inner = AutoGuideList(poutine.block(regression, hide=["sigma"]))
-        inner.append(AutoViking(poutine.block(regression, hide=["sigma"])))
-        guide.append(inner)
-    else:
-        guide.append(AutoViking(poutine.block(regression, hide=["sigma"])))
-    if other == "callable":
-        guide.append(_callable_sigma_guide)
-    else:
-        Other = AutoNormal if other == "AutoNormal" else AutoDelta
-        guide.append(Other(poutine.block(regression, expose=["sigma"])))
-    losses = trained(regression, guide, (x, y), steps=30, elbo=Elbo(), lr=0.05)
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-10:]) < sum(losses[:10])
-    for _, module in guide.named_modules():
-        if module is not guide and isinstance(module, AutoViking):
-            assert module.master is not None and module.master() is guide
-    guide_trace = poutine.trace(guide).get_trace(x, y)
-    check_model_guide_match(poutine.trace(regression).get_trace(x, y), guide_trace)
-    assert {"w", "b", "sigma"} <= set(guide_trace.stochastic_nodes)
-    if other != "callable":
-        assert set(guide.median(x, y)) == {"w", "b", "sigma"}
-    samples = Predictive(regression, guide=guide, num_samples=4)(x)
-    expected = _predictive_shapes(regression, (x, y), 4)
-    assert {name: value.shape for name, value in samples.items()} == expected
-
-
 # -- Predictive ----------------------------------------------------------------------------------
 def curve(t, y=None):
     """Scalar latents only: Pyro's parallel Predictive (with its own guides too) broadcasts a
@@ -319,7 +198,7 @@ def test_predictive_sequential_and_parallel():
     draws = {}
     for parallel in (False, True):
         samples = Predictive(curve, guide=guide, num_samples=S, parallel=parallel)(t_new)
-        expected = _predictive_shapes(curve, (t_new, None), S, parallel)
+        expected = predictive_shapes(curve, (t_new, None), S, parallel)
         assert {name: value.shape for name, value in samples.items()} == expected
         assert torch.isfinite(samples["y"]).all() and (samples["sigma"] > 0).all()
         draws[parallel] = samples["y"].reshape(S, 5)
@@ -353,37 +232,17 @@ def test_subsampled_data_plate(how):
     assert guide.latent_dim == 3
 
 
-def local_latent_model(x, y=None, batch_size=None):
-    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
-    with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
-        u = pyro.sample("u", dist.Normal(0.0, 1.0))
-        pyro.sample("y", dist.Normal((x[idx] * w).sum(-1) + u, 0.5),
-                    obs=None if y is None else y[idx])
-
-
-def test_local_latents_in_a_subsampled_plate():
-    """Pyro's recipe works: AutoViking for the global weights, AutoNormal with ``create_plates``
-    for the per-datum latents. AutoViking alone either keeps one location per datum (like
-    AutoNormal) or refuses with an error that points to AutoGuideList."""
-    x, y = regression_data(n=20)
-
-    def create_plates(x, y=None, batch_size=None):
-        return pyro.plate("data", x.shape[0], subsample_size=batch_size)
-
-    guide = AutoGuideList(local_latent_model, create_plates=create_plates)
-    guide.append(AutoViking(poutine.block(local_latent_model, hide=["u"])))
-    guide.append(AutoNormal(poutine.block(local_latent_model, expose=["u"])))
-    losses = trained(local_latent_model, guide, (x, y, 5), steps=20)
-    assert all(math.isfinite(v) for v in losses)
-
-    pyro.clear_param_store()
-    alone = AutoViking(local_latent_model)
-    try:
-        trained(local_latent_model, alone, (x, y, 5), steps=2)
-    except Exception as error:  # noqa: BLE001 - the message is what is checked
-        assert "AutoGuideList" in str(error), repr(error)
-    else:
-        assert alone.latent_dim == 3 + 20
+def test_subsample_plate_follows_the_current_data_size(dtype):
+    """The data-set size of a subsampled plate is read at every call: calls with 64, 100 and 40
+    data draw their minibatch indices from the whole of that call's data, and the loss is
+    finite."""
+    guide = AutoViking(logreg)
+    for N in (64, 100, 40):
+        x, y = torch.randn(N, 3), torch.randint(0, 2, (N,)).to(torch.get_default_dtype())
+        seen = torch.cat([poutine.trace(guide).get_trace(x, y).nodes["data"]["value"]
+                          for _ in range(20)])
+        assert seen.max() < N and seen.max() >= 0.8 * N, (N, seen.max())
+        assert math.isfinite(TraceViking_ELBO().loss(logreg, guide, x, y))
 
 
 # -- discrete latents, PyroModule -------------------------------------------------------------

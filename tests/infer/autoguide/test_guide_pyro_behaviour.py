@@ -1,7 +1,7 @@
 """AutoViking meets the behaviours Pyro expects of an autoguide (after pyro-ppl/pyro
 ``tests/infer/test_autoguide.py``): site shapes and init strategies, ``median``/``quantiles``,
 serialisation, ``AutoGuideList``, ``Predictive``, Pyro's own ELBOs, PyroModule models and helpful
-errors."""
+errors (more in ``test_guide_errors.py``)."""
 
 import io
 import pickle
@@ -321,7 +321,7 @@ def test_discrete_latent_error():
 
 def test_no_observed_sites_warns():
     """Without a likelihood the kernel is the whole space: q = N(loc, σ_ker² I), with a warning
-    (issue #11: Pyro's guides handle such models)."""
+    (Pyro's guides handle such models), attributed to the caller's line."""
     def model():
         pyro.sample("a", dist.Normal(0.0, 1.0))
 
@@ -367,18 +367,3 @@ def test_bad_guide_arguments(kwargs):
     with pytest.raises(ValueError, match=name):
         AutoViking(linreg, **kwargs)
 
-
-def test_learned_kernel_scale_starts_at_the_common_prior_scale():
-    def model(x, y=None):
-        w = pyro.sample("w", dist.Normal(0.0, 0.3).expand([4]).to_event(1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
-
-    x, y = torch.randn(3, 4), torch.randn(3)
-    guide = AutoViking(model, kernel_scale="learned")
-    guide(x, y)
-    assert float(guide.kernel_scale) == pytest.approx(0.3)
-    pyro.clear_param_store()  # parameters are shared by name across guides of one class
-    guide = AutoViking(model, kernel_scale="learned", init_kernel_scale=2.0)
-    guide(x, y)
-    assert float(guide.kernel_scale) == pytest.approx(2.0)

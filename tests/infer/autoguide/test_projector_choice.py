@@ -7,12 +7,14 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from problems import dense_projector, known_weight_data
 from pyro import poutine
 from pyro.infer import SVI
 from pyro.infer.autoguide import init_to_value
@@ -22,6 +24,7 @@ from torch import nn
 from pyro_viking import AutoViking, TraceViking_ELBO
 from pyro_viking.infer.autoguide import projector_choice as jacobian_backends
 from pyro_viking.infer.autoguide.projector_choice import build_projector
+from pyro_viking.linalg import per_example
 from pyro_viking.model_trace.layout import LatentLayout
 from pyro_viking.model_trace.rows import make_rows_fn
 
@@ -195,8 +198,6 @@ def test_every_backend_matches_dense_projection(case):
 @pytest.mark.float64_only
 def test_per_example_rejects_non_finite_jacobian(monkeypatch):
     """The finiteness check runs by row chunks (here one row each) and still catches a NaN."""
-    from pyro_viking.linalg import per_example
-
     monkeypatch.setattr(per_example, "_GRAM_CHUNK_ELEMENTS", 1)
     x = torch.randn(5, 3)
 
@@ -213,8 +214,6 @@ def test_per_example_rejects_non_finite_jacobian(monkeypatch):
 def test_per_example_loop_builds_under_no_grad(default_dtype):
     """The loop of reverse passes (modules without a vmap rule) builds the same Jacobian under
     ``torch.no_grad()`` (``Predictive`` projecting lazily) as with gradients enabled."""
-    from pyro_viking.linalg import per_example
-
     torch.manual_seed(0)
     x = torch.randn(5, 3, dtype=default_dtype)
 
@@ -244,3 +243,84 @@ def test_bench_step_quick_runs():
     for word in ("AutoViking default (stop-grad P) [layer_gram]", "AutoViking grad through P",
                  "AutoNormal", "matrix_free, CG", "K=2 vectorised / K=1"):
         assert word in out
+
+
+# -- every backend in the user's dtype: scalar latents and zero Jacobian blocks ------------------
+BACKENDS = ["layer_gram", "per_example", "matrix_free"]
+
+
+def regression_with_scalar_noise(X, y=None):
+    """The commonest regression model: a weight vector and a scalar ``HalfNormal`` noise."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("obs", dist.Normal(X @ w, sigma), obs=y)
+
+
+def likelihood_without_latents(X, y=None):
+    """J = 0: the observation depends on no latent."""
+    pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=y)
+
+
+def likelihood_ignoring_one_latent(X, y=None):
+    """A block of J is zero: ``u`` is not used by the likelihood."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    pyro.sample("u", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("obs", dist.Normal(torch.tanh(X @ w), 0.5), obs=y)
+
+
+def _train(model, backend, grad_through_projection, steps=3):
+    X, y = known_weight_data()
+    guide = AutoViking(model, backend=backend, grad_through_projection=grad_through_projection)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CG convergence on the exactly singular Grams below
+        losses = [svi.step(X, y) for _ in range(steps)]
+    return guide, losses
+
+
+@pytest.mark.parametrize("through", [True, False], ids=["grad-through-P", "stop-grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_latent_beside_vector_trains_in_every_dtype(dtype, backend, through):
+    """A scalar latent beside a vector (``jvp`` tangents of ``0-dim * float`` are float64):
+    every backend trains in the default dtype, with and without the gradient through P."""
+    guide, losses = _train(regression_with_scalar_noise, backend, through)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert guide.backend_used == backend
+    assert guide.loc.dtype == dtype
+    assert guide.loc.grad is None or torch.isfinite(guide.loc.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jacobian_products_keep_the_parameters_dtype(dtype, backend):
+    """Every operator's ``mv``, ``rmv`` and Gram agree with a dense float64 Jacobian, and the
+    products come back in the parameters' dtype (``jvp`` of ``0-dim * float`` is float64)."""
+    X, y = known_weight_data(8)
+    model = regression_with_scalar_noise
+    layout = LatentLayout.from_trace(poutine.trace(model).get_trace(X, y))
+    z = torch.randn(layout.latent_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    proj = build_projector(model, layout, (X, y), {}, z, backend=backend, differentiable=False)
+    op = proj.operator
+    fn64 = make_rows_fn(model, layout, (X.double(), y.double()))
+    J64 = torch.func.jacrev(fn64)(z.double())
+    V, U = torch.randn(2, layout.latent_dim).to(dtype), torch.randn(2, 8).to(dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    assert op.mv(V).dtype == dtype and op.rmv(U).dtype == dtype
+    torch.testing.assert_close(op.mv(V).double(), V.double() @ J64.T, **tol)
+    torch.testing.assert_close(op.rmv(U).double(), U.double() @ J64, **tol)
+    PE = proj(V)
+    assert PE.dtype == dtype
+    torch.testing.assert_close(PE.double(), V.double() @ dense_projector(J64), **tol)
+
+
+@pytest.mark.parametrize("model", [likelihood_without_latents, likelihood_ignoring_one_latent])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_jacobian_blocks_train_with_the_implicit_gradient(dtype, backend, model):
+    """A likelihood that depends on no latent (J = 0), or not on one of them (a zero block of
+    J): every backend trains with the gradient through P (implicit differentiation)."""
+    guide, losses = _train(model, backend, True)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert guide.loc.dtype == dtype

@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 from pyro.infer import Predictive
+from pyro.infer.autoguide import init_to_median
 from pyro.nn import PyroModule, PyroSample
 from sklearn.datasets import make_moons
 from torch.distributions import constraints
 
-from pyro_viking import AutoViking
+from pyro_viking import AutoViking, BayesianNetwork
 from pyro_viking.infer.recipe.beta_selection import select_beta, validation_nll
 from pyro_viking.infer.recipe.fit import VikingFit, fit_viking
+from pyro_viking.infer.recipe.warmup import fit_map, set_noise_scale_at_map
 
 PRIOR = "prior_scale"
 
@@ -188,11 +190,6 @@ def test_map_warmup_starts_from_the_networks_initialisation(default_dtype):
     """A BayesianNetwork's warm-up starts at its PyTorch initialisation (its ``init_loc_fn``),
     not at Pyro's default ``init_to_median`` (≈ the all-zero network of a zero-mean prior,
     which cost the digits benchmark 0.03 of test NLL: 0.088 vs 0.047 after 60 epochs)."""
-    from pyro.infer.autoguide import init_to_median
-
-    from pyro_viking import BayesianNetwork
-    from pyro_viking.infer.recipe.fit import fit_map
-
     x, y = moons(default_dtype, n=200)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2))
@@ -211,8 +208,6 @@ def test_a_fixed_prior_far_wider_than_the_kernel_scale_warns(prior_scale, warns)
     prefers at the MAP (a 5-16-16-3 relu net under N(0, 1): ≈ 36×) warns with the predicted
     cost and the fixes, and its posterior predicts far worse than the MAP network; a narrower
     fixed prior or a learned one do not warn, and their posteriors predict as well as it."""
-    from pyro_viking import BayesianNetwork
-
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
@@ -245,9 +240,6 @@ def test_select_beta_on_a_subsampling_bayesian_network(default_dtype):
     """``select_beta`` / ``validation_nll`` on a ``BayesianNetwork`` whose ``batch_size`` is
     below the validation size (its plate subsamples at random): every validation datum is
     scored once, and the NLL equals the same network's without subsampling."""
-    from pyro_viking import BayesianNetwork
-    from pyro_viking.infer.recipe.beta_selection import validation_nll
-
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
@@ -275,9 +267,6 @@ def test_learned_regression_noise_starts_at_its_maximum_likelihood_value(default
     value): from the default 0.1 the warm-up's Adam steps would leave it near 0.15 where the
     data's noise is 0.3, and the 90 % predictive interval would cover about 56 % of the data.
     The same from ``batches=``; other models are left alone."""
-    from pyro_viking import BayesianNetwork
-    from pyro_viking.infer.recipe.fit import set_noise_scale_at_map
-
     torch.manual_seed(0)
     x = torch.randn(300, 3, dtype=default_dtype)
     y = 2 * x[:, 0] + 0.3 * torch.randn(300, dtype=default_dtype)

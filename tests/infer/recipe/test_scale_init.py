@@ -152,25 +152,26 @@ def test_linear_gaussian_fixed_prior(dtype):
     assert got["image_scale"] == pytest.approx(float(x[0]), rel=0.05)
 
 
-def test_per_example_gradients_fallback_loop_under_no_grad(monkeypatch, default_dtype):
-    """Model code that ``torch.func.jacrev`` cannot transform falls back to one reverse pass per
-    row, which also works under a caller's ``torch.no_grad()``; both give the exact Jacobian."""
-    from pyro_viking.infer.recipe import scale_init
+def test_curvature_statistics_without_vmap_under_no_grad(monkeypatch, default_dtype):
+    """Model code that ``torch.func`` cannot vmap gives the same statistics, through one reverse
+    pass per row (which also works under a caller's ``torch.no_grad()``); the Jacobian routes
+    themselves: ``tests/linalg/test_per_example.py``."""
+    X, y = linear_gaussian(N=6, D=10, dtype=default_dtype)
+    model = make_model(X, y, learned_prior=False)
+    loc = {"theta": ridge(X.double(), y.double()).to(default_dtype)}
+    kw = dict(batches=[{}], num_label_samples=3, num_kernel_samples=2)
+    torch.manual_seed(2)
+    want = curvature_statistics(model, loc, **kw)
 
-    torch.manual_seed(0)
-    x = torch.randn(6, 3, dtype=default_dtype)
-    z = torch.randn(3, dtype=default_dtype)
-
-    def fn(v):
-        return torch.tanh(x @ v)
-
-    want = (1 - torch.tanh(x @ z) ** 2)[:, None] * x  # d tanh(x_i · z) / dz
-    torch.testing.assert_close(scale_init.per_example_gradients(fn, z), want)
-
-    def no_transforms(f):
+    def no_vmap(*args, **kwargs):
         raise RuntimeError("model code without a functorch rule")
 
-    monkeypatch.setattr(torch.func, "jacrev", no_transforms)
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    torch.manual_seed(2)
     with torch.no_grad():
-        got = scale_init.per_example_gradients(fn, z)
-    torch.testing.assert_close(got, want)
+        got = curvature_statistics(model, loc, **kw)
+    assert got.image_dim == want.image_dim
+    assert got.image_trace == pytest.approx(want.image_trace, rel=1e-6)
+    assert got.kernel_trace == pytest.approx(want.kernel_trace, abs=1e-6 * want.image_trace)
+    rounding = 100 * torch.finfo(default_dtype).eps * X.shape[0]  # vmapped vs looped rows
+    assert got.kernel_curve == pytest.approx(want.kernel_curve, abs=rounding)

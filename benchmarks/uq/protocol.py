@@ -1,0 +1,57 @@
+"""The uncertainty benchmark's protocol: tasks, methods, the knob each method may choose on the
+validation split, and the training budget of each task (full run and ``--quick``).
+
+Every entry point (``run.py``, ``ablations.py``, ``timing.py``, ``diagnose.py``) reads these
+from here; the README's protocol section describes the same values. Pure Python: the report
+(``report.py``) imports it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+TASKS = ("digits", "mnist1d", "diabetes")
+METHODS = ("MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING")
+
+#: The one knob each method may choose on the validation split (seed 0, best BMA NLL):
+#: method → (knob name, grid, the value used without selection: ``--no-select``, ``--quick``).
+KNOBS: Dict[str, Tuple[str, Tuple[float, ...], float]] = {
+    "MAP": ("prior_scale", (0.3, 1.0, 3.0), 1.0),
+    "IVON": ("hess_init", (0.3, 1.0, 3.0), 1.0),
+    "AutoNormal": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
+    "AutoLowRank": ("prior_scale", (0.1, 0.3, 1.0), 0.3),
+    "VIKING": ("beta", (0.01, 0.001, 0.0001), 0.001),
+}
+#: Ensemble and Laplace reuse the MAP's prior scale (Laplace's own prior precision is fitted by
+#: its marginal likelihood).
+SHARES_KNOB = {"Ensemble": "MAP", "Laplace": "MAP"}
+
+#: Epochs per task (passes over the fit split) for the full run and for ``--quick``.
+EPOCHS = {"digits": 60, "mnist1d": 20, "diabetes": 50}
+QUICK_EPOCHS = {"digits": 2, "mnist1d": 1, "diabetes": 2}
+#: ``--quick``: at most this many fit inputs (MNIST-1D generated at ``QUICK_MNIST1D`` sequences).
+QUICK_FIT_SIZE = 300
+QUICK_MNIST1D = 1000
+
+
+@dataclass
+class Budget:
+    """Sizes shared by every method of a task (see the README for the values used)."""
+
+    epochs: int
+    batch_size: int = 64
+    lr: float = 3e-3  # Adam, for MAP, the ensemble members and every Pyro guide
+    num_samples: int = 100  # posterior samples per prediction
+    ensemble_size: int = 5
+    ivon_lr: float = 0.1  # ivon-opt's README value
+    guide_init_scale: float = 1e-2  # AutoNormal / AutoLowRank initial std
+    particles: int = 1  # sequential particles of every Pyro guide (each its own minibatch)
+
+
+def budget_for(task: str, quick: bool) -> Budget:
+    """The task's budget: ``EPOCHS`` with minibatches of 64 (32 for diabetes), or under
+    ``quick`` ``QUICK_EPOCHS`` with 4 posterior samples and 2 ensemble members."""
+    if quick:
+        return Budget(epochs=QUICK_EPOCHS[task], num_samples=4, ensemble_size=2)
+    return Budget(epochs=EPOCHS[task], batch_size=32 if task == "diabetes" else 64)
