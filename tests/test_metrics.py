@@ -1,4 +1,4 @@
-"""Tests of pyro_viking.evaluation on hand-computable cases, and a smoke run of the tutorial."""
+"""Tests of pyro_viking.metrics on hand-computable cases, and a smoke run of the tutorial."""
 
 import math
 import os
@@ -142,7 +142,7 @@ def test_reliability_diagram_draws(tmp_path):
 
 
 def test_module_does_not_import_sklearn_eagerly():
-    code = ("import sys; import pyro_viking.evaluation; "
+    code = ("import sys; import pyro_viking.metrics; "
             "assert 'sklearn' not in sys.modules; assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})

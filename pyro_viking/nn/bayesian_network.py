@@ -22,10 +22,17 @@ with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers s
 weights and the layer-Gram Jacobian backend applies; a leading batch of weight samples runs as
 :mod:`pyro_viking.nn.weight_samples` says.
 
+The model keeps no hidden state: the network is its input, never trained in place (a learned
+non-latent parameter is a ``pyro.param`` initialised from a copy of its value; a frozen one,
+``requires_grad=False``, is a constant), and its ``pyro.param`` entries are
+:attr:`BayesianNetwork.param_names`.
+
 The parts: :mod:`~pyro_viking.nn.latent_rules` (which parameters are latent; deterministic
-rows), :mod:`~pyro_viking.nn.likelihoods` (the observation model),
-:mod:`~pyro_viking.nn.scales` (fixed or learned ``s`` and ``σ``),
-:mod:`~pyro_viking.nn.weight_samples`, :mod:`~pyro_viking.nn.input_checks` and
+rows), :mod:`~pyro_viking.nn.hidden_parameters` (the others),
+:mod:`~pyro_viking.nn.likelihoods` (the observation model), :mod:`~pyro_viking.nn.scales`
+(fixed or learned ``s`` and ``σ``), :mod:`~pyro_viking.nn.data_plate`,
+:mod:`~pyro_viking.nn.weight_samples`, :mod:`~pyro_viking.nn.input_checks`,
+:mod:`~pyro_viking.nn.target_checks` (outputs and labels against the likelihood) and
 :func:`~pyro_viking.nn.linearization.network_output` (the network call).
 
 The prior and guide scales decide whether a network trained from PyTorch's initialisation
@@ -44,6 +51,8 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import Tensor, nn
 
+from pyro_viking.nn.data_plate import data_plate
+from pyro_viking.nn.hidden_parameters import copy_learned, hidden_values, learned_hidden
 from pyro_viking.nn.input_checks import InputChecks, check_rows_match
 from pyro_viking.nn.latent_rules import (
     Rule,
@@ -53,13 +62,13 @@ from pyro_viking.nn.latent_rules import (
 )
 from pyro_viking.nn.likelihoods import (
     check_likelihood,
-    check_targets,
     observation_distribution,
     output_site,
     row_log_likelihood,
 )
 from pyro_viking.nn.linearization import network_output
 from pyro_viking.nn.scales import parse_scale, scale_value
+from pyro_viking.nn.target_checks import TargetChecks, likelihood_outputs
 from pyro_viking.nn.weight_samples import WeightSampleRunner
 
 __all__ = ["BayesianNetwork"]
@@ -75,12 +84,13 @@ def _positive_int(value: Optional[int], what: str) -> Optional[int]:
 class BayesianNetwork(nn.Module):
     """The Pyro model of a Bayesian neural network built from ``net`` (module docstring).
 
-    :param net: an ``nn.Module`` mapping inputs ``(B, ...)`` to outputs ``(B, O)`` with
-        independent, deterministic rows (dropout and batch norm only in eval mode); its current
-        values are the initial posterior mean (:meth:`init_loc_fn`).
-    :param likelihood: ``"classification"`` (labels ``(N,)`` long), ``"binary"`` (``O = 1``,
-        labels ``(N,)`` float) or ``"regression"`` (targets ``(N,)`` for ``O = 1``, else
-        ``(N, O)``): the observation models of :mod:`pyro_viking.nn.likelihoods`.
+    :param net: an ``nn.Module`` mapping inputs ``(B, ...)`` to one tensor ``(B, O)`` (or
+        ``(B,)``: ``O = 1``, not for classification) with independent, deterministic rows
+        (dropout and batch norm only in eval mode); its current values are the initial
+        posterior mean (:meth:`init_loc_fn`). It is not changed (:attr:`network` copies in).
+    :param likelihood: ``"classification"`` (``O = C ≥ 2``, labels ``0..C-1`` ``(N,)``),
+        ``"binary"`` (``O = 1``, labels 0./1. ``(N,)``) or ``"regression"`` (targets ``(N,)`` for
+        ``O = 1``, else ``(N, O)``): the observation models of :mod:`pyro_viking.nn.likelihoods`.
     :param prior_scale: ``s`` of the iid prior ``N(0, s²)`` on every latent, or ``"learned"``:
         one positive ``pyro.param`` :attr:`prior_scale_name` for all, from ``init_prior_scale``.
     :param noise_scale: σ of the regression likelihood, or ``"learned"`` (``pyro.param``
@@ -92,7 +102,7 @@ class BayesianNetwork(nn.Module):
     :param latent: the latent parameters (``None``: all): a rule or list of rules
         (:data:`~pyro_viking.nn.latent_rules.Rule`: glob or name prefix, module type or
         callable). The others are point estimates (``pyro.param`` under their site names).
-    :param fit_hidden: learn the non-latent parameters (default) or keep them constant.
+    :param fit_hidden: learn the non-latent parameters (those with ``requires_grad``) or not.
     :param name: prefix of the site and parameter names (``"bnn.fc1.weight"``).
     :param weight_samples: how a leading batch of weight samples runs: ``"vmap"``, ``"loop"``
         or ``"auto"`` (:mod:`pyro_viking.nn.weight_samples`); values do not depend on it.
@@ -102,8 +112,9 @@ class BayesianNetwork(nn.Module):
 
     Raises ``ValueError`` for an invalid argument, a latent rule selecting nothing, dropout in
     training mode or batch norm on minibatch statistics (built or called), inputs holding NaN
-    or inf (naming the rows), ``y`` without one row per datum or not fitting the likelihood.
-    Torch's ``RuntimeError`` for inputs of another dtype, device or row shape gets the fix.
+    or inf, outputs or ``y`` not fitting the likelihood (bad rows named), ``y`` without one row
+    per datum, a minibatch over ``num_data``; ``TypeError`` for a network not returning one
+    tensor. Torch's ``RuntimeError`` for inputs of another dtype, device or shape gets the fix.
     """
 
     def __init__(self, net: nn.Module, likelihood: str = "classification", *,
@@ -132,7 +143,7 @@ class BayesianNetwork(nn.Module):
         check_deterministic(self._batch_dependent)
         self._weight_samples = WeightSampleRunner(net, weight_samples)
         self.weight_samples = weight_samples
-        self._inputs = InputChecks()
+        self._inputs, self._targets = InputChecks(), TargetChecks()
 
     def site_name(self, param_name: str) -> str:
         """Pyro site (latent) or ``pyro.param`` (hidden) name of a network parameter."""
@@ -155,16 +166,18 @@ class BayesianNetwork(nn.Module):
         return f"{self.name}.noise_scale" if learned else None
 
     @property
-    @torch.no_grad()
+    def param_names(self) -> Tuple[str, ...]:
+        """The ``pyro.param`` names this model owns: the learned prior and noise scales and the
+        learned hidden parameters (a fit starting afresh deletes them from the store)."""
+        hidden = learned_hidden(self.net, self.hidden_names, self.fit_hidden)
+        names = (self.prior_scale_name, self.noise_scale_name, *map(self.site_name, hidden))
+        return tuple(n for n in names if n is not None)
+
+    @property
     def network(self) -> nn.Module:
         """The wrapped ``nn.Module``, with the current values of the learned non-latent
-        parameters (latent ones hold their initial values or those of :meth:`set_weights`)."""
-        store = pyro.get_param_store()
-        for n in self.hidden_names if self.fit_hidden else ():
-            p, site = self.net.get_parameter(n), self.site_name(n)
-            if site in store and store[site] is not p:
-                p.copy_(store[site])
-        return self.net
+        parameters copied in (latent ones: their initial values, or :meth:`set_weights`'s)."""
+        return copy_learned(self.net, self.hidden_names, self.fit_hidden, self.site_name)
 
     @torch.no_grad()
     def set_weights(self, values: Dict[str, Tensor]) -> nn.Module:
@@ -189,29 +202,24 @@ class BayesianNetwork(nn.Module):
                         linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
         """The network on inputs ``x`` ``(B, ...)`` with latent values ``latent`` (parameter
         name → ``(*batch, *shape)``), or linearised around ``linearise_at`` (site name → tensor,
-        e.g. ``guide.median()``): ``(B, *outputs)``, one ``functional_call`` on the tensors as
-        given (Jacobian backends see the layers' weights), or with a leading weight batch
-        ``(*batch', B, *outputs)``, ``batch'`` without a trailing 1 (the data dim)."""
+        e.g. ``guide.median()``): ``(B, O)`` (``(B,)`` as ``(B, 1)``), one ``functional_call``
+        on the tensors as given (Jacobian backends see the layers' weights), or with a leading
+        weight batch ``(*batch', B, O)``, ``batch'`` without a trailing 1 (the data dim)."""
         check_deterministic(self._batch_dependent)  # the mode may have changed since
-        hidden = {n: pyro.param(self.site_name(n), self.net.get_parameter(n)) if self.fit_hidden
-                  else self.net.get_parameter(n).detach() for n in self.hidden_names}
+        hidden = hidden_values(self.net, self.hidden_names, self.fit_hidden, self.site_name)
         ref = None if linearise_at is None else {
             n: linearise_at[self.site_name(n)].to(x.dtype) for n in self.latent_shapes}
 
         def call(sample: Dict[str, Tensor], at: Optional[Dict[str, Tensor]] = ref) -> Tensor:
             with self._inputs.explaining(x, self.net):
-                return network_output(self.net, {**hidden, **sample}, x, at)
+                out = network_output(self.net, {**hidden, **sample}, x, at)
+            return likelihood_outputs(self.likelihood, out)
 
         out = self._weight_samples.run(latent, self.latent_shapes, x, call,
                                        probe=lambda sample: call(sample, None))
         self._inputs.remember_rows(x)
+        self._targets.remember_outputs(out)
         return out
-
-    def __getstate__(self):
-        # Pyro's param store tags hidden parameters with a weakref to themselves: drop it
-        for p in self.net.parameters():
-            p.__dict__.pop("unconstrained", None)
-        return super().__getstate__()
 
     def prior_scale_value(self, like: Tensor) -> Tensor:
         """The prior's ``s`` now: the fixed value, or the learned ``pyro.param``."""
@@ -224,15 +232,10 @@ class BayesianNetwork(nn.Module):
         return scale_value(self.noise_scale, self.noise_scale_name, self.init_noise_scale, like)
 
     def data_plate(self, x: Tensor, y: Optional[Tensor]) -> pyro.plate:
-        """The data plate of a call ``bnn(x, y)`` (a new random minibatch when it subsamples;
-        its ``indices`` select the rows of ``x``)."""
-        n = x.shape[0]
-        if y is not None and self.num_data is not None and self.num_data != n:
-            return pyro.plate("data", self.num_data, subsample=torch.arange(n, device=x.device),
-                              dim=-1)
-        size = self.batch_size if y is not None and self.batch_size is not None \
-            and self.batch_size < n else None
-        return pyro.plate("data", n, subsample_size=size, dim=-1, device=x.device)
+        """The data plate of a call ``bnn(x, y)`` (:func:`~pyro_viking.nn.data_plate.data_plate`;
+        its ``indices`` select the rows of ``x``), after :meth:`check_targets` of ``y``."""
+        self.check_targets(y)
+        return data_plate(x, y, self.num_data, self.batch_size)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None, *,
                 linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
@@ -250,8 +253,7 @@ class BayesianNetwork(nn.Module):
         with data as idx:
             pass
         out = self.forward_network(latent, x[idx], linearise_at)  # outside the plate
-        if y is not None:
-            check_targets(self.likelihood, out, y)
+        self.check_targets(y)  # (the first call: now that the outputs' width is known)
         with data:
             pyro.deterministic(self.output_site, out, event_dim=1)
             pyro.sample("obs", self.observation_distribution(out),
@@ -262,6 +264,12 @@ class BayesianNetwork(nn.Module):
         """Raise ``ValueError`` naming the rows when the inputs ``x`` ``(N, ...)`` hold NaN or
         inf; an unmodified tensor passed again (the training set at every step) is not rescanned."""
         self._inputs.check_finite(x)
+
+    def check_targets(self, y: Optional[Tensor]) -> None:
+        """Raise ``ValueError`` with the fix when the labels ``y`` ``(N, ...)`` do not fit the
+        likelihood and the network's outputs (:mod:`~pyro_viking.nn.target_checks`; the first
+        bad row named); checked once per tensor, from the network's first call on."""
+        self._targets.check(self.likelihood, y)
 
     def row_log_likelihood(self, out: Tensor, y: Tensor) -> Tensor:
         """``observation_distribution(out).log_prob(y)`` ``(..., B)`` for outputs ``(..., B, O)``

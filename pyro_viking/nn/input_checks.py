@@ -3,7 +3,7 @@
 :class:`InputChecks` is the state these checks keep across calls: the last input tensor found
 finite (so an unmodified training tensor passed at every step is scanned once) and the row shape
 of the first successful network call (so a prediction input of another row shape gets the
-reshape to make).
+reshape to make). :class:`LastChecked` is how a check remembers the tensor it passed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InputChecks", "check_rows_match"]
+__all__ = ["InputChecks", "LastChecked", "check_rows_match"]
 
 
 def check_rows_match(x: Tensor, y: Optional[Tensor]) -> None:
@@ -26,23 +26,40 @@ def check_rows_match(x: Tensor, y: Optional[Tensor]) -> None:
                          f"y has {y.shape[0] if y.dim() else 'none (a scalar)'}")
 
 
+class LastChecked:
+    """The last tensor a check passed, by identity and version (``x._version`` counts its
+    in-place changes): the same, unmodified tensor need not be checked again. A weak
+    reference: no tensor is kept alive, and none is saved with the check (pickling forgets)."""
+
+    def __init__(self) -> None:
+        self._last: Optional[tuple] = None  # (weakref, version)
+
+    def __getstate__(self) -> dict:
+        return {"_last": None}  # (a weakref: not picklable)
+
+    def holds(self, x: Tensor) -> bool:
+        """Whether ``x`` is the tensor last :meth:`remember`-ed, unmodified since."""
+        last = self._last
+        return last is not None and last[0]() is x and last[1] == x._version
+
+    def remember(self, x: Tensor) -> None:
+        """Keep (a weak reference to) ``x`` and its current version."""
+        self._last = (weakref.ref(x), x._version)
+
+
 class InputChecks:
     """The inputs' checks of one network and what they remember between calls."""
 
     def __init__(self) -> None:
-        self._finite: Optional[tuple] = None  # (weakref, version) of the last finite x
+        self._finite = LastChecked()  # the last x found finite
         self.row_shape: Optional[Tuple[int, ...]] = None  # x.shape[1:] of the first good call
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_finite": None}  # (a weakref: not picklable)
 
     def check_finite(self, x: Tensor) -> None:
         """Raise ``ValueError`` naming the rows when the inputs ``x`` ``(N, ...)`` hold NaN or
         inf. One pass over ``x`` per tensor version; non-float inputs are not checked."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             return
-        last = self._finite
-        if last is not None and last[0]() is x and last[1] == x._version:
+        if self._finite.holds(x):
             return
         rows = x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (N, features), N may be 0
         finite = torch.isfinite(rows)
@@ -52,7 +69,7 @@ class InputChecks:
             raise ValueError(f"x holds NaN or inf in {len(bad)} of its {len(finite)} rows "
                              f"(rows {shown}): drop or impute them before training or "
                              "predicting")
-        self._finite = (weakref.ref(x), x._version)
+        self._finite.remember(x)
 
     def remember_rows(self, x: Tensor) -> None:
         """Keep ``x.shape[1:]`` as the row shape the network runs on, if none is kept yet."""

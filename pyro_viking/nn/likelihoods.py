@@ -6,7 +6,8 @@
   ``(..., B, d)`` with targets ``(N, d)`` (the ``d`` outputs of a datum are one event).
 
 Every function here takes the noise scale ``σ`` as a tensor (``None`` unless regression); where
-it comes from (fixed or learned) is :mod:`pyro_viking.nn.scales`'s business.
+it comes from (fixed or learned) is :mod:`pyro_viking.nn.scales`'s business, and whether the
+outputs and labels fit is :mod:`pyro_viking.nn.target_checks`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pyro.distributions as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LIKELIHOODS", "check_likelihood", "check_targets", "observation_distribution",
-           "output_site", "row_log_likelihood"]
+__all__ = ["LIKELIHOODS", "check_likelihood", "observation_distribution", "output_site",
+           "row_log_likelihood"]
 
 LIKELIHOODS = ("classification", "binary", "regression")
 
@@ -66,23 +67,3 @@ def row_log_likelihood(likelihood: str, out: Tensor, y: Tensor,
                                                    reduction="none")
     return observation_distribution(likelihood, out, noise_scale).log_prob(y)
 
-
-def check_targets(likelihood: str, out: Tensor, y: Tensor) -> None:
-    """Raise ``ValueError``, with the fix, if the labels/targets ``y`` ``(N, ...)`` do not fit
-    the likelihood and the outputs ``out`` ``(..., B, O)`` (shape, or dtype of binary labels)."""
-    n_out = out.shape[-1]
-    if likelihood == "regression" and n_out > 1:
-        want, what = (n_out,), f"targets (N, {n_out}) for outputs (B, {n_out})"
-    else:
-        want = ()
-        what = {"classification": "class indices of shape (N,)",
-                "binary": "0./1. labels of shape (N,)",
-                "regression": "targets of shape (N,) for outputs (B, 1)"}[likelihood]
-    shape = tuple(y.shape[1:])
-    if shape != want:
-        fix = " (y.squeeze(-1))" if shape == (1,) and want == () else ""
-        raise ValueError(f"likelihood={likelihood!r} takes {what}; got y of shape "
-                         f"{tuple(y.shape)}{fix}")
-    if likelihood == "binary" and not y.is_floating_point():
-        raise ValueError(f"likelihood='binary' takes float labels (0. or 1.); got {y.dtype}"
-                         ": pass y.float() (or y.to(x.dtype))")

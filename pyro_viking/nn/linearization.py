@@ -13,6 +13,8 @@ from typing import Dict, Optional
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from pyro_viking.nn.target_checks import one_tensor
+
 __all__ = ["network_output"]
 
 
@@ -23,10 +25,11 @@ def network_output(network: nn.Module, params: Dict[str, Tensor], x: Tensor,
     of those names), its linearisation in those parameters,
     ``f(x; θ_ref) + J_f(x; θ_ref) (θ − θ_ref)``, the others held at their ``params`` values: one
     forward-mode product (``torch.func.jvp``), no Jacobian is formed. Parameters missing from
-    ``params`` keep the module's own values. Shape: that of ``network(x)``."""
+    ``params`` keep the module's own values. Shape: that of ``network(x)``; ``TypeError``
+    unless the network returns one tensor."""
     if linearise_at is None:
-        return functional_call(network, params, (x,))
+        return one_tensor(functional_call(network, params, (x,)))
     step = {name: params[name] - linearise_at[name] for name in linearise_at}
-    f_ref, f_step = jvp(lambda p: functional_call(network, {**params, **p}, (x,)),
+    f_ref, f_step = jvp(lambda p: one_tensor(functional_call(network, {**params, **p}, (x,))),
                         (linearise_at,), (step,))
     return f_ref + f_step

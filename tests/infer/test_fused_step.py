@@ -1,4 +1,4 @@
-"""The fused training step (pyro_viking.fused_step) against Pyro's traced step.
+"""The fused training step (pyro_viking.infer.fused_step) against Pyro's traced step.
 
 Under one seed both paths draw the same minibatches and noise, so every step's loss and the
 parameters after training must agree to rounding; and the fused step must stay out of the

@@ -8,14 +8,17 @@ NLL of the Bayesian model average
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import pyro
 import torch
 from pyro.infer import Predictive
+from pyro.util import get_rng_state, set_rng_state
 
 from pyro_viking.infer.recipe.fit import VikingFit, fit_viking
+from pyro_viking.infer.recipe.params import prior_scale_name
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.model_trace.layout import LatentLayout
 from pyro_viking.model_trace.rows import make_rows_fn, observed_data_frames
@@ -102,27 +105,39 @@ def select_beta(
     :param num_samples: posterior samples for the validation NLL.
     :param fit_options: further :func:`~pyro_viking.fit_viking` arguments.
     """
+    betas = [float(b) for b in betas]
+    if not betas or any(not b >= 0 for b in betas):
+        raise ValueError(f"betas must be one or more non-negative KL weights, got {betas}")
     make_optim = optim_factory or (lambda: pyro.optim.Adam({"lr": 1e-3}))
     store = pyro.get_param_store()
-    start = store.get_state()
+    start, rng = _snapshot(store), get_rng_state()
+    name = prior_scale_name(model, prior_scale_param)
     val_args, val_kwargs = batch_call(tuple(validation) if isinstance(validation, list)
                                     else validation)
     table, fits, states = [], [], []
     for beta in betas:
-        store.set_state(start)
+        # every candidate starts from the same store and random numbers: its fit is the one
+        # it would get alone, whatever the order of betas
+        store.set_state(copy.deepcopy(start))
+        set_rng_state(rng)
         fit = fit_viking(model, *args, batches=batches, num_steps=num_steps,
                          warmup_steps=warmup_steps, beta=beta, optim=make_optim(),
                          prior_scale_param=prior_scale_param, progress=progress,
                          **(fit_options or {}), **kwargs)
         fit.guide.project_training_data(*args, batches=batches, num_samples=num_samples, **kwargs)
         nll = validation_nll(model, fit.guide, *val_args, num_samples=num_samples, **val_kwargs)
-        h = fit.history
-        table.append(dict(beta=float(beta), val_nll=float(nll.mean()),
+        table.append(dict(beta=beta, val_nll=float(nll.mean()),
                           val_nll_se=float(nll.std() / math.sqrt(len(nll))),
-                          image_scale=h["image_scale"][-1], kernel_scale=h["kernel_scale"][-1],
-                          prior_scale=h["prior_scale"][-1]))
+                          image_scale=float(fit.guide.image_scale),
+                          kernel_scale=float(fit.guide.kernel_scale),
+                          prior_scale=float(store[name]) if name in store else math.nan))
         fits.append(fit)
-        states.append(store.get_state())
+        states.append(_snapshot(store))
     best = min(range(len(table)), key=lambda i: table[i]["val_nll"])
     store.set_state(states[best])
     return BetaSelection(table[best]["beta"], table, fits[best])
+
+
+def _snapshot(store) -> dict:
+    """A copy of the param store's state that later training (in place) does not change."""
+    return copy.deepcopy(store.get_state())

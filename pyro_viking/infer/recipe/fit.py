@@ -31,7 +31,12 @@ pairs; e.g. a ``DataLoader``), cycled as often as needed. With ``batches``, the 
 its likelihood to the full data set itself (``pyro.plate("data", N, subsample=idx)`` or
 ``poutine.scale``), as any minibatch SVI in Pyro requires.
 
-No state is kept outside the returned :class:`VikingFit` and Pyro's param store.
+No state is kept outside the returned :class:`VikingFit` and Pyro's param store, and none is
+read from earlier fits: a fit first deletes the param-store entries it owns (its guides' and a
+:class:`~pyro_viking.BayesianNetwork`'s own, :mod:`~pyro_viking.infer.recipe.arguments`), and a
+``BayesianNetwork``'s weights are copied, never trained in place, so two fits in one process
+give what each gives in a fresh one (same seed). Step counts, batches and ``num_data`` are
+checked before the first step.
 """
 
 from __future__ import annotations
@@ -49,19 +54,28 @@ from pyro.optim import PyroOptim
 
 from pyro_viking.infer.autoguide.guide import AutoViking
 from pyro_viking.infer.elbo import TraceViking_ELBO
+from pyro_viking.infer.recipe.arguments import (
+    check_steps,
+    check_training_data,
+    reset_owned_params,
+)
 from pyro_viking.infer.recipe.initial_scales import initial_scales
 from pyro_viking.infer.recipe.params import prior_scale_name, set_positive_param, with_scale_lr
 from pyro_viking.infer.recipe.scale_init import CurvatureStatistics
 from pyro_viking.infer.recipe.svi_loop import new_history, run_phase, training_calls
 from pyro_viking.infer.recipe.warmup import fit_map, set_noise_scale_at_map
 
-__all__ = ["DEFAULT_BETA", "VikingFit", "fit_viking"]
+__all__ = ["DEFAULT_BETA", "POST_HOC_WARMUP_STEPS", "VikingFit", "fit_viking"]
 
 #: Default KL weight (Pyro's convention: the plate already scales the likelihood by N/B, so
 #: β = 1 is the true ELBO), chosen on the validation splits of the uncertainty benchmark
 #: (``benchmarks/uq``: the scores per β and task are in ``benchmarks/uq/README.md``).
 #: :func:`~pyro_viking.select_beta` chooses β for a task on its own validation split.
 DEFAULT_BETA = 0.001
+
+#: MAP warm-up steps of ``fit_viking(..., num_steps=0)`` (the posterior at a MAP) when
+#: ``warmup_steps`` is not given (otherwise the warm-up is a quarter of ``num_steps``)
+POST_HOC_WARMUP_STEPS = 1000
 
 
 @dataclass
@@ -121,7 +135,8 @@ def fit_viking(
         (tempered) MAP with the curvature scales of phase 2, set up and ready for
         ``Predictive``: no training under sampled weights (a post-hoc VIKING, as a Laplace
         approximation is post-hoc).
-    :param warmup_steps: MAP steps (default ``num_steps // 4``; 0 with ``map_values``).
+    :param warmup_steps: MAP steps (default ``num_steps // 4``, or
+        :data:`POST_HOC_WARMUP_STEPS` when ``num_steps`` is 0; none with ``map_values``).
     :param scales_steps: steps of the optional scales-only phase (``θ̂`` frozen).
     :param beta: KL weight of :class:`~pyro_viking.TraceViking_ELBO` (:data:`DEFAULT_BETA`).
     :param optim: any Pyro optimiser (default ``Adam(lr=1e-3)``), used in every phase.
@@ -148,11 +163,15 @@ def fit_viking(
         the curvature estimate (:func:`~pyro_viking.infer.recipe.scale_init.curvature_statistics`).
     :param progress: tqdm progress bars.
     """
+    check_steps(num_steps=num_steps, warmup_steps=warmup_steps, scales_steps=scales_steps)
+    check_training_data(model, args, batches)
+    reset_owned_params(model)
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
     name = prior_scale_name(model, prior_scale_param)
     history = new_history()
     if map_values is None:
-        warmup = num_steps // 4 if warmup_steps is None else warmup_steps
+        warmup = warmup_steps if warmup_steps is not None else \
+            num_steps // 4 if num_steps else POST_HOC_WARMUP_STEPS
         map_values = fit_map(model, *args, batches=batches, num_steps=warmup, optim=optim,
                              prior_scale_param=name, init_loc_fn=init_loc_fn,
                              progress=progress, history=history,
@@ -167,14 +186,15 @@ def fit_viking(
         if name is not None:
             set_positive_param(name, init["prior_scale"], like=next(iter(map_values.values())))
     else:
+        store = pyro.get_param_store()
         init = {"image_scale": init_image_scale, "kernel_scale": math.nan,
-                "prior_scale": float(pyro.param(name).detach()) if name else math.nan}
+                "prior_scale": float(store[name]) if name in store else math.nan}
     options = dict(init_image_scale=init["image_scale"], kernel_scale=kernel_scale, gamma=gamma,
                    grad_through_projection=False)
     if kernel_scale == "learned" and init_scales:
         options["init_kernel_scale"] = init["kernel_scale"]
-    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_values),
-                       **{**options, **(guide_options or {})})
+    options.update(guide_options or {})
+    guide = AutoViking(model, init_loc_fn=init_to_value(values=map_values), **options)
     elbo = TraceViking_ELBO(beta=beta, num_particles=num_particles)
     record, calls = _recorder(guide, name), training_calls(args, kwargs, batches)
     optim = optim if scales_lr_factor is None else _with_scales_lr(optim, scales_lr_factor, name)
@@ -182,8 +202,10 @@ def fit_viking(
         frozen = poutine.block(guide, hide_fn=lambda msg: msg["type"] == "param"
                                and msg["name"].endswith(".loc"))
         run_phase(SVI(model, frozen, optim, elbo), calls, scales_steps, "scales", history,
-                  record, progress)
-    run_phase(SVI(model, guide, optim, elbo), calls, num_steps, "elbo", history, record, progress)
+                  record, progress, image_scale=options["init_image_scale"])
+    start = history["image_scale"][-1] if scales_steps else options["init_image_scale"]
+    run_phase(SVI(model, guide, optim, elbo), calls, num_steps, "elbo", history, record, progress,
+              image_scale=start)
     if guide.prototype_trace is None:  # no ELBO step: set the guide up on one training call
         a, kw = next(calls)
         with poutine.block():

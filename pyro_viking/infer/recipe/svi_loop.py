@@ -4,13 +4,15 @@ arguments, or batches cycled as often as needed), the steps, and the history the
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from pyro.infer import SVI
 
 from pyro_viking.model_trace.inspection import batch_call
 
-__all__ = ["HISTORY_KEYS", "first_call", "new_history", "run_phase", "training_calls"]
+__all__ = ["COLLAPSE_FRACTION", "DIVERGENCE_WINDOW", "HISTORY_KEYS", "check_divergence",
+           "first_call", "new_history", "run_phase", "training_calls"]
 
 #: what :func:`run_phase` records per step (``VikingFit.history``)
 HISTORY_KEYS = ("phase", "loss", "image_scale", "kernel_scale", "prior_scale")
@@ -47,17 +49,53 @@ def first_call(args: tuple, kwargs: dict, batches: Optional[Iterable]) -> Tuple[
 
 
 def run_phase(svi: SVI, calls: Iterator, steps: int, phase: str, history: Dict[str, list],
-              record: Callable[[], Tuple[float, float, float]], progress: bool) -> None:
+              record: Callable[[], Tuple[float, float, float]], progress: bool,
+              image_scale: float = math.nan) -> None:
     """``steps`` SVI steps on the next ``calls``; appends to ``history`` the phase name, the
-    loss and ``record()``'s ``(image_scale, kernel_scale, prior_scale)`` of each step."""
+    loss and ``record()``'s ``(image_scale, kernel_scale, prior_scale)`` of each step, and stops
+    a diverged phase (:func:`check_divergence`; ``image_scale``: σ_im before the first step)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc=f"VIKING {phase}", disable=not progress, leave=False)
+    start = len(history["loss"])
     for _ in bar:
         a, kw = next(calls)
         loss = svi.step(*a, **kw)
         im, ker, prior = record()
         for key, value in zip(HISTORY_KEYS, (phase, loss, im, ker, prior)):
             history[key].append(value)
+        check_divergence(history, start, svi.optim, image_scale)
         if bar.n % 20 == 0:
             bar.set_postfix(loss=f"{loss:.4g}", sigma_im=f"{im:.3g}", sigma_ker=f"{ker:.3g}")
+
+
+#: σ_im falling below this fraction of its value at the start of a phase, while the loss grows,
+#: is a diverged fit (the optimiser overshoots and the posterior collapses onto θ̂)
+COLLAPSE_FRACTION = 1e-6
+#: steps averaged at each end of the phase when comparing losses
+DIVERGENCE_WINDOW = 10
+
+
+def check_divergence(history: Dict[str, list], start: int, optim, image_scale: float) -> None:
+    """Raise ``RuntimeError`` when the phase that began at step ``start`` diverged: a
+    non-finite loss, or σ_im fallen below :data:`COLLAPSE_FRACTION` of ``image_scale`` (its
+    value before the phase) while the mean loss of the last :data:`DIVERGENCE_WINDOW` steps
+    exceeds the phase's first loss. The message names the optimiser's learning rate."""
+    loss, image = history["loss"][start:], history["image_scale"][start:]
+    lr = getattr(optim, "pt_optim_args", {})
+    lr = lr.get("lr") if isinstance(lr, dict) else None
+    fix = (f"lower the learning rate (lr={lr})" if lr is not None else
+           "lower the learning rate") + " or clip the gradients (pyro.optim.ClippedAdam)"
+    if not math.isfinite(loss[-1]):
+        raise RuntimeError(f"training diverged: the loss is {loss[-1]} at step {len(loss)} of "
+                           f"the {history['phase'][-1]} phase; {fix}.")
+    w = DIVERGENCE_WINDOW
+    if len(loss) < w or not (math.isfinite(image_scale) and image_scale > 0):
+        return
+    last = sum(loss[-w:]) / w
+    if image[-1] < COLLAPSE_FRACTION * image_scale and last > loss[0]:
+        raise RuntimeError(
+            f"training diverged: over {len(loss)} steps of the {history['phase'][-1]} phase the "
+            f"loss grew from {loss[0]:.4g} to {last:.4g} (mean of the last {w}) while σ_im "
+            f"collapsed from {image_scale:.3g} to {image[-1]:.3g} (a posterior of zero width); "
+            f"{fix}.")

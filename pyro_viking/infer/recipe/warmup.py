@@ -20,8 +20,9 @@ from pyro_viking.infer.recipe.params import hide_param, prior_scale_name, set_po
 from pyro_viking.infer.recipe.svi_loop import first_call, new_history, run_phase, training_calls
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.nn.bayesian_network import BayesianNetwork
+from pyro_viking.user_warnings import warn
 
-__all__ = ["NOISE_CHUNK_ROWS", "fit_map", "set_noise_scale_at_map"]
+__all__ = ["INTERPOLATION_FRACTION", "NOISE_CHUNK_ROWS", "fit_map", "set_noise_scale_at_map"]
 
 #: rows per network call of :func:`set_noise_scale_at_map`
 NOISE_CHUNK_ROWS = 4096
@@ -92,17 +93,38 @@ def set_noise_scale_at_map(model: Callable, map_values: Dict[str, torch.Tensor],
         [batch_call(b) for b in itertools.islice(batches, num_batches)]
     latent = {n: map_values[model.site_name(n)] for n in model.latent_shapes}
     total = count = 0.0
+    targets = []
     with torch.no_grad():
         for a, kw in calls:
             x, y = a[0], (a[1] if len(a) > 1 else kw.get("y"))
             for i in range(0, len(x), NOISE_CHUNK_ROWS):
                 out = model.forward_network(latent, x[i:i + NOISE_CHUNK_ROWS])
-                r = out.reshape(out.shape[0], -1) - y[i:i + NOISE_CHUNK_ROWS].reshape(
-                    out.shape[0], -1).to(out.dtype)
+                t = y[i:i + NOISE_CHUNK_ROWS].reshape(out.shape[0], -1).to(out.dtype)
+                r = out.reshape(out.shape[0], -1) - t
                 total += float(r.double().pow(2).sum())
                 count += r.numel()
+                targets.append(t.double())
     sigma = math.sqrt(total / count) if count else math.nan
     if not (math.isfinite(sigma) and sigma > 0):
         return None  # no data, an exact or a diverged fit: leave the learned value
+    _warn_if_interpolating(sigma, torch.cat(targets),
+                           sum(math.prod(s) for s in model.latent_shapes.values()))
     set_positive_param(name, sigma, like=next(iter(latent.values())))
     return sigma
+
+
+#: a MAP residual below this fraction of the targets' spread, on no more targets than weights,
+#: is taken for interpolation
+INTERPOLATION_FRACTION = 0.05
+
+
+def _warn_if_interpolating(sigma: float, targets: torch.Tensor, num_weights: int) -> None:
+    """Warn when the MAP interpolates the training targets: with at most as many targets as
+    weights and a residual far below their spread, the residual says nothing about the noise
+    and the learned noise scale (and with it the predictive spread) collapses."""
+    spread = float(targets.std()) if targets.numel() > 1 else math.nan
+    if targets.numel() <= num_weights and sigma < INTERPOLATION_FRACTION * spread:
+        warn(f"the MAP fits the {targets.numel()} training targets almost exactly (RMS residual "
+             f"{sigma:.3g}, targets' std {spread:.3g}): the learned noise scale set from it is "
+             "unreliable and predictive intervals will be far too narrow. Give a known "
+             "noise_scale=<float> to BayesianNetwork, or train on more data.")

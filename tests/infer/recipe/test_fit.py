@@ -1,4 +1,4 @@
-"""The VIKING recipe (pyro_viking.recipe): API behaviour and step-size independence."""
+"""The VIKING recipe (pyro_viking.infer.recipe.fit): API behaviour and step-size independence."""
 
 import math
 import warnings

@@ -1,4 +1,4 @@
-"""Scale initialisation from curvature (pyro_viking.scale_init) against brute force."""
+"""Scale initialisation from curvature (pyro_viking.infer.recipe.scale_init) against brute force."""
 
 import math
 
