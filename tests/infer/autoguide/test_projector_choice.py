@@ -1,6 +1,7 @@
 """Which Jacobian backend ``backend="auto"`` picks for the benchmark models (and models outside
 the layer-Gram route), and every backend against a dense float64 reference projection, through
-:func:`pyro_viking.infer.autoguide.projector_choice.build_projector`; plus a smoke run of the benchmark."""
+:func:`pyro_viking.infer.autoguide.projector_choice.build_projector`; plus a smoke run of the
+benchmark."""
 
 import importlib.util
 import math
