@@ -6,7 +6,8 @@ latents that the guide's layout does not cover (those of other guides of an ``Au
 It raises clear errors for what a VIKING guide cannot handle: changed latent shapes, invalid
 observations, discrete latents hidden from the guide (enumerated), local latents of a subsampled
 plate. :func:`strip_blocks` removes the ``poutine.block`` wrappers that hide the other guides'
-latents, so that the Jacobian can be taken at their values instead of at prior draws.
+latents, so that the Jacobian can be taken at their values instead of at prior draws;
+:func:`check_list_latents_visible` refuses a block it cannot strip (hidden inside a lambda).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from pyro_viking.model_trace.subsampling import subsampled_frames
 from pyro_viking.user_warnings import warn
 
 __all__ = ["ModelCall", "ModelInspector", "SeveralDataPlates", "batch_call",
-           "check_no_subsampled_latents", "check_not_jit_traced", "inspect_model",
-           "other_latents", "shape_signature", "strip_blocks", "training_batches"]
+           "check_list_latents_visible", "check_no_subsampled_latents", "check_not_jit_traced",
+           "inspect_model", "other_latents", "shape_signature", "strip_blocks",
+           "training_batches"]
 
 
 @dataclass
@@ -45,6 +47,12 @@ class ModelCall:
     has_observations: bool = True
     #: latents outside the layout -> ``(dim, plate name)`` of their subsampled plates
     extra_latents: dict[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
+    #: names of every sample site of the call (observed or not)
+    sites: frozenset = frozenset()
+    #: whether the latents of a guide list's model were checked to be visible to this call
+    list_checked: bool = False
+    #: names of the ``pyro.param`` sites the model reads in this call
+    params: frozenset = frozenset()
 
 
 def shape_signature(args: tuple, kwargs: dict) -> tuple:
@@ -62,11 +70,14 @@ def shape_signature(args: tuple, kwargs: dict) -> tuple:
 
 def strip_blocks(model: Callable) -> Callable:
     """``model`` without the ``poutine.block`` handlers wrapped around it (other handlers are
-    kept, in order). Blocks inside the model's code are untouched."""
+    kept, in order), also inside a ``functools.partial`` (re-bound to the same arguments).
+    Blocks inside the model's code, or inside any other callable (a lambda), are untouched."""
     layers, fn = [], model
     while isinstance(fn, partial) and len(fn.args) >= 2 and isinstance(fn.args[0], Messenger):
         layers.append(fn.args[0])
         fn = fn.args[1]
+    if type(fn) is partial:  # a user's partial (a handler's is a subclass of partial)
+        fn = partial(strip_blocks(fn.func), *fn.args, **fn.keywords)
     for messenger in reversed(layers):
         if not isinstance(messenger, BlockMessenger):
             fn = messenger(fn)
@@ -85,8 +96,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
     with torch.random.fork_rng(devices=[]):
         trace = trace_model(model, args, kwargs, {}, validate=True if training else None)
     layout.check_shapes(trace, allow_extra=True)
+    params = frozenset(n for n, s in trace.nodes.items() if s["type"] == "param")
     if not training:
-        return ModelCall()
+        return ModelCall(params=params)
     observed = observed_sites(trace)
     for site in observed:
         check_observed_site(site)
@@ -101,7 +113,8 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
                 "discrete latents (enumerated or not): write the model with the site summed out "
                 "by hand.")
         extra[name] = tuple((f.dim, f.name) for f in subsampled_frames(site))
-    return ModelCall(observed_data_frames(trace), bool(observed), extra)
+    sites = frozenset(n for n, s in trace.nodes.items() if s["type"] == "sample")
+    return ModelCall(observed_data_frames(trace), bool(observed), extra, sites, params=params)
 
 
 def check_not_jit_traced() -> None:
@@ -162,12 +175,35 @@ def training_batches(args: tuple, kwargs: dict, batches: Optional[Iterable],
             yield args, kwargs, {name: idx % frame.full_size}
 
 
+def check_list_latents_visible(list_model: Optional[Callable], call: ModelCall, args: tuple,
+                               kwargs: dict) -> None:
+    """Raise when latents of the guide list's model ``list_model`` are not sample sites of the
+    AutoViking part's call ``call``: a ``poutine.block`` hidden inside a callable (a lambda) was
+    not stripped, so the Jacobian would draw them from their priors, out of reach of the other
+    parts' medians."""
+    if list_model is None or not call.sites:
+        return
+    with torch.random.fork_rng(devices=[]):
+        trace = trace_model(list_model, args, kwargs, {})
+    hidden = sorted(n for n, _ in trace.iter_stochastic_nodes() if n not in call.sites)
+    if hidden:
+        raise ValueError(
+            f"the latents {hidden} of the AutoGuideList's model are hidden from its AutoViking "
+            "part inside a callable (e.g. a lambda around poutine.block), so its Jacobian would "
+            "draw them from their priors instead of taking the other parts' medians. Pass "
+            f"AutoViking(poutine.block(model, hide={hidden})) itself, not wrapped in a lambda.")
+
+
 def other_latents(guide, call: ModelCall, args: tuple, kwargs: dict,
                   subsample: dict) -> Optional[dict]:
     """Values for the latents outside ``guide``'s layout, at which its Jacobian is taken: the
     medians of the other parts of its ``AutoGuideList`` (parts not yet set up, which run after
     ``guide``, are set up first), restricted to this call's subsample. Without an
     ``AutoGuideList`` they stay prior draws, with a warning."""
+    if guide.master is not None and not call.list_checked:
+        list_model = (guide.master()._model or (None,))[0]  # None once loaded from a pickle
+        check_list_latents_visible(list_model, call, args, kwargs)
+        call.list_checked = True
     if not call.extra_latents:
         return None
     if guide.master is None:
@@ -213,6 +249,11 @@ class ModelInspector:
                      "whole space and q = N(loc, σ_ker² I)")
             self.calls[key] = call
         return self.calls.get(key, ModelCall())
+
+    @property
+    def params(self) -> frozenset:
+        """Names of the ``pyro.param`` sites the model read in the calls inspected so far."""
+        return frozenset().union(*(call.params for call in self.calls.values()))
 
     def __getstate__(self):
         return {**self.__dict__, "model": None}

@@ -4,7 +4,10 @@ the flat unconstrained latent vector ``z`` (:class:`~pyro_viking.model_trace.lay
 Rows (:func:`make_rows_fn`)
     ``f(z)`` conditions the model on the latents unpacked from ``z`` and returns a vector
     ``(B,)`` that concatenates, in trace order, the rows of every *observed* site (``is_observed``
-    and not a plate subsample site; latents conditioned by ``f`` itself are not observed sites):
+    and not a plate subsample site; latents conditioned by ``f`` itself are not observed sites).
+    Observed sites that carry no data give no rows: a site whose mask is the constant ``False``
+    (``poutine.reparam`` records a rewritten site so) and a global penalty (a ``pyro.factor``
+    under no plate with a scalar log-factor: a term of the prior, not a datum):
 
     * ``jacobian="loss"``: ``site["fn"].log_prob(site["value"])`` (event dims already summed),
       zeroed where the site mask is ``False``, **not** multiplied by any scale (no ``N/B`` plate
@@ -20,6 +23,11 @@ Rows (:func:`make_rows_fn`)
       broadcast to the site's full shape, plate dims moved first and flattened, everything else
       (non-plate batch dims, reinterpreted dims, parameter dims) flattened after, so a site gives
       ``prod(plate sizes) * n_outputs`` rows (datum-major). Masked-out data give zero rows.
+    * ``jacobian="fisher"``: the output rows whitened by the likelihood's Fisher information
+      ``Λ`` w.r.t. that output, ``S(z)`` held constant (gradient stopped): rows ``S · output``
+      with ``SᵀS = Λ``, so the rows' Jacobian is ``S J_f`` and its kernel is that of the GGN
+      ``J_fᵀ Λ J_f`` (the Fisher-Rao metric of the paper) — :func:`_fisher_whitened`. Shapes
+      and masks as for ``"output"``. Categorical, Bernoulli and Normal only.
 
     ``f`` runs the model inside ``poutine.block()`` (nothing reaches the caller's handlers: SVI
     traces, ``poutine.mask``, particle plates, ...) with a private plate-dim allocator, so the
@@ -40,19 +48,24 @@ from contextlib import contextmanager, nullcontext
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Unit
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import Independent
+from torch.distributions import Bernoulli, Categorical, Independent, Normal
 
 from pyro_viking.model_trace.layout import LatentLayout
 from pyro_viking.model_trace.subsampling import draws_random_indices, subsampled_frames
 from pyro_viking.user_warnings import warn
 
-__all__ = ["check_observed_site", "make_rows_fn", "observed_data_frames", "observed_sites",
-           "trace_model"]
+__all__ = ["JACOBIANS", "check_observed_site", "make_rows_fn", "observed_data_frames",
+           "observed_sites", "trace_model"]
+
+#: the kinds of rows (module docstring): per-datum log-likelihoods, network outputs, or outputs
+#: whitened by the likelihood's Fisher information
+JACOBIANS = ("loss", "output", "fisher")
 
 
 @contextmanager
@@ -78,8 +91,9 @@ def trace_model(model, args, kwargs, data: dict, validate: bool | None = None):
 
 
 def observed_sites(trace, latent_names=()):
-    """Observed sample sites of ``trace`` (not subsample sites, ``pyro.deterministic`` records
-    or the names in ``latent_names``)."""
+    """Observed sample sites of ``trace`` that carry data: not subsample sites,
+    ``pyro.deterministic`` records, the names in ``latent_names``, sites masked out entirely
+    (:func:`_masked_out`) or global penalties (:func:`_is_global_factor`)."""
     return [
         site
         for name, site in trace.nodes.items()
@@ -88,7 +102,31 @@ def observed_sites(trace, latent_names=()):
         and not site_is_subsample(site)
         and not site["infer"].get("_deterministic", False)  # pyro.deterministic records
         and name not in latent_names
+        and not _masked_out(site)
+        and not _is_global_factor(site)
     ]
+
+
+def _unwrapped(fn):
+    """``fn`` and the distributions it wraps (``Independent``, masked, expanded), outer first."""
+    chain = [fn]
+    while isinstance(chain[-1], (Independent, MaskedDistribution, ExpandedDistribution)):
+        chain.append(chain[-1].base_dist)
+    return chain
+
+
+def _masked_out(site) -> bool:
+    """The site's mask is the constant ``False``: it adds nothing to the log-density. This is
+    how ``poutine.reparam`` records a rewritten site (an observed ``Delta(...).mask(False)``)."""
+    return site["mask"] is False or any(
+        isinstance(d, MaskedDistribution) and d._mask is False for d in _unwrapped(site["fn"]))
+
+
+def _is_global_factor(site) -> bool:
+    """A ``pyro.factor`` (an observed ``Unit``) under no plate with one scalar log-factor: a
+    penalty on the latents (part of the prior), not a datum."""
+    return (not site["cond_indep_stack"] and isinstance(_unwrapped(site["fn"])[-1], Unit)
+            and site["fn"].batch_shape.numel() == 1)
 
 
 def _plates(site) -> dict[int, int]:
@@ -161,8 +199,37 @@ def _loss_rows(site) -> Tensor:
     return rows
 
 
-def _output_param(fn) -> tuple[Tensor, int]:
-    """Output parameter of ``fn`` shaped ``(*fn.batch_shape, *outputs)``, and ``len(outputs)``."""
+def _fisher_whitened(d) -> Tensor:
+    """``S · f`` ``(*d.batch_shape, *outputs)`` for the base distribution ``d`` with output
+    parameter ``f`` and Fisher information ``Λ`` w.r.t. ``f``, ``SᵀS = Λ``, ``S`` detached:
+
+    * ``Categorical`` (``f`` the normalised logits ``l``, probabilities ``p``):
+      ``Λ = diag(p) − ppᵀ`` (rank ``C − 1``), ``S = diag(√p) − √p pᵀ``, i.e. row
+      ``c = √p_c (l_c − pᵀl)``: ``O(C)`` per datum, no eigendecomposition, nothing divided by a
+      small probability (float32-safe). ``S 1 = 0``, so ``S`` applied to the normalised or the
+      raw logits has the same Jacobian;
+    * ``Bernoulli`` (logits): ``Λ = p(1 − p)``, ``S = √(σ(l) σ(−l))`` (no ``1 − p`` rounding);
+    * ``Normal`` (``loc``): ``Λ = 1/σ²``, ``S = 1/σ`` (the scale is not an output here, as for
+      ``"output"``).
+
+    Any other distribution: ``ValueError``."""
+    if isinstance(d, Categorical):
+        logits, p = d.logits, d.probs.detach()
+        return p.sqrt() * (logits - (p * logits).sum(-1, keepdim=True))
+    if isinstance(d, Bernoulli):
+        logits = d.logits
+        s = (torch.sigmoid(logits) * torch.sigmoid(-logits)).sqrt().detach()
+        return s * logits
+    if isinstance(d, Normal):
+        return d.loc / d.scale.detach()
+    raise ValueError(
+        f"jacobian='fisher' knows the Fisher information of Categorical, Bernoulli and Normal "
+        f"likelihoods, not of {type(d).__name__}; use jacobian='loss' or jacobian='output'")
+
+
+def _output_param(fn, fisher: bool = False) -> tuple[Tensor, int]:
+    """Output parameter of ``fn`` (Fisher-whitened if ``fisher``: :func:`_fisher_whitened`)
+    shaped ``(*fn.batch_shape, *outputs)``, and ``len(outputs)``."""
     d, masks, k = fn, [], 0  # k: batch dims reinterpreted as event dims so far
     while isinstance(d, (Independent, MaskedDistribution, ExpandedDistribution)):
         if isinstance(d, MaskedDistribution):
@@ -171,10 +238,10 @@ def _output_param(fn) -> tuple[Tensor, int]:
             k += d.reinterpreted_batch_ndims
         d = d.base_dist
     attr = next((a for a in ("logits", "loc", "mean") if hasattr(d, a)), None)
-    if attr is None:
+    if attr is None and not fisher:
         name = type(d).__name__
         raise ValueError(f"jacobian='output' needs logits, loc or mean; {name} has none")
-    param = getattr(d, attr)
+    param = _fisher_whitened(d) if fisher else getattr(d, attr)
     extra = param.shape[len(d.batch_shape) :]
     param = param.expand(fn.batch_shape + fn.event_shape[:k] + extra)
     for mask, k_above in masks:
@@ -182,8 +249,8 @@ def _output_param(fn) -> tuple[Tensor, int]:
     return param, param.dim() - len(fn.batch_shape)
 
 
-def _output_rows(site) -> Tensor:
-    param, n_out = _output_param(site["fn"])
+def _output_rows(site, fisher: bool = False) -> Tensor:
+    param, n_out = _output_param(site["fn"], fisher)
     param = _apply_mask(param, site["mask"], n_out)
     return _plates_first(param, _plates(site), n_out).reshape(-1)
 
@@ -214,18 +281,20 @@ def make_rows_fn(
     """Return ``f: z (D,) -> rows (B,)`` for ``model(*args, **kwargs)``.
 
     ``jacobian="loss"``: rows are per-datum log-likelihoods, so ``jacrev(f)(z)`` ``(B, D)`` is the
-    loss Jacobian. ``jacobian="output"``: rows are the output parameters (see module docstring).
+    loss Jacobian. ``jacobian="output"``: rows are the output parameters; ``"fisher"``: those
+    whitened by the likelihood's Fisher, the kernel being the GGN's (see module docstring).
     ``subsample`` maps plate name -> index tensor, fixing the data of subsampled plates.
     ``condition`` fixes latents outside ``layout`` (e.g. those of other guides) at given values.
     For a batch of ``z`` use ``torch.func.vmap(f)``.
     """
-    if jacobian not in ("loss", "output"):
-        raise ValueError(f"jacobian must be 'loss' or 'output', got {jacobian!r}")
+    if jacobian not in JACOBIANS:
+        raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
     kwargs = {} if kwargs is None else kwargs
     subsample = dict(subsample or {})
     condition = dict(condition or {})
     latent_names = tuple(layout.names) + tuple(condition)
-    rows_of = _loss_rows if jacobian == "loss" else _output_rows
+    rows_of = {"loss": _loss_rows, "output": _output_rows,
+               "fisher": lambda site: _output_rows(site, fisher=True)}[jacobian]
 
     def f(z: Tensor) -> Tensor:
         if z.dim() != 1:

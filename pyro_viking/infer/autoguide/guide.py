@@ -5,7 +5,6 @@ under ``Predictive``) draws from samples projected on the *training* data, never
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable, Dict, Iterable, Optional
 
 import pyro
@@ -27,6 +26,7 @@ from pyro_viking.infer.autoguide.kernel_scale import (
     check_scale_arguments,
     resolve_kernel_scale,
 )
+from pyro_viking.infer.autoguide.model_params import params_to_save, restore_once
 from pyro_viking.infer.autoguide.posteriors import PredictionPosterior, VikingPosterior
 from pyro_viking.infer.autoguide.projector_choice import ProjectorBuilder
 from pyro_viking.infer.autoguide.sampling import SamplingState
@@ -115,6 +115,7 @@ class AutoViking(AutoContinuous):
 
     def forward(self, *args, **kwargs):
         inspection.check_not_jit_traced()
+        restore_once(self)  # the model's params saved with the guide, where the store has none
         predicting = poutine.get_mask() is False
         if self.prototype_trace is None:
             if predicting:
@@ -144,6 +145,7 @@ class AutoViking(AutoContinuous):
         """``σ_ker`` (detached; a tied ``pyro.param`` prior scale at its current value)."""
         if self.prototype_trace is None:
             raise RuntimeError("AutoViking is not set up yet: train it or call guide(*args)")
+        restore_once(self)
         return self._kernel_scale_now((), {}, predicting=True).detach()
 
     #: the Jacobian backend chosen at the first projection (``None`` before)
@@ -192,7 +194,7 @@ class AutoViking(AutoContinuous):
         k = project_on_training_data(self, args, kwargs, batches, num_samples, num_passes,
                                      progress, lazy=False)
         if refresh_training_state:
-            self._state.chains = {num_samples: deque([k.clone()])}
+            self._state.restart_chains(k)
         return k
 
     @property
@@ -231,7 +233,7 @@ class AutoViking(AutoContinuous):
         for param in self.parameters(recurse=True):
             param.__dict__.pop("unconstrained", None)
         return {**self.__dict__, "_model": None, "_raw_model": None, "master": None,
-                "last_projector": None}
+                "last_projector": None, "_saved_model_params": params_to_save(self)}
 
     def set_model(self, model: Callable) -> None:
         """Re-attach the model after loading (training and projections need it)."""

@@ -41,6 +41,7 @@ class VikingPosterior(KernelImageNormal):
         k, img = self.state.training_draw(self, math.prod(shape[:-1]))
         k, img = k.reshape(shape), img.reshape(shape)
         value = self.compose(k, img)
+        self.state.watch(value)  # its carry is kept once a backward pass reaches it
         self._draw_cache = (value, k, img)
         return value
 

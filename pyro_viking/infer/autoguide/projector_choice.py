@@ -12,9 +12,13 @@ Backends (``backend=``):
   time, so it can be changed for callers such as the guide that do not pass it), else
   matrix-free (the rule of :func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`).
 
-The output Jacobian (``jacobian="output"``) has several rows per datum, which the layer-Gram
-backend refuses (its rows must match the layers' batch), so ``"auto"`` then falls back to the
-dense or matrix-free routes.
+Rows (``jacobian=``, :data:`~pyro_viking.model_trace.rows.JACOBIANS`): ``"loss"`` (per-datum
+log-likelihoods), ``"output"`` (network outputs) or ``"fisher"`` (outputs whitened by the
+likelihood's Fisher, whose kernel is the GGN's; :mod:`pyro_viking.model_trace.rows`). The last
+two give several rows per datum for several outputs (C classes). For ``"fisher"`` the layer-Gram
+backend takes them datum-major (``rows_per_datum`` inferred; one batched backward over the C
+outputs); ``"output"`` keeps one row per datum there, so ``"auto"`` gives it the dense or
+matrix-free route, as before.
 
 :class:`ProjectorBuilder` is what a guide keeps between calls: the backend chosen (and verified)
 at the first projection, and whether iterative refinement has been found useless lately.
@@ -30,7 +34,7 @@ from torch import Tensor
 from pyro_viking.linalg import SOLVERS, DenseProjector, FunctionalJacobian, KernelProjector
 from pyro_viking.linalg.layer_gram import DEFAULT_MAX_DENSE_BYTES, select_jacobian_backend
 from pyro_viking.model_trace.layout import LatentLayout
-from pyro_viking.model_trace.rows import make_rows_fn
+from pyro_viking.model_trace.rows import JACOBIANS, make_rows_fn
 
 __all__ = ["BACKENDS", "DEFAULT_MAX_DENSE_BYTES", "SOLVERS", "ProjectorBuilder",
            "build_projector", "projector_from_rows"]
@@ -71,22 +75,31 @@ def build_projector(
                       condition=condition)
     return projector_from_rows(fn, loc, backend=backend, solver=solver,
                                solver_options=solver_options, differentiable=differentiable,
-                               check=check, max_dense_bytes=max_dense_bytes)
+                               check=check, max_dense_bytes=max_dense_bytes,
+                               rows_per_datum=_datum_rows_of(jacobian))
+
+
+def _datum_rows_of(jacobian: str) -> Optional[int]:
+    """What the layer-Gram backend assumes of the rows of ``jacobian`` (module docstring):
+    ``None`` (inferred, datum-major) for ``"fisher"``, else 1."""
+    return None if jacobian == "fisher" else 1
 
 
 def projector_from_rows(fn: Callable[[Tensor], Tensor], loc: Tensor, *, backend: str = "auto",
                         solver: str = "auto", solver_options: Optional[dict] = None,
                         differentiable: bool = True, check: bool = True,
-                        max_dense_bytes: Optional[int] = None) -> KernelProjector:
+                        max_dense_bytes: Optional[int] = None,
+                        rows_per_datum: Optional[int] = 1) -> KernelProjector:
     """Projector onto the kernel of the Jacobian of ``fn: z (D,) -> rows (B,)`` at ``loc``
     (the backend and solver choice of :func:`build_projector`, for a rows function given
-    directly)."""
+    directly; ``rows_per_datum`` as in
+    :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`)."""
     op = None
     if backend != "matrix_free":
         op = select_jacobian_backend(
             fn, loc, prefer=None if backend == "auto" else backend, check=check,
             max_dense_bytes=DEFAULT_MAX_DENSE_BYTES if max_dense_bytes is None
-            else max_dense_bytes)
+            else max_dense_bytes, rows_per_datum=rows_per_datum)
     if op is None:
         op = FunctionalJacobian(fn, loc)
         op.backend_name = "matrix_free"
@@ -109,7 +122,7 @@ class ProjectorBuilder:
     def __init__(self, *, jacobian: str = "loss", backend: str = "auto", solver: str = "auto",
                  solver_options: Optional[dict] = None):
         for name, value, allowed in (("backend", backend, BACKENDS), ("solver", solver, SOLVERS),
-                                     ("jacobian", jacobian, ("loss", "output"))):
+                                     ("jacobian", jacobian, JACOBIANS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.jacobian, self.backend, self.solver = jacobian, backend, solver
@@ -137,7 +150,7 @@ class ProjectorBuilder:
             fn, loc if differentiable else loc.detach(),
             backend=self.backend_used or self.backend, solver=self.solver,
             solver_options=options, differentiable=differentiable,
-            check=self.backend_used is None)
+            check=self.backend_used is None, rows_per_datum=_datum_rows_of(self.jacobian))
         self.backend_used = proj.operator.backend_name
         if training:
             self._pending = proj

@@ -8,8 +8,10 @@ whether it changed between calls). Training draws (``k`` the carried kernel samp
     e = √γ k + √(1−γ) η,  k ← P_t e,  z = θ̂ + σ_ker k + σ_im i,  i ~ N(0, I − P_t),
 
 with ``i`` independent of ``k`` (``image_noise="fresh"``) or the paper's ``e − P_t e``
-(``"carried"``). Prediction draws ``z = θ̂ + σ_ker Pε + σ_im (ε − Pε)`` cycle through the
-training-data samples.
+(``"carried"``). The carry ``k ← P_t e`` of a draw is kept only once a backward pass reaches
+the draw (a training step; :class:`_PendingCarry`): a loss evaluated without one, with
+gradients enabled or not, leaves the training state as it was. Prediction draws
+``z = θ̂ + σ_ker Pε + σ_im (ε − Pε)`` cycle through the training-data samples.
 
 The posteriors of :mod:`~pyro_viking.infer.autoguide.posteriors` get the state when they are
 built and draw from it.
@@ -18,6 +20,7 @@ built and draw from it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
@@ -47,6 +50,28 @@ def _same_call(a: Tuple[tuple, dict], b: Tuple[tuple, dict]) -> bool:
     return True
 
 
+class _PendingCarry:
+    """The carried chain after the training draw number ``seq`` of size ``n``, committed to
+    ``state`` when a backward pass reaches the draw's sample (:meth:`watch`). Until then it is
+    the base of the next draws only while the sample is alive (the particles of one loss still
+    being built), not after it was dropped (a loss evaluated without backward)."""
+
+    def __init__(self, state: SamplingState, n: int, seq: int, chain: deque):
+        self.state, self.n, self.seq, self.chain, self._sample = state, n, seq, chain, None
+
+    def watch(self, sample: Tensor) -> None:
+        self._sample = weakref.ref(sample)
+        if sample.requires_grad:
+            sample.register_hook(self._reach)
+
+    def _reach(self, grad: Tensor) -> None:
+        self.state._commit(self)
+
+    @property
+    def alive(self) -> bool:
+        return self._sample is not None and self._sample() is not None
+
+
 class SamplingState:
     """Carried chains, prediction samples and lazy-projection bookkeeping of one guide.
 
@@ -68,7 +93,10 @@ class SamplingState:
         if image_noise not in ("fresh", "carried"):
             raise ValueError(f"image_noise must be 'fresh' or 'carried', got {image_noise!r}")
         self.gamma, self.image_noise, self.num_chains = float(gamma), image_noise, num_chains
-        self.chains: Dict[int, deque] = {}
+        self.chains: Dict[int, deque] = {}  # the carried chains of training steps
+        self._pending: Dict[int, _PendingCarry] = {}  # the last training draw of each size
+        self._committed: Dict[int, int] = {}  # the number of the draw each chain is from
+        self._draws = 0  # training draws so far
         self.last_draw: Dict[int, Tuple[Tensor, Tensor]] = {}  # by draw size
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # the most recent training draw
         self.noise: Optional[Tensor] = None  # (S, D) prediction noise ε
@@ -100,13 +128,28 @@ class SamplingState:
         """Treat this phase's data as unknown (prediction then warns instead of projecting)."""
         self._varies, self._data = True, None
 
+    def _carried_chain(self, n: int) -> deque:
+        """A copy of the chain that the next draw of size ``n`` continues: the last training
+        step's, or the last draw's while its sample is alive (not reached by a backward pass)."""
+        pending = self._pending.get(n)
+        if pending is not None and pending.seq > self._committed.get(n, -1) and pending.alive:
+            return deque(pending.chain)
+        return deque(self.chains.get(n, ()))
+
+    def _commit(self, pending: _PendingCarry) -> None:
+        """A backward pass reached ``pending``'s draw: its chain is the carry (unless a later
+        draw's already is: one backward pass over several particles reaches the last first)."""
+        if pending.seq > self._committed.get(pending.n, -1):
+            self.chains[pending.n], self._committed[pending.n] = pending.chain, pending.seq
+
     def training_draw(self, q: KernelImageNormal, n: int) -> Tuple[Tensor, Tensor]:
-        """Kernel and image parts ``(n, D)`` of ``n`` training draws from ``q``."""
+        """Kernel and image parts ``(n, D)`` of ``n`` training draws from ``q``; the new carry
+        waits for :meth:`watch` of the draw's sample."""
         eta = torch.randn(n, q.event_shape[0], dtype=q.loc.dtype, device=q.loc.device)
-        chain = self.chains.setdefault(n, deque())
+        chain = self._carried_chain(n)
         full = len(chain) >= max(1, self.num_chains)
-        # A loss evaluation without gradients (SVI.evaluate_loss) reads the carried chain but
-        # does not advance it: evaluations repeat under a seed and leave training undisturbed.
+        # A loss evaluation without gradients (SVI.evaluate_loss) reads the carried chain:
+        # evaluations repeat under a seed and leave training undisturbed.
         evaluating = not torch.is_grad_enabled()
         k_prev = (chain[0] if evaluating else chain.popleft()) if full else None
         g, proj = self.gamma, q.projector
@@ -131,8 +174,21 @@ class SamplingState:
                 q.record_probes(eta, both[n:])
         if not evaluating:
             chain.append(k.detach())
+            self._draws += 1
+            self._pending[n] = self._latest = _PendingCarry(self, n, self._draws, chain)
         self.last_draw[n] = self.last = (e.detach(), k.detach())
         return k, img
+
+    def watch(self, sample: Tensor) -> None:
+        """``sample`` is the last training draw's: its carry is kept once a backward pass
+        reaches ``sample``."""
+        latest = self.__dict__.pop("_latest", None)
+        if latest is not None:
+            latest.watch(sample)
+
+    def restart_chains(self, k: Tensor) -> None:
+        """Carry the kernel samples ``k`` ``(S, D)`` into the next ``S`` training draws."""
+        self.chains, self._pending = {k.shape[0]: deque([k.clone()])}, {}
 
     # -- prediction -----------------------------------------------------------------------------
     def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool,
@@ -224,6 +280,12 @@ class SamplingState:
 
     def __getstate__(self):
         # the training data are the user's: not saved with the guide
-        return {**self.__dict__, "_data": None, "_varies": True, "_predicting": None}
+        # draws not reached by a backward pass are not training steps: not saved
+        state = {**self.__dict__, "_data": None, "_varies": True, "_predicting": None}
+        state.pop("_latest", None)
+        return {**state, "_pending": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update({"_pending": {}, "_committed": {}, "_draws": 0, **state})
 
 
