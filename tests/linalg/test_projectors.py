@@ -183,12 +183,14 @@ def test_gradient_through_matrix_free_operator_params():
 @pytest.mark.float64_only
 @pytest.mark.parametrize("solver", ["eigh", "cg"])
 def test_gradient_through_functional_jacobian(solver):
-    A = torch.randn(3, 7)
+    # J(θ) = diag(f'(Aθ)) A, f(u) = tanh u + 0.1 u²: A has orthonormal rows and Aθ = u ∈ [0.2, 1],
+    # where f' = sech² u + 0.2 u is far from its zero, so J Jᵀ = diag(f'(u)²) is well conditioned.
+    A, u, w = jacobian_with_rank(3, 7, 3), torch.tensor([0.2, 0.6, 1.0]), torch.randn(7)
 
     def fn(theta):
         return torch.tanh(A @ theta) + 0.1 * (A @ theta) ** 2
 
-    theta = torch.randn(7, requires_grad=True)
+    theta = (A.T @ u + w - A.T @ (A @ w)).requires_grad_()  # Aθ = u, a random kernel part
     E, C = torch.randn(2, 7, requires_grad=True), torch.randn(2, 7)
     P = KernelProjector(FunctionalJacobian(fn, theta), solver=solver, rtol=1e-13)
     got = _grads(P(E), C, (E, theta))
