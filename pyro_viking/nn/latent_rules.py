@@ -70,11 +70,12 @@ def batch_dependent_modules(net: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def check_deterministic(modules: List[Tuple[str, nn.Module]]) -> None:
-    """Raise ``ValueError`` if a dropout layer is active or a batch norm uses the statistics of
-    its minibatch: ``f(x_i; θ)`` must be a fixed function of ``x_i`` and ``θ``."""
+    """Raise ``ValueError`` if a dropout layer is active (with ``p > 0``: dropout with ``p = 0`` is
+    the identity) or a batch norm uses the statistics of its minibatch: ``f(x_i; θ)`` must be a
+    fixed function of ``x_i`` and ``θ``."""
     for name, m in modules:
         kind = type(m).__name__
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
                 f"the network's module '{name}' ({kind}) is in training mode: dropout makes "
                 "f(x; θ) random, so the likelihood and its Jacobian change from call to call. "

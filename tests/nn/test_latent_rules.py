@@ -73,3 +73,34 @@ def test_dropout_and_batch_statistics_raise_and_eval_mode_trains(default_dtype):
         assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
         pred = Predictive(bnn, guide=guide, num_samples=4, parallel=True)(x[:5])
         assert pred["logits"].shape == (4, 5, 3)
+
+
+def test_dropout_with_p_zero_is_deterministic_and_accepted(default_dtype):
+    """``Dropout(p=0)`` in training mode is the identity: accepted, as in a transformer layer
+    built with ``dropout=0.0`` and left in training mode; it trains and predicts."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 3))
+    net.to(default_dtype).train()
+    x, y = data(default_dtype, n=20)
+    bnn = BayesianNetwork(net, prior_scale="learned")
+    torch.testing.assert_close(bnn.forward_network(
+        {n: p for n, p in net.named_parameters()}, x), net.eval()(x))
+    net.train()
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0,
+                                                    batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x.reshape(len(x), 2, 2).repeat(1, 1, 2)).mean(1))
+
+    torch.manual_seed(0)
+    encoder = Encoder().to(default_dtype).train()
+    bnn = BayesianNetwork(encoder, prior_scale="learned", batch_size=10)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    svi = SVI(bnn, guide, pyro.optim.Adam({"lr": 1e-2}), TraceViking_ELBO())
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    assert Predictive(bnn, guide=guide, num_samples=3)(x[:5])["logits"].shape == (3, 5, 3)
