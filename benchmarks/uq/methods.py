@@ -60,10 +60,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_map(task: Task, seed: int, prior_scale: float, budget: Budget):
+def train_map(task: Task, seed: int, prior_scale: float, budget: Budget,
+              on_epoch: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None):
     """Adam on the mean NLL + ‖θ‖² / (2 s² N) (MAP under the prior N(0, s² I)).
 
-    Returns (net, log_noise, seconds). ``log_noise`` is a learned scalar for regression."""
+    ``on_epoch(epoch, net, log_noise)`` runs after every epoch (1-based; e.g. a learning
+    curve's evaluation), outside the timed training. Returns (net, log_noise, seconds of
+    training). ``log_noise`` is a learned scalar for regression."""
     net = _new_net(task, seed)
     log_noise = nn.Parameter(torch.tensor(math.log(0.5), device=task.x_fit.device))
     params = list(net.parameters()) + ([] if task.classification else [log_noise])
@@ -71,15 +74,19 @@ def train_map(task: Task, seed: int, prior_scale: float, budget: Budget):
     n = len(task.x_fit)
     decay = 1.0 / (2.0 * prior_scale ** 2 * n)
     gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for _ in range(budget.epochs):
+    secs = 0.0
+    for epoch in range(budget.epochs):
+        start = time.perf_counter()
         for idx in _batches(n, budget.batch_size, gen):
             opt.zero_grad()
             loss = _nll(task, net(task.x_fit[idx]), task.y_fit[idx], log_noise)
             loss = loss + decay * sum((p ** 2).sum() for p in net.parameters())
             loss.backward()
             opt.step()
-    return net, log_noise, time.perf_counter() - start
+        secs += time.perf_counter() - start
+        if on_epoch is not None:
+            on_epoch(epoch + 1, net, log_noise)
+    return net, log_noise, secs
 
 
 def _point_sampler(task: Task, nets):
@@ -92,10 +99,12 @@ def _point_sampler(task: Task, nets):
     return sample
 
 
-def fit_map(task: Task, seed: int, prior_scale: float, budget: Budget) -> Fitted:
-    net, log_noise, secs = train_map(task, seed, prior_scale, budget)
+def fit_map(task: Task, seed: int, prior_scale: float, budget: Budget,
+            on_epoch: Optional[Callable[[int, nn.Module, torch.Tensor], None]] = None) -> Fitted:
+    """MAP (:func:`train_map`); ``sample(x)`` is the single network's prediction."""
+    net, log_noise, secs = train_map(task, seed, prior_scale, budget, on_epoch)
     return Fitted(_point_sampler(task, [net]), secs / budget.epochs,
-                  noise=float(log_noise.exp()), info={"net": net, "log_noise": log_noise})
+                  noise=float(log_noise.detach().exp()), info={"net": net, "log_noise": log_noise})
 
 
 def fit_ensemble(task: Task, seed: int, prior_scale: float, budget: Budget) -> Fitted:

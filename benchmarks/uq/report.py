@@ -1,4 +1,5 @@
-"""Markdown table (mean ± std over seeds, per task) and figures from ``results.json`` rows."""
+"""Markdown table (mean ± std over seeds, per task) and figures from ``results.json`` rows;
+the distribution-shift tables and figures come from ``report_shift.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.uq.protocol import METHODS, TASKS  # noqa: E402
+from benchmarks.uq.report_shift import plot_shift, shift_markdown  # noqa: E402
+from benchmarks.uq.stats import mean_std  # noqa: E402
+
+__all__ = ["acceptance", "markdown", "mean_std", "merge", "per_pass_ratio", "plot",
+           "write_report"]
 
 CLASSIFICATION = [("accuracy", "acc ↑"), ("nll", "NLL ↓"), ("ece", "ECE ↓"), ("brier", "Brier ↓"),
                   ("ood_auroc", "AUROC H ↑"), ("ood_auroc_var", "AUROC var ↑"),
@@ -20,15 +26,6 @@ REGRESSION = [("nll", "NLL ↓"), ("rmse", "RMSE ↓"), ("coverage90", "90% cov.
               ("ood_auroc", "AUROC std ↑"), ("ood_auroc_var", "AUROC var ↑"),
               ("ood_nll", "OOD NLL ↓"), ("epoch_seconds", "s/epoch"),
               ("predict_seconds", "predict s")]
-
-
-def mean_std(values: List[Optional[float]]):
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, s
 
 
 def _fmt(m, s, key) -> str:
@@ -120,7 +117,8 @@ def plot(rows: List[dict], out: Path) -> None:
         first = next(iter(by_method.values()))[0]
         keys = (["accuracy", "nll", "ece", "ood_auroc", "ood_auroc_var", "epoch_seconds"]
                 if first.get("accuracy") is not None else
-                ["nll", "rmse", "coverage90", "ood_auroc", "ood_nll", "epoch_seconds"])
+                ["nll", "rmse", "coverage90", "ood_auroc", "ood_auroc_var", "ood_nll",
+                 "epoch_seconds"])
         methods = [m for m in METHODS if m in by_method]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
         for ax, key in zip(axes, keys):
@@ -144,6 +142,9 @@ def plot(rows: List[dict], out: Path) -> None:
 
 def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) -> str:
     text = markdown(rows)
+    shift = shift_markdown(rows)
+    if shift:
+        text += "\n" + shift
     if selection:
         text += "\n### Validation choices (seed 0, BMA NLL on the validation split)\n\n"
         for task, methods in sorted(selection.items(), key=lambda kv: TASKS.index(kv[0])
@@ -167,6 +168,7 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
                      f"{s['VIKING'] / delta:.2f}× |\n")
     (out / "results.md").write_text(text)
     plot(rows, out)
+    plot_shift(rows, out)
     print(text)
     return text
 

