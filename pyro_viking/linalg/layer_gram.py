@@ -20,6 +20,11 @@ Gram costs ``B²·|W|`` (the Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` w
 memory). For convolutions the block is one weight-gradient convolution with the batch folded
 into the groups (no unfold).
 
+Several rows per datum (``rows_per_datum``; e.g. the ``C`` outputs of a classifier, rows
+datum-major): row ``(i, c)`` of a Linear layer is ``vec(g_{ic} a_iᵀ)``, so the same identities
+hold with ``G`` ``(B·C, out)`` from one batched backward over the ``C`` output cotangents and
+``A`` repeated ``C`` times; the Gram is ``(B·C) × (B·C)``.
+
 Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
 ``max_rest_columns`` of them is an error.
@@ -43,6 +48,7 @@ from pyro_viking.linalg.layer_pieces import (
     LayerGramNotApplicable,
     RowFn,
     check_overlaps,
+    datum_rows,
     default_check_tol,
     detached,
     factor_layers,
@@ -92,6 +98,9 @@ class LayerGramJacobian(JacobianOperator):
         batch of the same model may check the first build only.
     :param check_tol: default ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
     :param max_rest_columns: most columns of z outside every layer (computed by jvp).
+    :param rows_per_datum: ``m`` rows per datum, datum-major (row ``i·m + c``: output ``c`` of
+        datum ``i``); ``None`` infers ``m`` = rows / the layers' batch. Default 1: the rows
+        must match the layers' batch.
     :param keep_graph: build from ``z`` itself with a ``create_graph`` backward and keep that
         graph, so that :meth:`bilinear` (the implicit gradient of a projection) differentiates
         this build's forward/backward instead of running the network again; default: when
@@ -109,9 +118,10 @@ class LayerGramJacobian(JacobianOperator):
     def __init__(self, fn: RowFn, z: Tensor, *, check: bool = True,
                  check_tol: Optional[float] = None,
                  max_rest_columns: int = DEFAULT_MAX_REST_COLUMNS,
-                 keep_graph: Optional[bool] = None):
+                 keep_graph: Optional[bool] = None, rows_per_datum: Optional[int] = 1):
         if keep_graph is None:
             keep_graph = torch.is_grad_enabled() and z.requires_grad
+        self._rows_per_datum = rows_per_datum
         # Building needs autograd whatever the caller's mode (e.g. prediction under no_grad).
         with torch.enable_grad():
             self._build(fn, z, check, check_tol, max_rest_columns, keep_graph)
@@ -128,9 +138,12 @@ class LayerGramJacobian(JacobianOperator):
         B, D = rows.shape[0], x.shape[0]
         super().__init__((B, D), z.dtype, z.device)
         self.fn, self.z = fn, z
-        validate_calls(calls, B)
-        Gs = output_grads(rows, calls, retain=check or keep_graph, create_graph=keep_graph)
-        pieces = factor_layers(calls, Gs, B)
+        #: rows per datum ``m`` (datum-major rows)
+        self.rows_per_datum = m = datum_rows(B, calls, self._rows_per_datum)
+        validate_calls(calls, B // m)
+        Gs = output_grads(rows, calls, retain=check or keep_graph, create_graph=keep_graph,
+                          rows_per_datum=m)
+        pieces = factor_layers(calls, Gs, B, m)
         #: the factored pieces as differentiable functions of z (``keep_graph``), else None
         self._graph_pieces = pieces if keep_graph else None
         self._ghosts, self._blocks = detached(*pieces)
@@ -262,9 +275,11 @@ class LayerGramJacobian(JacobianOperator):
                 with torch.enable_grad():
                     rows, calls = record_forward(self.fn, self.z, keep_graph=True)
                     if len(calls) == self.num_layers and rows.shape[0] == self.shape[0]:
-                        validate_calls(calls, self.shape[0])
-                        Gs = output_grads(rows, calls, retain=True, create_graph=True)
-                        ghosts, blocks = factor_layers(calls, Gs, self.shape[0])
+                        B, m = self.shape[0], self.rows_per_datum
+                        validate_calls(calls, B // m)
+                        Gs = output_grads(rows, calls, retain=True, create_graph=True,
+                                          rows_per_datum=m)
+                        ghosts, blocks = factor_layers(calls, Gs, B, m)
                         return (U * factored_mv(ghosts, blocks, V, self.shape[0])).sum()
             except LayerGramNotApplicable:
                 pass  # e.g. a non-contiguous z: the generic route below
@@ -280,6 +295,7 @@ def select_jacobian_backend(
     prefer: Optional[str] = None,
     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
     check: bool = True,
+    rows_per_datum: Optional[int] = 1,
 ) -> Optional[JacobianOperator]:
     """Pick an exact Jacobian operator for ``fn`` at ``z``, or ``None`` for matrix-free CG.
 
@@ -298,18 +314,19 @@ def select_jacobian_backend(
     :param batch_size: B, the number of rows of ``fn`` (evaluated from ``fn`` when needed).
     :param prefer: ``"layer_gram"`` or ``"per_example"`` forces that backend (its errors
         propagate); ``None`` applies the rule.
-    :param check: passed to :class:`LayerGramJacobian` (verify it against autograd).
+    :param check, rows_per_datum: passed to :class:`LayerGramJacobian` (verify it against
+        autograd; rows per datum, ``None`` to infer it).
     """
     if prefer not in (None, "layer_gram", "per_example"):
         raise ValueError(f"prefer must be None, 'layer_gram' or 'per_example', got {prefer!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if prefer == "layer_gram":
-        return LayerGramJacobian(fn, z, check=check)
+        return LayerGramJacobian(fn, z, check=check, rows_per_datum=rows_per_datum)
     if prefer == "per_example":
         return PerExampleJacobian(fn, z)
     try:
-        return LayerGramJacobian(fn, z, check=check)
+        return LayerGramJacobian(fn, z, check=check, rows_per_datum=rows_per_datum)
     except LayerGramNotApplicable:
         pass
     if batch_size is None:

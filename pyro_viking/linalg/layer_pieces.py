@@ -4,12 +4,18 @@ gradients ``G_l``, the per-layer factors (a "ghost" ``(A_l, G_l)`` for a Linear 
 inputs, an explicit ``(B, n)`` block otherwise), and the products built from them: ``V Jᵀ``
 (:func:`factored_mv`) and the cotangents of ``Σ_k U_k J V_kᵀ`` w.r.t. the pieces
 (:func:`piece_cotangents`). See :mod:`pyro_viking.linalg.layer_gram` for the math.
+
+Several rows per datum (``m`` outputs of datum ``i`` as rows ``i·m .. i·m + m − 1``,
+datum-major): row ``(i, c)`` has the per-layer gradient ``g_{l,ic} a_{l,i}ᵀ``, so ``G_l`` gets one
+row per row of ``fn`` (one backward per output ``c``, batched: :func:`output_grads`) and the
+layer inputs are repeated ``m`` times (:func:`factor_layers`); everything downstream is the
+one-row case with ``B·m`` rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -20,9 +26,9 @@ from torch.nn.modules.module import register_module_forward_hook
 from pyro_viking.linalg.per_example import evaluate_rows
 
 __all__ = [
-    "Block", "Ghost", "LayerGramNotApplicable", "RowFn", "check_overlaps", "default_check_tol",
-    "detached", "factor_layers", "factored_mv", "output_grads", "piece_cotangents",
-    "record_forward", "validate_calls",
+    "Block", "Ghost", "LayerGramNotApplicable", "RowFn", "check_overlaps", "datum_rows",
+    "default_check_tol", "detached", "factor_layers", "factored_mv", "output_grads",
+    "piece_cotangents", "record_forward", "validate_calls",
 ]
 
 RowFn = Callable[[Tensor], Tensor]
@@ -158,6 +164,19 @@ def record_forward(fn: RowFn, z: Tensor, keep_graph: bool = False
     return rows, rec.calls
 
 
+def datum_rows(num_rows: int, calls: List[_Call], rows_per_datum: Optional[int]) -> int:
+    """Rows per datum ``m``: ``rows_per_datum`` if given, else ``num_rows`` over the leading
+    dimension of the recorded layers' inputs when it divides (1 otherwise, or without layers).
+    :class:`LayerGramNotApplicable` when a given ``m`` does not divide ``num_rows``."""
+    if rows_per_datum is not None:
+        if rows_per_datum < 1 or num_rows % rows_per_datum:
+            raise LayerGramNotApplicable(
+                f"{num_rows} rows are not {rows_per_datum} rows per datum")
+        return int(rows_per_datum)
+    B = calls[0].x.shape[0] if calls and calls[0].x.dim() else 0
+    return num_rows // B if B and num_rows % B == 0 else 1
+
+
 def validate_calls(calls: List[_Call], B: int) -> None:
     for c in calls:
         name = type(c.module).__name__
@@ -171,19 +190,46 @@ def validate_calls(calls: List[_Call], B: int) -> None:
 
 
 def output_grads(rows: Tensor, calls: List[_Call], retain: bool,
-                  create_graph: bool = False) -> List[Tensor]:
+                  create_graph: bool = False, rows_per_datum: int = 1) -> List[Tensor]:
     """``G_l = ∂(Σ_i rows_i)/∂out_l`` for every recorded layer (zeros where unused); detached
-    unless ``create_graph``."""
+    unless ``create_graph``. With ``m = rows_per_datum > 1``: ``G_l`` ``(B·m, *out)``, row
+    ``i·m + c`` the gradient of output ``c`` (``Σ_i rows_{i·m+c}``) at datum ``i``, from one
+    batched backward over the ``m`` cotangents."""
+    m = rows_per_datum
     Gs: List[Optional[Tensor]] = [None] * len(calls)
     idx = [i for i, c in enumerate(calls) if c.out.requires_grad]
     if rows.requires_grad and idx:
-        got = torch.autograd.grad(rows.sum(), [calls[i].out for i in idx], allow_unused=True,
-                                  retain_graph=retain or create_graph,
-                                  create_graph=create_graph)
+        outs = [calls[i].out for i in idx]
+        keep = retain or create_graph
+        if m == 1:
+            got = torch.autograd.grad(rows.sum(), outs, allow_unused=True, retain_graph=keep,
+                                      create_graph=create_graph)
+        else:
+            got = _per_output_grads(rows, outs, m, keep, create_graph)
         for i, g in zip(idx, got):
             Gs[i] = g
-    return [torch.zeros_like(c.out) if g is None else g if create_graph else g.detach()
+    return [_zeros_rows(c.out, m) if g is None else g if create_graph else g.detach()
             for c, g in zip(calls, Gs)]
+
+
+def _per_output_grads(rows: Tensor, outs: List[Tensor], m: int, keep: bool,
+                      create_graph: bool) -> List[Optional[Tensor]]:
+    """``[∂(Σ_i rows_{i·m+c})/∂out]_c`` interleaved datum-major: ``(B·m, *out.shape[1:])``."""
+    cot = torch.eye(m, dtype=rows.dtype, device=rows.device).repeat(1, rows.shape[0] // m)
+    try:  # one vmapped backward over the m output cotangents
+        got = torch.autograd.grad(rows, outs, cot, allow_unused=True, retain_graph=keep,
+                                  create_graph=create_graph, is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one backward per output
+        per_c = [torch.autograd.grad(rows, outs, cot[c], allow_unused=True, retain_graph=True,
+                                     create_graph=create_graph) for c in range(m)]
+        got = [None if per_c[0][j] is None else torch.stack([g[j] for g in per_c])
+               for j in range(len(outs))]
+    return [None if g is None else g.transpose(0, 1).reshape(-1, *g.shape[2:])
+            for g in got]
+
+
+def _zeros_rows(out: Tensor, m: int) -> Tensor:
+    return out.new_zeros((out.shape[0] * m, *out.shape[1:]))
 
 
 # --------------------------------------------------------------------------- layer blocks
@@ -242,10 +288,14 @@ def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[Ghost], List[Block]
     return ghosts, blocks
 
 
-def factor_layers(calls: List[_Call], Gs: List[Tensor], B: int
+def factor_layers(calls: List[_Call], Gs: List[Tensor], B: int, rows_per_datum: int = 1
             ) -> Tuple[List[Ghost], List[Block]]:
+    """The pieces of every layer for ``B`` rows; with ``rows_per_datum = m > 1`` the layer
+    inputs (``B / m`` data) are repeated ``m`` times to align with ``G_l``'s ``B`` rows."""
     ghosts, blocks = [], []
     for c, G in zip(calls, Gs):
+        if rows_per_datum > 1:
+            c = replace(c, x=c.x.repeat_interleave(rows_per_datum, 0))
         g, b = _layer_blocks(c, G, B)
         ghosts += g
         blocks += b

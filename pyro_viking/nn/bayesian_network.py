@@ -66,6 +66,7 @@ from pyro_viking.nn.likelihoods import (
     output_site,
     row_log_likelihood,
 )
+from pyro_viking.nn.linearised_model import linearised_model
 from pyro_viking.nn.linearization import network_output
 from pyro_viking.nn.scales import parse_scale, scale_value
 from pyro_viking.nn.target_checks import TargetChecks, likelihood_outputs
@@ -276,6 +277,7 @@ class BayesianNetwork(nn.Module):
         and labels ``y`` ``(B, ...)``, without building the distribution where it can."""
         return row_log_likelihood(self.likelihood, out, y, self.noise_scale_value(out))
 
+    linearised = linearised_model  # bnn.linearised(guide): the GLM predictive's model
     def observation_distribution(self, out: Tensor) -> dist.TorchDistribution:
         """``p(y_i | f_i)`` for network outputs ``out`` ``(..., B, O)``: batch shape ``(..., B)``,
         one datum per batch element (a learned noise scale is read from Pyro's param store)."""
