@@ -5,6 +5,11 @@ Every setting changes one thing of the benchmark's VIKING configuration (``vikin
 else 0.03, the library's default for classification BNNs) and is scored on
 the validation split (what a default should be chosen on) and on the test/OOD sets:
 
+- ``kernel``: the kernel of the loss Jacobian (the default) vs the Fisher-Rao metric's
+  (``jacobian="fisher"``, the paper's);
+- ``recipe``: the full recipe vs the posterior at a MAP trained for the whole budget with the
+  curvature scales (``fit_viking(num_steps=0)``);
+- ``predictive``: the network at posterior samples vs its linearisation at θ̂ (GLM);
 - ``gamma``: memory γ ∈ {0, 0.2, 0.5, 0.8, 1} of the stochastic alternating projections;
 - ``grad_through_projection``: implicit gradient through P(θ̂) vs stopped;
 - ``warmup``: MAP warm-up epochs: 0 (AutoViking from the random initialisation), 1, the
@@ -43,6 +48,9 @@ from benchmarks.uq.viking_fit import (  # noqa: E402
 )
 
 ABLATIONS: Dict[str, List[tuple]] = {  # in order of priority (partial runs keep the first)
+    "kernel": [("loss Jacobian", {}), ("Fisher-Rao", {"jacobian": "fisher"})],
+    "recipe": [("full ELBO", {}), ("post-hoc (MAP + curvature scales)", {"post_hoc": True})],
+    "predictive": [("sampled", {}), ("linearised", {"predictive": "linearised"})],
     "gamma": [(f"γ={g:g}", {"gamma": g}) for g in (0.0, 0.2, 0.5, 0.8, 1.0)],
     "grad_through_projection": [("stopped", {"grad_through_projection": False}),
                                 ("implicit", {"grad_through_projection": True})],
@@ -59,7 +67,8 @@ QUICK = {"gamma": [ABLATIONS["gamma"][0]], "image_noise": ABLATIONS["image_noise
 def _key(options: dict, warmup: int) -> str:
     """Settings equal to the default configuration share one cache key."""
     full = {**DEFAULT_OPTIONS, "gamma": DEFAULT_GAMMA, "warmup": warmup, "particles": 1,
-            "batch_size": 64, "rank_estimator": "auto", "image_noise": "fresh", **options}
+            "batch_size": 64, "rank_estimator": "auto", "image_noise": "fresh",
+            "post_hoc": False, "predictive": "sampled", **options}
     return json.dumps(full, sort_keys=True)
 
 
@@ -92,6 +101,8 @@ def run_ablations(args) -> list:
             "chosen", 0.03)
         w0 = phase_epochs(budget.epochs)[0]
         ablations = dict(QUICK if args.quick else ABLATIONS)
+        if getattr(args, "ablation_only", None):
+            ablations = {k: v for k, v in ABLATIONS.items() if k in args.ablation_only}
         if "warmup" in ablations:
             ablations["warmup"] = [(f"{w} epochs", {"warmup": w})
                                    for w in sorted({0, 1, w0, 3 * w0})]

@@ -1,6 +1,6 @@
 """Where VIKING's predictive gains over its own mean network, and a post-hoc variant.
 
-    python benchmarks/uq/diagnose.py                       # 3 tasks x seeds 0 1 2, ~4 min
+    python benchmarks/uq/diagnose.py                       # every task x seeds 0 1 2
     python benchmarks/uq/diagnose.py --tasks digits --seeds 0
 
 For each task and seed, at the β the main run chose on validation (``selection.json``; the

@@ -88,6 +88,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="where --timing runs every method (e.g. cuda); the main run is CPU")
     p.add_argument("--ablation-beta", type=float, default=None,
                    help="β of the ablations (default: the validation choice, else 0.03)")
+    p.add_argument("--ablation-only", nargs="+", default=None,
+                   help="run only these ablations (names of ablations.ABLATIONS)")
     p.add_argument("--ablation-epochs", type=int, default=None,
                    help="epochs of the ablations (default: the main run's)")
     args = p.parse_args(argv)

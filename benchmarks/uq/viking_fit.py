@@ -53,12 +53,16 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
                warmup: Optional[int] = None, particles: Optional[int] = None,
                batch_size: Optional[int] = None, gamma: float = DEFAULT_GAMMA,
                kernel_scale: str = "prior", final_lr: Optional[float] = None,
+               post_hoc: bool = False, predictive: str = "sampled",
                **viking_options) -> Fitted:
     """Fit VIKING on the task's fit split (β is the one knob chosen on validation).
 
     ``viking_options`` override :data:`DEFAULT_OPTIONS` (AutoViking arguments); ``particles``
     and ``batch_size`` override the budget's (the data budget stays ``epochs × N``: K
-    sequential particles each draw their own minibatch, so a step consumes K·B examples)."""
+    sequential particles each draw their own minibatch, so a step consumes K·B examples).
+    ``post_hoc``: the whole budget is MAP warm-up, then the curvature scales and no ELBO step
+    (``fit_viking(num_steps=0)``). ``predictive``: ``"sampled"`` (the network at posterior
+    samples) or ``"linearised"`` (the GLM predictive, ``bnn.linearised(guide)``)."""
     K = particles or budget.particles
     B = batch_size or budget.batch_size
     _seed(seed)
@@ -67,6 +71,8 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
     per_epoch = math.ceil(len(task.x_fit) / B)
     options = {**DEFAULT_OPTIONS, **viking_options}
     num_steps = max(1, (budget.epochs - w) * per_epoch // K)
+    if post_hoc:
+        w, num_steps = budget.epochs, 0
     optim = pyro.optim.Adam({"lr": budget.lr})
     if final_lr is not None:
         lrd = (final_lr / budget.lr) ** (1 / num_steps)
@@ -78,24 +84,29 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
         num_particles=K, gamma=gamma, guide_options=options, progress=False,
         kernel_scale=kernel_scale)
     secs = time.perf_counter() - start
-    return _fitted(task, bnn, fit.guide, budget, secs, beta=beta,
+    return _fitted(task, bnn, fit.guide, budget, secs, predictive=predictive, beta=beta,
                    prior_scale=float(pyro.param(bnn.prior_scale_name).detach()),
                    init_sigma_im=float(fit.init["image_scale"]))
 
 
-def bnn_sampler(task: Task, bnn: BayesianNetwork, guide, num_samples: int):
-    """S samples of the class probabilities ``(S, N, C)`` or regression means ``(S, N)``."""
-    outputs = pyro_sampler(task, bnn, guide, num_samples, site=bnn.output_site)
+def bnn_sampler(task: Task, bnn: BayesianNetwork, guide, num_samples: int,
+                predictive: str = "sampled"):
+    """S samples of the class probabilities ``(S, N, C)`` or regression means ``(S, N)``
+    (``predictive="linearised"``: of the network linearised at the guide's mean)."""
+    if predictive not in ("sampled", "linearised"):
+        raise ValueError(f"predictive must be 'sampled' or 'linearised', got {predictive!r}")
+    model = bnn.linearised(guide) if predictive == "linearised" else bnn
+    outputs = pyro_sampler(task, model, guide, num_samples, site=bnn.output_site)
     return (lambda x: outputs(x).softmax(-1)) if task.classification else outputs
 
 
 def _fitted(task: Task, bnn: BayesianNetwork, guide: AutoViking, budget: Budget, secs: float,
-            **info) -> Fitted:
+            predictive: str = "sampled", **info) -> Fitted:
     """The fitted guide's sampler (projected on the fit split before predicting) and its
     scales, for the harness."""
     info.update(sigma_im=float(guide.image_scale.detach()), sigma_ker=float(guide.kernel_scale),
                 loc_norm=float(guide.loc.detach().norm()), bnn=bnn, guide=guide)
-    inner = bnn_sampler(task, bnn, guide, budget.num_samples)
+    inner = bnn_sampler(task, bnn, guide, budget.num_samples, predictive)
 
     def sample(x):
         guide.project_training_data(task.x_fit, task.y_fit, num_samples=budget.num_samples)
