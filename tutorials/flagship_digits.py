@@ -380,10 +380,10 @@ def predict(model, guide, x, num_samples):
 #
 #        β        val NLL  s=σ_ker    σ_im
 #        1    0.864±0.031    0.193   0.067
-#      0.1    0.134±0.039    0.199   0.034
-#     0.03    0.123±0.054    0.197   0.019
-#     0.01    0.090±0.048    0.194   0.014  <- chosen
-#    0.001    0.122±0.070    0.167   0.010
+#      0.1    0.109±0.039    0.215   0.026
+#     0.03    0.076±0.040    0.196   0.017
+#     0.01    0.072±0.042    0.182   0.011  <- chosen
+#    0.001    0.077±0.050    0.145   0.004
 #
 # (s = σ_ker and σ_im at the end of training.) A smaller KL weight lets the likelihood pull σ_im
 # down, towards a MAP-like ensemble whose samples fit the training data better; the validation
@@ -523,8 +523,8 @@ for name, (fit, make_model) in METHODS.items():
 # calibrated in-distribution fit does not fix.
 #
 # **β is the decisive knob, and one validation split is a noisy judge of it.** The sweep's
-# validation NLLs for β = 0.1, 0.03, 0.01 and 0.001 (0.134, 0.123, 0.090, 0.122, each
-# ± 0.04–0.07 over the validation digits) are within noise of each other. This tutorial keeps
+# validation NLLs for β = 0.1, 0.03, 0.01 and 0.001 (0.109, 0.076, 0.072, 0.077, each
+# ± 0.04–0.05 over the validation digits) are within noise of each other. This tutorial keeps
 # its single-seed sweep to show how the choice is made; another split or seed may choose a
 # neighbouring β.
 #

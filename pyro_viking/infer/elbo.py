@@ -119,6 +119,16 @@ class TraceViking_ELBO(Trace_ELBO):
                                                    num_particles=self.num_particles)
         return super().loss_and_grads(model, guide, *args, **kwargs)
 
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """One training step's loss estimate as a differentiable tensor (the ``forward`` of
+        ``TraceViking_ELBO(...)(model, guide)``, :mod:`pyro_viking.infer.module`): the fused
+        step's loss where it applies, else Pyro's traced one; the gradients of
+        :meth:`loss_and_grads`."""
+        if self._takes_fused_step(model, guide, args, kwargs):
+            return fused_step.fused_loss(model, guide, args, beta=self.beta,
+                                         num_particles=self.num_particles)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
     def _takes_fused_step(self, model, guide, args: tuple, kwargs: dict) -> bool:
         if not (self.fused and isinstance(model, BayesianNetwork)):
             return False  # every other model: no bookkeeping on its steps

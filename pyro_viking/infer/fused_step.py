@@ -34,9 +34,10 @@ from pyro.util import warn_if_nan
 from torch import Tensor
 
 from pyro_viking.distributions.kl import kl_kernel_image_normal_isotropic, squared_norm
+from pyro_viking.nn.batch_norm import update_running_statistics
 from pyro_viking.nn.bayesian_network import BayesianNetwork
 
-__all__ = ["fused_loss_and_grads"]
+__all__ = ["fused_loss", "fused_loss_and_grads"]
 
 
 def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
@@ -51,13 +52,12 @@ def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
     return rows
 
 
-def fused_loss_and_grads(model: BayesianNetwork, guide, args: tuple, *, beta: float,
-                         num_particles: int) -> float:
-    """The step's loss, after ``backward``, for ``model(*args)`` (``args = (x, y)``) under the
-    set-up :class:`~pyro_viking.AutoViking` ``guide``: ``β KL − (N/B) Σ log p(y_i | f(x_i; z))``
-    averaged over ``num_particles`` vectorised draws of ``z``. The caller
-    (:meth:`~pyro_viking.TraceViking_ELBO.loss_and_grads`) has checked that this is exactly the
-    traced step."""
+def fused_loss(model: BayesianNetwork, guide, args: tuple, *, beta: float,
+               num_particles: int) -> Tensor:
+    """The step's differentiable loss (a 0-dim tensor) for ``model(*args)`` (``args = (x, y)``)
+    under the set-up :class:`~pyro_viking.AutoViking` ``guide``: ``β KL − (N/B) Σ log p(y_i |
+    f(x_i; z))`` averaged over ``num_particles`` vectorised draws of ``z``. The caller
+    (:class:`~pyro_viking.TraceViking_ELBO`) has checked that this is exactly the traced step."""
     x, y = args
     model.check_inputs(x)  # once per training tensor
     data = model.data_plate(x, y)
@@ -72,5 +72,14 @@ def fused_loss_and_grads(model: BayesianNetwork, guide, args: tuple, *, beta: fl
     kl = kl_kernel_image_normal_isotropic(q, squared_norm(q.loc), s)
     loss = beta * kl - loglik
     warn_if_nan(loss, "loss")
+    # batch norms in training mode (batch_norm="running"): one update at θ̂, as the traced step
+    update_running_statistics(model, x[idx], guide.layout.unpack(q.loc.detach()))
+    return loss
+
+
+def fused_loss_and_grads(model: BayesianNetwork, guide, args: tuple, *, beta: float,
+                         num_particles: int) -> float:
+    """:func:`fused_loss`, after ``backward``, as a float (``SVI``'s step)."""
+    loss = fused_loss(model, guide, args, beta=beta, num_particles=num_particles)
     loss.backward()
     return float(loss.detach())

@@ -25,6 +25,11 @@ datum-major): row ``(i, c)`` of a Linear layer is ``vec(g_{ic} a_iᵀ)``, so the
 hold with ``G`` ``(B·C, out)`` from one batched backward over the ``C`` output cotangents and
 ``A`` repeated ``C`` times; the Gram is ``(B·C) × (B·C)``.
 
+A batch norm in eval mode is the affine map ``γ_c x̂_c + β_c`` per channel ``c`` of its input
+normalised by the running statistics, ``x̂ = (a − μ)/√(σ² + ε)``: its rows are the exact
+``(B, C)`` blocks ``Σ_s G_{ics} x̂_{ics}`` (``γ``) and ``Σ_s G_{ics}`` (``β``), ``s`` the positions.
+In training mode (batch statistics) it is refused.
+
 Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
 ``max_rest_columns`` of them is an error.
@@ -86,7 +91,7 @@ class LayerGramJacobian(JacobianOperator):
     """Exact loss Jacobian of a layered network in factored (per-layer) form.
 
     :param fn: ``z (D,) -> rows (B,)``; it must evaluate its ``nn.Linear`` / ``nn.Conv{1,2,3}d``
-        modules (through their ``forward``, e.g. ``torch.func.functional_call``) with weights
+        / batch norm modules (through their ``forward``, e.g. ``functional_call``) with weights
         that are contiguous views ``z[a:b].view(shape)``; rows must be independent across
         data (no BatchNorm in train mode).
     :param z: the point ``(D,)``; ``params = (z,)``.

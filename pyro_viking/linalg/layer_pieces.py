@@ -1,9 +1,9 @@
 """The pieces of :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`: recording a network's
-``nn.Linear`` / ``nn.Conv{1,2,3}d`` calls (inputs ``A_l``, outputs, columns of z), the output
-gradients ``G_l``, the per-layer factors (a "ghost" ``(A_l, G_l)`` for a Linear layer on ``(B, in)``
-inputs, an explicit ``(B, n)`` block otherwise), and the products built from them: ``V Jᵀ``
-(:func:`factored_mv`) and the cotangents of ``Σ_k U_k J V_kᵀ`` w.r.t. the pieces
-(:func:`piece_cotangents`). See :mod:`pyro_viking.linalg.layer_gram` for the math.
+``nn.Linear`` / ``nn.Conv{1,2,3}d`` / eval-mode batch norm calls (inputs ``A_l``, outputs,
+columns of z), the output gradients ``G_l``, the per-layer factors (a "ghost" ``(A_l, G_l)`` for a
+Linear layer on ``(B, in)`` inputs, an explicit ``(B, n)`` block otherwise), and the products
+built from them: ``V Jᵀ`` (:func:`factored_mv`) and the cotangents of ``Σ_k U_k J V_kᵀ`` w.r.t.
+the pieces (:func:`piece_cotangents`). See :mod:`pyro_viking.linalg.layer_gram` for the math.
 
 Several rows per datum (``m`` outputs of datum ``i`` as rows ``i·m .. i·m + m − 1``,
 datum-major): row ``(i, c)`` has the per-layer gradient ``g_{l,ic} a_{l,i}ᵀ``, so ``G_l`` gets one
@@ -36,6 +36,9 @@ Cols = Union[slice, Tensor]
 
 #: convolutions whose per-example weight gradients are one grouped weight-gradient convolution
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: batch norms, recorded in eval mode only: per channel c the affine map γ_c x̂_c + β_c of the
+#: input normalised by the running statistics, x̂ = (a − μ) / √(σ² + ε)
+NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 class LayerGramNotApplicable(NotImplementedError):
@@ -120,8 +123,8 @@ def _batch_stats(module: nn.Module) -> bool:
 
 
 class _Recorder:
-    """Global forward hook recording every Linear / Conv{1,2,3}d call whose weights live in z
-    (inputs detached, unless ``keep_graph``)."""
+    """Global forward hook recording every Linear / Conv{1,2,3}d / eval-mode batch norm call
+    whose weights live in z (inputs detached, unless ``keep_graph``; a batch norm's normalised)."""
 
     def __init__(self, z: Tensor, keep_graph: bool = False):
         self.z, self.calls, self.seen, self.keep_graph = z, [], set(), keep_graph
@@ -130,7 +133,7 @@ class _Recorder:
         if _batch_stats(module):
             raise LayerGramNotApplicable(
                 f"{type(module).__name__} uses batch statistics: rows are not independent")
-        if not isinstance(module, (nn.Linear, *CONVS)):
+        if not isinstance(module, (nn.Linear, *CONVS, *NORMS)):
             return None
         name = type(module).__name__
         w = _z_offset(module.weight, self.z, f"the weight of {name}")
@@ -145,6 +148,8 @@ class _Recorder:
         x = inputs[0] if inputs else None
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
             raise LayerGramNotApplicable(f"{name} called without a tensor input/output")
+        if isinstance(module, NORMS):  # record x̂, the input of the affine map (NORMS)
+            x = F.batch_norm(x, module.running_mean, module.running_var, eps=module.eps)
         self.calls.append(_Call(module, x if self.keep_graph else x.detach(), output, w, b,
                                 x._version, tuple(module.weight.shape)))
         # downstream in-place ops (ReLU(inplace=True)) must not overwrite the tensor whose
@@ -264,7 +269,12 @@ def _layer_blocks(c: _Call, G: Tensor, B: int) -> Tuple[List[Ghost], List[Block]
     wcols = None if c.w_start is None else slice(c.w_start, c.w_start + nw)
     bcols = None if c.b_start is None else slice(c.b_start, c.b_start + out)
     ghosts, blocks = [], []
-    if isinstance(c.module, nn.Linear) and c.x.dim() == 2:
+    if isinstance(c.module, NORMS):  # per example: ∂/∂γ_c = Σ_s g_cs x̂_cs, ∂/∂β_c = Σ_s g_cs
+        spatial = tuple(range(2, G.dim()))  # (sum over an empty tuple would sum every dim)
+        W, Gb = ((G * c.x).sum(spatial), G.sum(spatial)) if spatial else (G * c.x, G)
+        if wcols is not None:
+            blocks.append(Block(wcols, W))
+    elif isinstance(c.module, nn.Linear) and c.x.dim() == 2:
         if wcols is not None:
             ghosts.append(Ghost(c.x, G, wcols, bcols))
             return ghosts, blocks

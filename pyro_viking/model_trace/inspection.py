@@ -45,7 +45,9 @@ class ModelCall:
 
     data_frames: dict[str, CondIndepStackFrame] = field(default_factory=dict)
     has_observations: bool = True
-    #: latents outside the layout -> ``(dim, plate name)`` of their subsampled plates
+    #: latents outside the layout -> ``(dim, plate name)`` of their subsampled plates, ``dim``
+    #: counted from the right of the site's *value* (event dims included), as ``index_select``
+    #: takes it
     extra_latents: dict[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
     #: names of every sample site of the call (observed or not)
     sites: frozenset = frozenset()
@@ -53,6 +55,8 @@ class ModelCall:
     list_checked: bool = False
     #: names of the ``pyro.param`` sites the model reads in this call
     params: frozenset = frozenset()
+    #: whether the latents that no part of the guide list has a median of were warned about
+    warned_no_median: bool = False
 
 
 def shape_signature(args: tuple, kwargs: dict) -> tuple:
@@ -112,7 +116,8 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, layout: LatentLayo
                 "would use a random draw of it at each step. AutoViking cannot marginalise "
                 "discrete latents (enumerated or not): write the model with the site summed out "
                 "by hand.")
-        extra[name] = tuple((f.dim, f.name) for f in subsampled_frames(site))
+        event_dim = site["fn"].event_dim  # a plate's dim counts batch dims only
+        extra[name] = tuple((f.dim - event_dim, f.name) for f in subsampled_frames(site))
     sites = frozenset(n for n, s in trace.nodes.items() if s["type"] == "sample")
     return ModelCall(observed_data_frames(trace), bool(observed), extra, sites, params=params)
 
@@ -198,8 +203,11 @@ def other_latents(guide, call: ModelCall, args: tuple, kwargs: dict,
                   subsample: dict) -> Optional[dict]:
     """Values for the latents outside ``guide``'s layout, at which its Jacobian is taken: the
     medians of the other parts of its ``AutoGuideList`` (parts not yet set up, which run after
-    ``guide``, are set up first), restricted to this call's subsample. Without an
-    ``AutoGuideList`` they stay prior draws, with a warning."""
+    ``guide``, are set up first), restricted to this call's subsample. A part's ``median`` sees
+    the call's arguments, so an amortised part returns e.g. its encoder's mean for the data,
+    one per datum, of which the minibatch's are taken. Latents without a median (no
+    ``AutoGuideList``, or a part without one, such as a plain callable that Pyro wraps in an
+    ``AutoCallable``) stay prior draws, with a warning."""
     if guide.master is not None and not call.list_checked:
         list_model = (guide.master()._model or (None,))[0]  # None once loaded from a pickle
         check_list_latents_visible(list_model, call, args, kwargs)
@@ -224,6 +232,14 @@ def other_latents(guide, call: ModelCall, args: tuple, kwargs: dict,
             for dim, plate in frames:
                 value = value.index_select(dim, subsample[plate])
             values[name] = value
+    missing = sorted(set(call.extra_latents) - set(values))
+    if missing and not call.warned_no_median:
+        call.warned_no_median = True
+        warn(f"no part of the AutoGuideList has a median of the latents {missing} (a plain "
+             "callable part is wrapped in an AutoCallable, whose median is empty): AutoViking's "
+             "Jacobian uses prior draws of them. Give their part a median, e.g. "
+             "AutoCallable(model, guide, median) or an AutoGuide subclass with "
+             "median(*args, **kwargs) (for local latents: one value per datum of the data).")
     return values
 
 

@@ -47,10 +47,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
-import torch
-from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import Tensor, nn
 
+from pyro_viking.nn.batch_norm import BatchNormLayers, update_after_call
 from pyro_viking.nn.data_plate import data_plate
 from pyro_viking.nn.hidden_parameters import copy_learned, hidden_values, learned_hidden
 from pyro_viking.nn.input_checks import InputChecks, check_rows_match
@@ -60,6 +59,7 @@ from pyro_viking.nn.latent_rules import (
     check_deterministic,
     split_parameters,
 )
+from pyro_viking.nn.latent_values import copy_latent, init_to_network
 from pyro_viking.nn.likelihoods import (
     check_likelihood,
     observation_distribution,
@@ -87,8 +87,8 @@ class BayesianNetwork(nn.Module):
 
     :param net: an ``nn.Module`` mapping inputs ``(B, ...)`` to one tensor ``(B, O)`` (or
         ``(B,)``: ``O = 1``, not for classification) with independent, deterministic rows
-        (dropout and batch norm only in eval mode); its current values are the initial
-        posterior mean (:meth:`init_loc_fn`). It is not changed (:attr:`network` copies in).
+        (dropout in eval mode; batch norm too, unless ``batch_norm="running"``); its values the
+        initial posterior mean (:meth:`init_loc_fn`), not changed (:attr:`network` copies in).
     :param likelihood: ``"classification"`` (``O = C ≥ 2``, labels ``0..C-1`` ``(N,)``),
         ``"binary"`` (``O = 1``, labels 0./1. ``(N,)``) or ``"regression"`` (targets ``(N,)`` for
         ``O = 1``, else ``(N, O)``): the observation models of :mod:`pyro_viking.nn.likelihoods`.
@@ -107,6 +107,9 @@ class BayesianNetwork(nn.Module):
     :param name: prefix of the site and parameter names (``"bnn.fc1.weight"``).
     :param weight_samples: how a leading batch of weight samples runs: ``"vmap"``, ``"loop"``
         or ``"auto"`` (:mod:`pyro_viking.nn.weight_samples`); values do not depend on it.
+    :param batch_norm: ``"running"``: batch norms run on running statistics, those of the layers
+        in training mode updated by each training step at θ̂ (:mod:`pyro_viking.nn.batch_norm`,
+        which says when and how); ``None``: batch norm in training mode is refused.
 
     Sites: latents ``f"{name}.{parameter name}"``, the plate ``"data"`` (dim −1), ``"obs"``,
     and the output ``(..., B, O)`` as deterministic :attr:`output_site` (``"logits"``/``"loc"``).
@@ -123,7 +126,8 @@ class BayesianNetwork(nn.Module):
                  noise_scale: Union[float, str] = 0.1, init_noise_scale: float = 0.1,
                  num_data: Optional[int] = None, batch_size: Optional[int] = None,
                  latent: Optional[Union[Rule, Sequence[Rule]]] = None,
-                 fit_hidden: bool = True, name: str = "bnn", weight_samples: str = "auto"):
+                 fit_hidden: bool = True, name: str = "bnn", weight_samples: str = "auto",
+                 batch_norm: Optional[str] = None):
         super().__init__()
         check_likelihood(likelihood)
         self.num_data = _positive_int(num_data, "num_data")
@@ -141,7 +145,8 @@ class BayesianNetwork(nn.Module):
         self.latent_shapes, self.hidden_names = split_parameters(net, latent)
         self.output_site = output_site(likelihood)
         self._batch_dependent = batch_dependent_modules(net)
-        check_deterministic(self._batch_dependent)
+        self.batch_norm, self.batch_norm_layers = batch_norm, BatchNormLayers(net, batch_norm)
+        check_deterministic(self._batch_dependent, batch_norm)
         self._weight_samples = WeightSampleRunner(net, weight_samples)
         self.weight_samples = weight_samples
         self._inputs, self._targets = InputChecks(), TargetChecks()
@@ -178,26 +183,19 @@ class BayesianNetwork(nn.Module):
     def network(self) -> nn.Module:
         """The wrapped ``nn.Module``, with the current values of the learned non-latent
         parameters copied in (latent ones: their initial values, or :meth:`set_weights`'s)."""
-        return copy_learned(self.net, self.hidden_names, self.fit_hidden, self.site_name)
+        return copy_learned(self.net, self.hidden_names, self.fit_hidden, self.site_name, self)
 
-    @torch.no_grad()
     def set_weights(self, values: Dict[str, Tensor]) -> nn.Module:
         """Copy latent values keyed by site name (e.g. ``guide.median()``) into the network's
         parameters; returns :attr:`network` (e.g. a MAP network from an ``AutoDelta``)."""
-        for n in self.latent_shapes:
-            if self.site_name(n) in values:
-                self.net.get_parameter(n).copy_(values[self.site_name(n)])
+        copy_latent(self.net, self.latent_shapes, self.site_name, values)
         return self.network
 
     def init_loc_fn(self, site: dict) -> Tensor:
         """Pyro init strategy: the network's current parameter values for its latent sites
         (PyTorch's initialisation, or a pre-trained network), ``init_to_median`` for other
         sites. Use as ``AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)``."""
-        n = site["name"][len(self.name) + 1:] if site["name"].startswith(self.name + ".") else ""
-        if n in self.latent_shapes:
-            value = self.net.get_parameter(n).detach().clone()
-            return init_to_value(site, values={site["name"]: value}, fallback=init_to_median)
-        return init_to_median(site)
+        return init_to_network(self.net, self.name, self.latent_shapes, site)
 
     def forward_network(self, latent: Dict[str, Tensor], x: Tensor,
                         linearise_at: Optional[Dict[str, Tensor]] = None) -> Tensor:
@@ -206,8 +204,8 @@ class BayesianNetwork(nn.Module):
         e.g. ``guide.median()``): ``(B, O)`` (``(B,)`` as ``(B, 1)``), one ``functional_call``
         on the tensors as given (Jacobian backends see the layers' weights), or with a leading
         weight batch ``(*batch', B, O)``, ``batch'`` without a trailing 1 (the data dim)."""
-        check_deterministic(self._batch_dependent)  # the mode may have changed since
-        hidden = hidden_values(self.net, self.hidden_names, self.fit_hidden, self.site_name)
+        check_deterministic(self._batch_dependent, self.batch_norm)  # modes may have changed
+        hidden = hidden_values(self.net, self.hidden_names, self.fit_hidden, self.site_name, self)
         ref = None if linearise_at is None else {
             n: linearise_at[self.site_name(n)].to(x.dtype) for n in self.latent_shapes}
 
@@ -216,21 +214,22 @@ class BayesianNetwork(nn.Module):
                 out = network_output(self.net, {**hidden, **sample}, x, at)
             return likelihood_outputs(self.likelihood, out)
 
-        out = self._weight_samples.run(latent, self.latent_shapes, x, call,
-                                       probe=lambda sample: call(sample, None))
+        with self.batch_norm_layers.evaluating(hidden):  # batch norms: running statistics
+            out = self._weight_samples.run(latent, self.latent_shapes, x, call,
+                                           probe=lambda sample: call(sample, None))
         self._inputs.remember_rows(x)
         self._targets.remember_outputs(out)
         return out
 
     def prior_scale_value(self, like: Tensor) -> Tensor:
         """The prior's ``s`` now: the fixed value, or the learned ``pyro.param``."""
-        return scale_value(self.prior_scale, self.prior_scale_name, self.init_prior_scale, like)
+        return scale_value(self, "prior", like)
 
     def noise_scale_value(self, like: Tensor) -> Optional[Tensor]:
         """The regression noise σ now (fixed, or the learned ``pyro.param``), else ``None``."""
         if self.likelihood != "regression":
             return None
-        return scale_value(self.noise_scale, self.noise_scale_name, self.init_noise_scale, like)
+        return scale_value(self, "noise", like)
 
     def data_plate(self, x: Tensor, y: Optional[Tensor]) -> pyro.plate:
         """The data plate of a call ``bnn(x, y)`` (:func:`~pyro_viking.nn.data_plate.data_plate`;
@@ -259,6 +258,7 @@ class BayesianNetwork(nn.Module):
             pyro.deterministic(self.output_site, out, event_dim=1)
             pyro.sample("obs", self.observation_distribution(out),
                         obs=None if y is None else y[idx])
+        update_after_call(self, latent, x[idx], y)  # batch norms' statistics, in training
         return out
 
     def check_inputs(self, x: Tensor) -> None:

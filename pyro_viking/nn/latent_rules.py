@@ -3,7 +3,8 @@
 A :data:`Rule` selects parameters by name or owner; :func:`select_latent` applies a rule or a
 list of them. :func:`check_deterministic` refuses the modules that would make ``f(x_i; θ)``
 random (dropout in training mode) or dependent on the other rows of the batch (batch norm with
-minibatch statistics): VIKING needs one fixed Jacobian row per datum.
+minibatch statistics, unless it runs on running statistics: :mod:`pyro_viking.nn.batch_norm`):
+VIKING needs one fixed Jacobian row per datum.
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ def batch_dependent_modules(net: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(n, m) for n, m in net.named_modules() if isinstance(m, kinds)]
 
 
-def check_deterministic(modules: List[Tuple[str, nn.Module]]) -> None:
+def check_deterministic(modules: List[Tuple[str, nn.Module]],
+                        batch_norm: Optional[str] = None) -> None:
     """Raise ``ValueError`` if a dropout layer is active (with ``p > 0``: dropout with ``p = 0`` is
     the identity) or a batch norm uses the statistics of its minibatch: ``f(x_i; θ)`` must be a
-    fixed function of ``x_i`` and ``θ``."""
+    fixed function of ``x_i`` and ``θ``. With ``batch_norm="running"`` a batch norm in training
+    mode is accepted (it is evaluated on its running statistics); one without running
+    statistics (``track_running_stats=False``) never is."""
     for name, m in modules:
         kind = type(m).__name__
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
@@ -81,11 +85,19 @@ def check_deterministic(modules: List[Tuple[str, nn.Module]]) -> None:
                 "f(x; θ) random, so the likelihood and its Jacobian change from call to call. "
                 "Call net.eval() before building the BayesianNetwork (the posterior over the "
                 "weights takes dropout's place), or remove the layer.")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training
-                                                               or m.running_mean is None):
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        if m.running_mean is None:
+            raise ValueError(
+                f"the network's module '{name}' ({kind}) has no running statistics "
+                "(track_running_stats=False), so it always normalises with the statistics of "
+                "each minibatch and one datum's likelihood depends on the other data. Build it "
+                "with track_running_stats=True, or use nn.LayerNorm or nn.GroupNorm.")
+        if m.training and batch_norm != "running":
             raise ValueError(
                 f"the network's module '{name}' ({kind}) normalises with the statistics of "
                 "each minibatch, so one datum's likelihood depends on the other data and the "
                 "per-datum Jacobian rows VIKING needs do not exist. Call net.eval() to use its "
-                "running statistics (e.g. those of a pre-trained network), or use nn.LayerNorm "
-                "or nn.GroupNorm.")
+                "running statistics (e.g. those of a pre-trained network), pass "
+                "batch_norm='running' to evaluate it on running statistics that training "
+                "updates at the posterior mean, or use nn.LayerNorm or nn.GroupNorm.")

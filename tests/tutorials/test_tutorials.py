@@ -14,6 +14,7 @@ TUTORIALS = {
     "sinusoid": ["sinusoid_posterior.png"],
     "two_moons": ["two_moons_posterior.png"],
     "any_pyro_model": ["any_pyro_model_diabetes.png"],
+    "vae": ["vae_max_pixel_std.png"],
 }
 
 

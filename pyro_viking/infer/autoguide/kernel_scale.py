@@ -8,6 +8,7 @@ from typing import Callable, Optional, Tuple
 import pyro
 import torch
 from torch import Tensor
+from torch.distributions import transform_to
 
 from pyro_viking.model_trace.priors import (
     isotropic_prior_scale,
@@ -59,20 +60,32 @@ class TiedPriorScale:
     """The common prior scale ``s`` that ``σ_ker`` is tied to (``kernel_scale="prior"``).
 
     A constant ``s`` is kept. A ``pyro.param`` ``s`` is read from the param store at each call
-    (with its gradient, no model run). An ``s`` computed otherwise from parameters is read from
-    a model run in training, and its last value serves prediction (no model run)."""
+    (with its gradient, no model run); with ``module_local_params`` on, a parameter the model
+    keeps itself (``PyroParam``, :func:`~pyro_viking.nn.scales.model_param`) is read through
+    the ``unconstrained`` reference of its ``param`` site. An ``s`` computed otherwise from
+    parameters is read from a model run in training, and its last value serves prediction (no
+    model run)."""
 
     def __init__(self, prior: Tensor, model: Callable, args: tuple, kwargs: dict):
         self.last, self.learnable, self.param_name = prior.detach(), prior.requires_grad, None
+        self._local = None  # (weakref to the unconstrained parameter, constraint)
         if self.learnable:
             with torch.random.fork_rng(devices=[]):
-                self.param_name = prior_scale_param(trace_model(model, args, kwargs, {}), prior)
+                trace = trace_model(model, args, kwargs, {})
+            self.param_name = prior_scale_param(trace, prior)
+            site = trace.nodes.get(self.param_name, {})
+            if pyro.settings.get("module_local_params") and \
+                    hasattr(site.get("value"), "unconstrained"):
+                self._local = (site["value"].unconstrained, site["kwargs"]["constraint"])
 
     def value(self, model: Optional[Callable], args: tuple, kwargs: dict, names,
               predicting: bool) -> Tensor:
         """The current ``s`` (``predicting``: no gradient needed)."""
+        unconstrained = self._local[0]() if self._local is not None else None
         if self.param_name is not None and self.param_name in pyro.get_param_store():
             s = pyro.param(self.param_name)
+        elif unconstrained is not None and pyro.settings.get("module_local_params"):
+            s = transform_to(self._local[1])(unconstrained)
         elif not self.learnable or predicting or model is None:
             return self.last
         else:
@@ -80,3 +93,6 @@ class TiedPriorScale:
                 s = isotropic_prior_scale(trace_model(model, args, kwargs, {}), names)
         self.last = s.detach()
         return s
+
+    def __getstate__(self):
+        return {**self.__dict__, "_local": None}  # a weak reference does not pickle

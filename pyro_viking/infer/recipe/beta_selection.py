@@ -128,7 +128,7 @@ def select_beta(
         nll = validation_nll(model, fit.guide, *val_args, num_samples=num_samples, **val_kwargs)
         table.append(dict(beta=beta, val_nll=float(nll.mean()),
                           val_nll_se=float(nll.std() / math.sqrt(len(nll))),
-                          image_scale=float(fit.guide.image_scale),
+                          image_scale=float(fit.guide.image_scale.detach()),
                           kernel_scale=float(fit.guide.kernel_scale),
                           prior_scale=float(store[name]) if name in store else math.nan))
         fits.append(fit)

@@ -1,10 +1,12 @@
 """AutoViking as one part of an ``AutoGuideList``: beside ``AutoDelta``, ``AutoNormal``, a callable
 guide or a nested list; its Jacobian taken at the other guides' medians; a subsampled data plate
 that only the AutoViking part holds; and the recipe for local latents of a subsampled plate
-(AutoViking for the global ones, AutoNormal for the local ones).
+(AutoViking for the global ones, AutoNormal for the local ones); an amortised part (an encoder)
+for local latents with event dims, whose median, the encoder's mean, is the Jacobian's point.
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -20,7 +22,8 @@ from problems import (
     trained,
 )
 from pyro.infer import SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoGuideList, AutoNormal
+from pyro.infer.autoguide.guides import AutoCallable
 from pyro.optim import Adam
 from pyro.util import check_model_guide_match
 from torch.func import jacrev
@@ -52,7 +55,11 @@ def test_auto_guide_list(Elbo, other):
     else:
         Other = AutoNormal if other == "AutoNormal" else AutoDelta
         guide.append(Other(poutine.block(regression, expose=["sigma"])))
-    losses = trained(regression, guide, (x, y), steps=30, elbo=Elbo(), lr=0.05)
+    if other == "callable":  # no median of sigma: the Jacobian draws it from its prior
+        with pytest.warns(UserWarning, match="AutoCallable"):
+            losses = trained(regression, guide, (x, y), steps=30, elbo=Elbo(), lr=0.05)
+    else:
+        losses = trained(regression, guide, (x, y), steps=30, elbo=Elbo(), lr=0.05)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) < sum(losses[:10])
     for _, module in guide.named_modules():
@@ -176,3 +183,76 @@ def test_subsampled_plate_with_global_latents_uses_one_minibatch(dtype):
     assert all(math.isfinite(svi.step(x, y)) for _ in range(10))
     samples = Predictive(model, guide=guide, num_samples=4)(x)
     assert samples["y"].shape == (4, 8)
+
+
+# -- an amortised part for local latents (a VAE's encoder) ---------------------------------------
+L, P = 2, 3
+
+
+def vae_like(x, batch_size=4):
+    """Global decoder weights ``w``, a local code ``z`` (event dim 1) per datum of a subsampled
+    plate, observations with event dim 1."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([L, P]).to_event(2))
+    with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([L]).to_event(1))
+        pyro.sample("x", dist.Normal(torch.tanh(z @ w), 0.5).to_event(1), obs=x[idx])
+
+
+class Encoder(AutoGuide):
+    """``q(z_i | x_i) = N(x_i A, 0.1² I)``; its median is ``x A`` for every datum of ``x``."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.A = torch.nn.Parameter(torch.randn(P, L))
+
+    def forward(self, x, batch_size=4):
+        if self.prototype_trace is None:
+            self._setup_prototype(x, batch_size)
+        with self._create_plates(x, batch_size)["data"] as idx:
+            z = pyro.sample("z", dist.Normal(x[idx] @ self.A, 0.1).to_event(1))
+        return {"z": z}
+
+    def median(self, x, batch_size=4):
+        return {"z": (x @ self.A).detach()}
+
+
+def test_jacobian_is_taken_at_an_amortised_parts_median_of_the_minibatch(dtype):
+    """Local codes ``z`` (event dim 1) of a subsampled plate, guided by an encoder part: the
+    AutoViking part's Jacobian is that of the minibatch the model replays, with ``z`` at the
+    encoder's mean of the minibatch's data (not a prior draw, not another datum's code); SVI
+    trains and the training data can be projected on."""
+    x = torch.randn(12, P)
+    guide = AutoGuideList(vae_like)
+    guide.append(AutoViking(poutine.block(vae_like, hide=["z"])))
+    guide.append(Encoder(poutine.block(vae_like, expose=["z"])))
+    guide(x)  # set up
+    guide_trace = poutine.trace(guide).get_trace(x)
+    idx = guide_trace.nodes["data"]["value"]
+    viking = guide[0]
+    code = x[idx] @ guide[1].A.detach()
+    J_ref = jacrev(make_rows_fn(vae_like, viking.layout, (x,), {}, subsample={"data": idx},
+                                condition={"z": code}))(viking.loc.detach())
+    torch.testing.assert_close(viking.last_projector.operator.to_dense(), J_ref)
+    svi = SVI(vae_like, guide, Adam({"lr": 0.02}), TraceViking_ELBO())
+    assert all(math.isfinite(svi.step(x)) for _ in range(10))
+    assert viking.project_training_data(x, num_samples=3).shape == (3, L * P)
+
+
+def test_a_part_without_median_warns_once():
+    """A callable part (Pyro's ``AutoCallable``, empty median) leaves its latents to prior
+    draws in the Jacobian: one warning that names the fix; with a median, none."""
+    x, y = regression_data()
+    guide = AutoGuideList(regression)
+    guide.append(AutoViking(poutine.block(regression, hide=["sigma"])))
+    guide.append(_callable_sigma_guide)
+    with pytest.warns(UserWarning, match="AutoCallable") as record:
+        trained(regression, guide, (x, y), steps=3)
+    assert sum("median" in str(w.message) for w in record) == 1
+    pyro.clear_param_store()
+    guide = AutoGuideList(regression)
+    guide.append(AutoViking(poutine.block(regression, hide=["sigma"])))
+    guide.append(AutoCallable(regression, _callable_sigma_guide,
+                              lambda *args, **kwargs: {"sigma": torch.tensor(0.5)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained(regression, guide, (x, y), steps=3)
