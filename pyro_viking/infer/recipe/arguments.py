@@ -41,7 +41,7 @@ def reset_owned_params(model: Callable) -> None:
     """Delete the param-store entries a recipe fit owns (module docstring). A model's other
     params (e.g. a ``prior_scale_param`` of a hand-written model) are the user's: kept."""
     store = pyro.get_param_store()
-    owned = set(getattr(model, "param_names", ()) if isinstance(model, BayesianNetwork) else ())
+    owned = set(model.param_names) if isinstance(model, BayesianNetwork) else set()
     for name in list(store.keys()):
         if name in owned or name.startswith(GUIDE_PREFIXES):
             del store[name]
