@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
 import torch  # noqa: E402
 
 from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
-from benchmarks.uq.protocol import Budget, budget_for  # noqa: E402
+from benchmarks.uq.protocol import Budget, budget_for, viking_knob  # noqa: E402
 from benchmarks.uq.report import mean_std  # noqa: E402
 from benchmarks.uq.tasks import load_task, quick_task  # noqa: E402
 from benchmarks.uq.viking_fit import (  # noqa: E402
@@ -97,8 +97,8 @@ def run_ablations(args) -> list:
         budget: Budget = budget_for(task_name, args.quick)
         if args.ablation_epochs:
             budget = replace(budget, epochs=args.ablation_epochs)
-        beta = args.ablation_beta or selection.get(task_name, {}).get("VIKING", {}).get(
-            "chosen", 0.03)
+        beta = args.ablation_beta or viking_knob(selection.get(task_name, {}).get(
+            "VIKING", {}).get("chosen", 0.03))[1]
         w0 = phase_epochs(budget.epochs)[0]
         ablations = dict(QUICK if args.quick else ABLATIONS)
         if getattr(args, "ablation_only", None):

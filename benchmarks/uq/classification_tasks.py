@@ -10,20 +10,25 @@
   and 9s of both splits (never trained on) are the OOD set. Network: the authors' 1-D CNN
   (``networks.CNN1d``, 32 channels). Also scored on its test sequences rolled circularly by
   ``protocol.SHIFTS["mnist1d"]`` positions.
+- ``digits_resnet``: the ``digits`` task (the same data and splits) with a residual CNN with
+  batch norm (``networks.SmallResNet``, 16 channels) on the 8×8 images.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from sklearn.datasets import load_digits
 
-from benchmarks.uq.networks import MLP, CNN1d
+from benchmarks.uq.networks import MLP, CNN1d, SmallResNet
 from benchmarks.uq.protocol import SHIFTS
 from benchmarks.uq.task_data import Task, fit_val_split, split, tensors
 
 DATA_SEED = 0
 IN_CLASSES = 8  # classes 0…7 in distribution, the rest OOD
 MNIST1D_CHANNELS = 32
+RESNET_CHANNELS = 16
 
 
 def digits_task() -> Task:
@@ -36,6 +41,14 @@ def digits_task() -> Task:
     return Task("digits", "classification", IN_CLASSES, x_fit, y_fit, x_val, y_val, x_te, y_te,
                 x_ood, make_net=lambda: MLP(64, (64, 64), IN_CLASSES),
                 description="sklearn digits 8×8; classes 0–7 in, 8s and 9s OOD; MLP 64-64-64-8")
+
+
+def digits_resnet_task() -> Task:
+    """``digits`` (the same tensors and split) with ``SmallResNet`` (batch norm) on the images."""
+    return replace(digits_task(), name="digits_resnet",
+                   make_net=lambda: SmallResNet(IN_CLASSES, RESNET_CHANNELS),
+                   description="sklearn digits 8×8; classes 0–7 in, 8s and 9s OOD; residual CNN "
+                               f"with batch norm ({RESNET_CHANNELS} channels)")
 
 
 def mnist1d_arrays(num_samples: int = 5000):

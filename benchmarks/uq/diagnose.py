@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from benchmarks.uq.methods import _seed  # noqa: E402
 from benchmarks.uq.metrics import classification_metrics, regression_metrics  # noqa: E402
-from benchmarks.uq.protocol import KNOBS, TASKS, budget_for  # noqa: E402
+from benchmarks.uq.protocol import KNOBS, TASKS, budget_for, viking_knob  # noqa: E402
 from benchmarks.uq.report import mean_std  # noqa: E402
 from benchmarks.uq.tasks import load_task  # noqa: E402
 from benchmarks.uq.viking_fit import (  # noqa: E402
@@ -57,8 +57,8 @@ def chosen_beta(task: str) -> float:
     if path.exists():
         table = json.loads(path.read_text())
         if task in table and "VIKING" in table[task]:
-            return float(table[task]["VIKING"]["chosen"])
-    return KNOBS["VIKING"][2]
+            return viking_knob(table[task]["VIKING"]["chosen"])[1]
+    return viking_knob(KNOBS["VIKING"][2])[1]
 
 
 def fit_post_hoc(task, seed: int, beta: float, budget):

@@ -36,14 +36,17 @@ from benchmarks.uq.tasks import load_task, quick_task  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 #: epochs each curve runs (beyond the budget, to see the plateau)
-CURVE_EPOCHS = {"digits": 200, "mnist1d": 300, "diabetes": 500, "boston": 500, "concrete": 500}
+CURVE_EPOCHS = {"digits": 200, "digits_resnet": 200, "mnist1d": 300, "diabetes": 500, "boston": 500,
+                "concrete": 500}
 #: "plateaued": the validation NLL within this fraction of its smallest value
 PLATEAU_TOL = 0.02
 
 
 def _scores(task, net, log_noise) -> dict:
-    """NLL and accuracy / RMSE of the network on the fit, validation and test splits."""
-    out = {}
+    """NLL and accuracy / RMSE of the network (in eval mode: batch norms on their running
+    statistics) on the fit, validation and test splits."""
+    out, training = {}, net.training
+    net.eval()
     with torch.no_grad():
         for split in ("fit", "val", "test"):
             x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
@@ -54,6 +57,7 @@ def _scores(task, net, log_noise) -> dict:
             else:
                 m = regression_metrics(pred.reshape(1, -1), float(log_noise.exp()), y)
                 out.update({f"{split}_nll": m["nll"], f"{split}_rmse": m["rmse"]})
+    net.train(training)
     return out
 
 

@@ -90,7 +90,9 @@ def train_map(task: Task, seed: int, prior_scale: float, budget: Budget,
 
 
 def _point_sampler(task: Task, nets):
-    def sample(x):
+    def sample(x):  # eval mode: batch norms on their running statistics
+        for net in nets:
+            net.eval()
         with torch.no_grad():
             outs = [net(x) for net in nets]
         if task.classification:
@@ -141,6 +143,7 @@ def fit_ivon(task: Task, seed: int, hess_init: float, budget: Budget) -> Fitted:
 
     def sample(x):
         outs = []
+        net.eval()  # batch norms on the running statistics kept at the sampled weights
         with torch.no_grad():
             for _ in range(budget.num_samples):
                 with opt.sampled_params():
@@ -229,6 +232,7 @@ def _fit_gaussian_guide(guide_cls, task, seed, prior_scale, budget, **guide_kwar
     start = time.perf_counter()
     losses = run_svi(model, guide, loss, task, budget.epochs, budget, particles=budget.particles)
     secs = time.perf_counter() - start
+    model.eval()  # predictions: batch norms on their running statistics (none elsewhere)
     return Fitted(pyro_sampler(task, model, guide, budget.num_samples), secs / budget.epochs,
                   noise=_noise(), info={"final_loss": losses[-1]})
 

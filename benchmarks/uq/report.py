@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.uq.protocol import METHODS, TASKS  # noqa: E402
+from benchmarks.uq.protocol import METHODS, TASKS, knob_label  # noqa: E402
 from benchmarks.uq.report_shift import plot_shift, shift_markdown  # noqa: E402
 from benchmarks.uq.stats import mean_std  # noqa: E402
 
@@ -149,7 +149,7 @@ def write_report(rows: List[dict], out: Path, selection: Optional[dict] = None) 
         text += "\n### Validation choices (seed 0, BMA NLL on the validation split)\n\n"
         for task, methods in sorted(selection.items(), key=lambda kv: TASKS.index(kv[0])
                                     if kv[0] in TASKS else len(TASKS)):
-            parts = [f"{m}: {v['knob']} = {v['chosen']:g}" for m, v in methods.items()]
+            parts = [f"{m}: {v['knob']} = {knob_label(v['chosen'])}" for m, v in methods.items()]
             text += f"- {task}: " + "; ".join(parts) + "\n"
     timing = out / "timing.json"
     if timing.exists():

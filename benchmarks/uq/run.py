@@ -36,19 +36,37 @@ from benchmarks.uq.methods import (  # noqa: E402
     fit_laplace,
     fit_map,
 )
-from benchmarks.uq.protocol import KNOBS, METHODS, SHARES_KNOB, TASKS, budget_for  # noqa: E402
+from benchmarks.uq.protocol import (  # noqa: E402
+    KNOBS,
+    METHODS,
+    SHARES_KNOB,
+    TASKS,
+    budget_for,
+    knob_label,
+)
 from benchmarks.uq.report import write_report  # noqa: E402
 from benchmarks.uq.scoring import score, score_shifts  # noqa: E402
 from benchmarks.uq.tasks import load_task, quick_task, task_for_seed  # noqa: E402
 from benchmarks.uq.timing import run_timing  # noqa: E402
-from benchmarks.uq.viking_fit import fit_viking  # noqa: E402
+from benchmarks.uq.viking_fit import fit_viking_candidate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FIT = {"MAP": fit_map, "Ensemble": fit_ensemble, "IVON": fit_ivon, "Laplace": fit_laplace,
-       "AutoNormal": fit_autonormal, "AutoLowRank": fit_autolowrank, "VIKING": fit_viking}
+       "AutoNormal": fit_autonormal, "AutoLowRank": fit_autolowrank,
+       "VIKING": fit_viking_candidate}
 
 
-def select_knobs(task, methods, budget, log) -> dict:
+def _grids(args) -> dict:
+    """``--grid`` as ``{method: (values...)}`` (VIKING's values are strings, others floats)."""
+    out = {}
+    for item in args.grid or []:
+        method, values = item.split("=")
+        cast = str if method == "VIKING" else float
+        out[method] = tuple(cast(v) for v in values.split(","))
+    return out
+
+
+def select_knobs(task, methods, budget, log, grids=None) -> dict:
     """Seed 0, fit split → validation BMA NLL for every value of each method's knob.
 
     Returns the chosen values, the table of validation scores, and the seed-0 fits at the
@@ -58,6 +76,7 @@ def select_knobs(task, methods, budget, log) -> dict:
         if method not in KNOBS:
             continue
         name, grid, _ = KNOBS[method]
+        grid = (grids or {}).get(method, grid)
         rows = []
         for value in grid:
             fitted = FIT[method](task, 0, value, budget)
@@ -65,7 +84,8 @@ def select_knobs(task, methods, budget, log) -> dict:
             m, _ = score(task, fitted, task.x_val, task.y_val, with_ood=False)
             rows.append({name: value, "val_nll": m["nll"], "val_accuracy": m.get("accuracy"),
                          "val_rmse": m.get("rmse")})
-            log(f"  select {task.name}/{method}: {name}={value:g} val NLL {m['nll']:.4f}")
+            log(f"  select {task.name}/{method}: {name}={knob_label(value)} val NLL "
+                f"{m['nll']:.4f}")
         best = min(rows, key=lambda r: r["val_nll"] if math.isfinite(r["val_nll"]) else math.inf)
         chosen[method] = best[name]
         table[method] = {"knob": name, "chosen": best[name], "grid": rows}
@@ -79,6 +99,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="tiny budgets, one seed, no selection")
     p.add_argument("--no-select", action="store_true", help="use the default knobs")
+    p.add_argument("--grid", nargs="+", default=None, metavar="METHOD=V1,V2",
+                   help="choose among these knob values only (e.g. a share of a method's grid "
+                        "per process; the shares' selection.json are merged by report.py)")
     p.add_argument("--ablations", action="store_true", help="run the VIKING ablations instead")
     p.add_argument("--timing", action="store_true",
                    help="only time one epoch per method, interleaved (timing.json)")
@@ -131,8 +154,13 @@ def run_task(task_name: str, args, seeds, selection: dict, results: list) -> Non
     _log(f"{task_name}: fit {len(task.x_fit)}, val {len(task.x_val)}, test "
          f"{len(task.x_test)}, OOD {len(task.x_ood)}; {budget}")
     chosen, reuse = {m: KNOBS[m][2] for m in KNOBS}, {}
-    if not (args.quick or args.no_select):
-        picked, selection[task_name], reuse = select_knobs(task, args.methods, budget, _log)
+    grids = _grids(args)
+    if grids and 0 not in seeds and set(grids) >= set(args.methods) \
+            and all(len(g) == 1 for g in grids.values()):
+        chosen.update({m: g[0] for m, g in grids.items()})  # seeds past 0 at a chosen value
+    elif not (args.quick or args.no_select):
+        picked, selection[task_name], reuse = select_knobs(task, args.methods, budget, _log,
+                                                           grids)
         chosen.update(picked)
     for seed in seeds:
         seeded = task_for_seed(task, seed, args.quick)  # the regression tasks: its own split

@@ -2,9 +2,11 @@
 
 The main run's ``epoch_seconds`` are measured method after method, so on a shared machine their
 ratios absorb changes of load. Here one epoch of each method (MAP, IVON, AutoNormal, VIKING,
-and Pyro's ``AutoDelta`` MAP on VIKING's own ``BayesianNetwork``: what any Pyro SVI step costs
-on this model) is timed in turn, ``TIMING_ROUNDS`` times, and the median per method is
-reported, with the ratios of issue #12 (VIKING ÷ IVON per pass). Settings are the main run's
+``VIKING module``: the same ELBO steps taken by ``fit_viking(engine="module")``'s engine, the
+ELBO module and ``torch.optim``, and Pyro's ``AutoDelta`` MAP on VIKING's own
+``BayesianNetwork``: what any Pyro SVI step costs on this model) is timed in turn,
+``TIMING_ROUNDS`` times, and the median per method is reported, with the ratios of issue #12
+(VIKING ÷ IVON per pass; issue #22: ``VIKING module`` ÷ IVON). Settings are the main run's
 (batch size, K = 1, the VIKING model and options of ``viking_fit``: a ``BayesianNetwork`` with
 a learned prior scale); every method starts at a MAP point fitted for two untimed epochs, so
 VIKING's Jacobians are those of a trained-ish network.
@@ -29,6 +31,7 @@ from benchmarks.uq.pyro_models import PyroBNN
 from benchmarks.uq.tasks import load_task
 from benchmarks.uq.viking_fit import DEFAULT_GAMMA, DEFAULT_OPTIONS, make_bnn
 from pyro_viking import AutoViking, TraceViking_ELBO
+from pyro_viking.infer.recipe.engine import ModuleStepper
 
 #: interleaved rounds (full, quick): short epochs move with the machine's load, and a median over
 #: few rounds moved the VIKING / IVON ratio between runs (README: "Cost per pass")
@@ -75,6 +78,7 @@ def _epoch_fns(task, budget):
             svi.step(task.x_fit, task.y_fit)
 
     fns["VIKING"] = viking_epoch
+    fns["VIKING module"] = _module_epoch(task, budget, net, steps)
     # Pyro's own MAP on the very model VIKING trains: what any Pyro guide's step costs here
     map_bnn = make_bnn(task, 0, budget.batch_size)
     map_bnn.net.load_state_dict(net.state_dict())
@@ -82,6 +86,27 @@ def _epoch_fns(task, budget):
     map_svi = SVI(map_bnn, delta, pyro.optim.Adam({"lr": budget.lr}), Trace_ELBO())
     fns["AutoDelta"] = lambda: [map_svi.step(task.x_fit, task.y_fit) for _ in range(steps)]
     return fns
+
+
+def _module_epoch(task, budget, net, steps):
+    """One epoch of VIKING's ELBO steps on the module engine (``ModuleStepper``: the steps of
+    ``SVI``, without its per-parameter optimisers), on a copy of the benchmark's model, in a
+    param store scope of its own (its guide's parameters have the ``SVI`` guide's names)."""
+    store = pyro.get_param_store()
+    with store.scope() as state:
+        bnn = make_bnn(task, 0, budget.batch_size)
+        bnn.net.load_state_dict(net.state_dict())
+        guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn, gamma=DEFAULT_GAMMA,
+                           **DEFAULT_OPTIONS)
+        stepper = ModuleStepper(bnn, guide, pyro.optim.Adam({"lr": budget.lr}),
+                                TraceViking_ELBO(beta=0.01))
+
+    def epoch():
+        with store.scope(state):
+            for _ in range(steps):
+                stepper.step(task.x_fit, task.y_fit)
+
+    return epoch
 
 
 def run_timing(args) -> dict:
@@ -109,6 +134,8 @@ def run_timing(args) -> dict:
                           "viking_over_map": med["VIKING"] / med["MAP"],
                           "viking_over_autonormal": med["VIKING"] / med["AutoNormal"],
                           "viking_over_autodelta": med["VIKING"] / med["AutoDelta"],
+                          "viking_module_over_ivon": med["VIKING module"] / med["IVON"],
+                          "viking_module_over_viking": med["VIKING module"] / med["VIKING"],
                           "steps_per_epoch": math.ceil(len(task.x_fit) / budget.batch_size),
                           "device": str(task.x_fit.device)}
         print(task_name, json.dumps(out[task_name]), flush=True)

@@ -22,12 +22,14 @@ from typing import Optional
 
 import pyro
 
+from benchmarks.uq.batch_norm_fit import batch_norm_mode, pytorch_warmup
 from benchmarks.uq.methods import Fitted, _new_net, _seed, pyro_sampler
-from benchmarks.uq.protocol import Budget
+from benchmarks.uq.protocol import Budget, viking_knob
 from benchmarks.uq.pyro_models import INIT_PRIOR_SCALE
 from benchmarks.uq.tasks import Task
 from pyro_viking import AutoViking, BayesianNetwork
 from pyro_viking.infer.recipe.fit import fit_viking as recipe_fit_viking
+from pyro_viking.infer.recipe.warmup import fit_map
 
 #: AutoViking options of the benchmark (the library's defaults, spelled out for the ablations)
 DEFAULT_OPTIONS = dict(jacobian="loss", grad_through_projection=False)
@@ -42,11 +44,14 @@ def phase_epochs(epochs: int, warmup: Optional[int] = None):
 
 
 def make_bnn(task: Task, seed: int, batch_size: int) -> BayesianNetwork:
-    """The task's network (the seed's PyTorch initialisation) as the benchmark's VIKING model."""
+    """The task's network (the seed's PyTorch initialisation) as the benchmark's VIKING model
+    (batch norms in training mode: on running statistics, ``batch_norm_fit.py``)."""
     kind = "classification" if task.classification else "regression"
-    return BayesianNetwork(_new_net(task, seed), kind, prior_scale="learned",
+    net = _new_net(task, seed)
+    return BayesianNetwork(net, kind, prior_scale="learned",
                            init_prior_scale=INIT_PRIOR_SCALE, noise_scale="learned",
-                           init_noise_scale=INIT_NOISE_SCALE, batch_size=batch_size)
+                           init_noise_scale=INIT_NOISE_SCALE, batch_size=batch_size,
+                           batch_norm=batch_norm_mode(net))
 
 
 def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
@@ -54,6 +59,7 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
                batch_size: Optional[int] = None, gamma: float = DEFAULT_GAMMA,
                kernel_scale: str = "prior", final_lr: Optional[float] = None,
                post_hoc: bool = False, predictive: str = "sampled",
+               scales_epochs: int = 0, mean_lr_factor: float = 1.0,
                **viking_options) -> Fitted:
     """Fit VIKING on the task's fit split (β is the one knob chosen on validation).
 
@@ -62,7 +68,11 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
     sequential particles each draw their own minibatch, so a step consumes K·B examples).
     ``post_hoc``: the whole budget is MAP warm-up, then the curvature scales and no ELBO step
     (``fit_viking(num_steps=0)``). ``predictive``: ``"sampled"`` (the network at posterior
-    samples) or ``"linearised"`` (the GLM predictive, ``bnn.linearised(guide)``)."""
+    samples) or ``"linearised"`` (the GLM predictive, ``bnn.linearised(guide)``).
+    ``scales_epochs`` (with ``post_hoc``): the last ``scales_epochs`` of the budget train σ_im and
+    the prior scale by the ELBO with θ̂ frozen at the MAP of the rest (the paper's σ-only phase).
+    ``mean_lr_factor``: the ELBO phase's learning rate of θ̂ is the budget's times this factor
+    (the scales keep the budget's)."""
     K = particles or budget.particles
     B = batch_size or budget.batch_size
     _seed(seed)
@@ -71,22 +81,43 @@ def fit_viking(task: Task, seed: int, beta: float, budget: Budget, *,
     per_epoch = math.ceil(len(task.x_fit) / B)
     options = {**DEFAULT_OPTIONS, **viking_options}
     num_steps = max(1, (budget.epochs - w) * per_epoch // K)
+    scales_steps = 0
     if post_hoc:
-        w, num_steps = budget.epochs, 0
+        w, num_steps = budget.epochs - scales_epochs, 0
+        scales_steps = scales_epochs * per_epoch // K
     optim = pyro.optim.Adam({"lr": budget.lr})
+    map_values, scales_lr_factor = None, None
+    warmup_secs = 0.0
+    if bnn.batch_norm:  # batch norms in training mode: the warm-up as PyTorch MAP
+        map_values, warmup_secs = pytorch_warmup(bnn, task, seed, beta, budget, w)
+    if mean_lr_factor != 1.0:  # the warm-up at the budget's rate, then θ̂ slower than the scales
+        map_values = fit_map(bnn, task.x_fit, task.y_fit, num_steps=w * per_epoch, optim=optim,
+                             prior_scale_param=bnn.prior_scale_name, prior_weight=beta,
+                             progress=False)
+        optim = pyro.optim.Adam({"lr": budget.lr * mean_lr_factor})
+        scales_lr_factor = 1.0 / mean_lr_factor
     if final_lr is not None:
         lrd = (final_lr / budget.lr) ** (1 / num_steps)
         optim = pyro.optim.ClippedAdam({"lr": budget.lr, "lrd": lrd, "clip_norm": 1e12})
     start = time.perf_counter()
     fit = recipe_fit_viking(
         bnn, task.x_fit, task.y_fit,
-        num_steps=num_steps, warmup_steps=w * per_epoch, beta=beta, optim=optim,
-        num_particles=K, gamma=gamma, guide_options=options, progress=False,
-        kernel_scale=kernel_scale)
-    secs = time.perf_counter() - start
+        num_steps=num_steps, warmup_steps=None if map_values else w * per_epoch, beta=beta,
+        optim=optim, num_particles=K, gamma=gamma, guide_options=options, progress=False,
+        kernel_scale=kernel_scale, scales_steps=scales_steps, map_values=map_values,
+        scales_lr_factor=scales_lr_factor)
+    secs = time.perf_counter() - start + warmup_secs
     return _fitted(task, bnn, fit.guide, budget, secs, predictive=predictive, beta=beta,
                    prior_scale=float(pyro.param(bnn.prior_scale_name).detach()),
                    init_sigma_im=float(fit.init["image_scale"]))
+
+
+def fit_viking_candidate(task: Task, seed: int, knob, budget: Budget) -> Fitted:
+    """The benchmark's VIKING at one candidate of its knob, ``"recipe@β"``
+    (``protocol.VIKING_CANDIDATES``, ``select_beta``'s defaults): ``"elbo"`` is
+    :func:`fit_viking` as is, ``"post-hoc"`` with ``post_hoc=True``."""
+    recipe, beta = viking_knob(knob)
+    return fit_viking(task, seed, beta, budget, post_hoc=recipe == "post-hoc")
 
 
 def bnn_sampler(task: Task, bnn: BayesianNetwork, guide, num_samples: int,

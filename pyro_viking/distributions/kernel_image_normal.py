@@ -133,9 +133,9 @@ class KernelImageNormal(KernelImageNormalBase):
                 and not bool(torch.isfinite(loc.detach()).all()):
             raise ValueError(f"loc must be finite; got non-finite values in loc of shape "
                              f"{tuple(loc.shape)}")
-        try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], kernel_scale.shape,
-                                                 image_scale.shape)
+        try:  # (scalar scales, every training step: torch.broadcast_shapes is slow Python)
+            batch_shape = loc.shape[:-1] if kernel_scale.dim() == image_scale.dim() == 0 \
+                else torch.broadcast_shapes(loc.shape[:-1], kernel_scale.shape, image_scale.shape)
         except RuntimeError as e:
             raise ValueError(f"loc {tuple(loc.shape)}, kernel_scale {tuple(kernel_scale.shape)} "
                              f"and image_scale {tuple(image_scale.shape)} do not broadcast; "

@@ -1,7 +1,9 @@
-"""Inference: the VIKING guide, its ELBO (traced and fused steps) and the training recipe."""
+"""Inference: the VIKING guide, its ELBO (traced and fused steps), the training recipe and the
+multi-process launcher."""
 
 from pyro_viking.infer.autoguide import AutoViking
 from pyro_viking.infer.elbo import TraceViking_ELBO
+from pyro_viking.infer.launch import WorkerError, launch
 from pyro_viking.infer.recipe import (
     DEFAULT_BETA,
     BetaSelection,
@@ -12,4 +14,4 @@ from pyro_viking.infer.recipe import (
 )
 
 __all__ = ["DEFAULT_BETA", "AutoViking", "BetaSelection", "TraceViking_ELBO", "VikingFit",
-           "fit_viking", "select_beta", "validation_nll"]
+           "WorkerError", "fit_viking", "launch", "select_beta", "validation_nll"]

@@ -28,7 +28,10 @@ same ``θ̂`` and scales; averaging, not summing, counts it once).
 projector onto the kernel of *its* rows' Jacobian and carries its own kernel samples (the
 paper's stochastic alternating projections at batch ``B / W``, with no communication beyond the
 gradients). The KL of ``q_r`` counts the image dimension of ``B / W`` rows. A projection on the
-global batch would need an all-reduce of ``Jᵀ u`` at every solver iteration; it is not done.
+global batch would need an all-reduce of ``Jᵀ u`` at every solver iteration; it is not done
+in training. For prediction, ``guide.project_training_data(x_shard, y_shard, distributed=True)``
+on every rank projects the prediction samples exactly onto the kernel of all ranks' rows
+together (:mod:`pyro_viking.linalg.distributed_projection`; ``docs/scaling_out.md``).
 
 **Random numbers.** Every rank has its own noise stream (:func:`seed_rank`); the data order is
 the sampler's, seeded alike on every rank (``DistributedSampler`` semantics: the shards of an

@@ -36,18 +36,28 @@ from torch import Tensor
 from pyro_viking.distributions.kl import kl_kernel_image_normal_isotropic, squared_norm
 from pyro_viking.nn.batch_norm import update_running_statistics
 from pyro_viking.nn.bayesian_network import BayesianNetwork
+from pyro_viking.nn.likelihoods import row_log_likelihood
 
 __all__ = ["fused_loss", "fused_loss_and_grads"]
 
 
 def _rows_fn(bnn: BayesianNetwork, layout, x: Tensor, y: Tensor):
     """``z (..., D) -> (..., B)``: ``log p(y_i | f(x_i; z))`` with z's site views as the
-    weights (a leading batch of weight samples runs as ``forward_network`` batches it)."""
+    weights (a leading batch of weight samples runs as ``forward_network`` batches it).
+
+    The noise scale (``None`` unless regression) is read once, at the first call: the rows at
+    θ̂ (the projector) and at the sample (the loss) of one step see the same parameter value,
+    and each read through Pyro costs a pass through its handlers and the constraint's
+    transform (``row_log_likelihood`` would read it at every call)."""
     names = {bnn.site_name(n): n for n in bnn.latent_shapes}
+    noise = []
 
     def rows(z: Tensor) -> Tensor:
         latent = {names[site]: value for site, value in layout.unpack(z).items()}
-        return bnn.row_log_likelihood(bnn.forward_network(latent, x), y)
+        out = bnn.forward_network(latent, x)
+        if not noise:
+            noise.append(bnn.noise_scale_value(out))
+        return row_log_likelihood(bnn.likelihood, out, y, noise[0])
 
     return rows
 
@@ -73,7 +83,8 @@ def fused_loss(model: BayesianNetwork, guide, args: tuple, *, beta: float,
     loss = beta * kl - loglik
     warn_if_nan(loss, "loss")
     # batch norms in training mode (batch_norm="running"): one update at θ̂, as the traced step
-    update_running_statistics(model, x[idx], guide.layout.unpack(q.loc.detach()))
+    if model.batch_norm_layers.tracked():
+        update_running_statistics(model, x[idx], guide.layout.unpack(q.loc.detach()))
     return loss
 
 

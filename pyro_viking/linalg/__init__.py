@@ -1,5 +1,10 @@
 """Numerical core: Jacobian operators, Gram solvers and kernel projectors (no Pyro inside)."""
 
+from pyro_viking.linalg.distributed_projection import (
+    ShardedJacobian,
+    StackedJacobian,
+    sharded_projector,
+)
 from pyro_viking.linalg.operators import CallableJacobian, FunctionalJacobian, JacobianOperator
 from pyro_viking.linalg.per_example import PerExampleJacobian
 from pyro_viking.linalg.projectors import (
@@ -27,9 +32,12 @@ __all__ = [
     "MatrixFreeProjector",
     "PerExampleJacobian",
     "SOLVERS",
+    "ShardedJacobian",
     "SolveInfo",
+    "StackedJacobian",
     "cg_solve",
     "cholesky_factor",
     "cholesky_solve",
     "eigh_solve",
+    "sharded_projector",
 ]

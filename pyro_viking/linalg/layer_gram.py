@@ -12,8 +12,10 @@ the Jacobian restricted to the layer is ``vec(g_i a_iᵀ)`` (weight) and ``g_i``
 
 Only ``A_l``, ``G_l`` (B × width) and the B × B Gram are kept, never a ``(B, D)`` matrix.
 
-``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (any stride / padding / dilation, ``groups=1``) and
-``nn.Linear`` applied to ``(B, …, in)`` inputs are handled by *materialising* their
+``nn.Linear`` applied to ``(B, T, in)`` inputs (T positions) keeps the ghost form over the
+``B·T`` positions, ``(J Jᵀ)_{ij} = Σ_{t,s} (g_{it}·g_{js})(a_{it}·a_{js} [+ 1])``, when
+``(B·T)² ≤ B·out·in``. ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (any stride / padding /
+dilation, ``groups=1``) and the other sequence linears are handled by *materialising* their
 per-example weight gradients, ``W_i = G_i U_iᵀ`` with ``U = unfold(A) ∈ R^{B×(C·∏k)×L}`` and
 ``G_i ∈ R^{C_out×L}``: an exact ``(B, C_out·C·∏k)`` block, small for LeNet-sized nets, whose
 Gram costs ``B²·|W|`` (the Hadamard form ``Σ (U_iᵀU_j) ⊙ (G_i G_jᵀ)`` would need ``B²L²``
@@ -30,9 +32,13 @@ normalised by the running statistics, ``x̂ = (a − μ)/√(σ² + ε)``: its r
 ``(B, C)`` blocks ``Σ_s G_{ics} x̂_{ics}`` (``γ``) and ``Σ_s G_{ics}`` (``β``), ``s`` the positions.
 In training mode (batch statistics) it is refused.
 
-Columns of ``z`` used by no recorded layer (a noise scale, a LayerNorm gain, …) form
+Norms' elementwise affine maps (``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``),
+``nn.Embedding`` lookups and the projections of ``nn.MultiheadAttention`` have rules of their
+own (:mod:`pyro_viking.linalg.layer_rules`, :mod:`pyro_viking.linalg.layer_rules_attention`).
+
+Columns of ``z`` used by no recorded layer (a noise scale, a class token, …) form
 ``J_rest``, computed densely by forward mode (one ``jvp`` per column, vmapped); more than
-``max_rest_columns`` of them is an error.
+``max_rest_columns`` of them, or an operator without forward mode on their path, is an error.
 
 The recording and the per-layer pieces live in :mod:`pyro_viking.linalg.layer_pieces`.
 
@@ -48,6 +54,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from pyro_viking.linalg.layer_calls import col_range
 from pyro_viking.linalg.layer_pieces import (
     Block,
     LayerGramNotApplicable,
@@ -58,6 +65,8 @@ from pyro_viking.linalg.layer_pieces import (
     detached,
     factor_layers,
     factored_mv,
+    ghost_gram,
+    ghost_rmv,
     output_grads,
     piece_cotangents,
     record_forward,
@@ -90,8 +99,9 @@ DEFAULT_MAX_DENSE_BYTES = 128 * 2**20
 class LayerGramJacobian(JacobianOperator):
     """Exact loss Jacobian of a layered network in factored (per-layer) form.
 
-    :param fn: ``z (D,) -> rows (B,)``; it must evaluate its ``nn.Linear`` / ``nn.Conv{1,2,3}d``
-        / batch norm modules (through their ``forward``, e.g. ``functional_call``) with weights
+    :param fn: ``z (D,) -> rows (B,)``; it must evaluate its layers (``nn.Linear``,
+        ``nn.Conv{1,2,3}d``, norms, ``nn.Embedding``, ``nn.MultiheadAttention``: module
+        docstring) as modules (through their ``forward``, e.g. ``functional_call``) with weights
         that are contiguous views ``z[a:b].view(shape)``; rows must be independent across
         data (no BatchNorm in train mode).
     :param z: the point ``(D,)``; ``params = (z,)``.
@@ -160,7 +170,7 @@ class LayerGramJacobian(JacobianOperator):
             self._check(rows, x, default_check_tol(z.dtype) if check_tol is None else check_tol)
 
     def _add_rest(self, x: Tensor, max_rest: int) -> None:
-        ranges = [(p.cols.start, p.cols.stop) for p in self._ghosts + self._blocks]
+        ranges = [col_range(p) for p in self._ghosts + self._blocks]
         ranges += [(g.bias_cols.start, g.bias_cols.stop) for g in self._ghosts
                    if g.bias_cols is not None]
         check_overlaps(ranges)
@@ -174,11 +184,14 @@ class LayerGramJacobian(JacobianOperator):
         self.rest_columns = idx
         if idx.numel() > max_rest:
             raise LayerGramNotApplicable(
-                f"{idx.numel()} of the {self.shape[1]} columns of z are used outside "
-                f"nn.Linear/nn.ConvNd layers (limit max_rest_columns={max_rest}); use "
+                f"{idx.numel()} of the {self.shape[1]} columns of z are used outside the "
+                f"recorded layers (limit max_rest_columns={max_rest}); use "
                 "PerExampleJacobian or the matrix-free (CG) projection for this model")
         if idx.numel():
-            J_rest = forward_jacobian_columns(self.fn, x.detach(), idx, self.shape[0])
+            try:
+                J_rest = forward_jacobian_columns(self.fn, x.detach(), idx, self.shape[0])
+            except NotImplementedError as e:  # an operator without forward mode (CPU attention)
+                raise LayerGramNotApplicable(f"the rest columns need forward mode: {e}") from e
             self._blocks.append(Block(idx, J_rest))
 
     def _check(self, rows: Tensor, x: Tensor, tol: float) -> None:
@@ -216,12 +229,10 @@ class LayerGramJacobian(JacobianOperator):
         K = U.shape[0]
         out = U.new_empty(K, self.shape[1])  # every column belongs to a ghost or a block
         for g in self._ghosts:
-            UG = U[:, None, :] * g.G.T  # (K, out, B)
-            for k in range(K):  # straight into the output rows (no (K, out·in) temporary)
-                torch.matmul(UG[k], g.A, out=out[k, g.cols].view(g.G.shape[1], -1))
-            if g.bias_cols is not None:
-                out[:, g.bias_cols] = U @ g.G
+            ghost_rmv(g, U, out)
         for b in self._blocks:
+            if b.span is not None:  # the layer's columns outside b.cols are zero columns
+                out[:, b.span] = 0
             out[:, b.cols] = U @ b.J
         return out
 
@@ -232,11 +243,7 @@ class LayerGramJacobian(JacobianOperator):
             B = self.shape[0]
             K = torch.zeros(B, B, dtype=torch.float64, device=self.device)
             for g in self._ghosts:
-                G, A = g.G.to(torch.float64), g.A.to(torch.float64)
-                AA = A @ A.T
-                if g.bias_cols is not None:
-                    AA += 1.0
-                K += (G @ G.T) * AA
+                K += ghost_gram(g)
             for b in self._blocks:
                 J = b.J.to(torch.float64)
                 K += J @ J.T

@@ -22,6 +22,12 @@ with the sampled tensors), so ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers s
 weights and the layer-Gram Jacobian backend applies; a leading batch of weight samples runs as
 :mod:`pyro_viking.nn.weight_samples` says.
 
+Partial latents (``docs/partial_latents.md``): ``latent=["norm", "head"]`` with
+``fit_hidden=False`` puts the posterior on those layers of a trained network and keeps the rest
+constant; on a copy with low-rank adapters (:func:`~pyro_viking.nn.lora.add_lora`, the network
+frozen) ``latent=LORA_LATENT`` puts it on the adapters. The latent vector, and the Jacobian
+VIKING projects with, are then those of the chosen parameters only.
+
 The model keeps no hidden state: the network is its input, never trained in place (a learned
 non-latent parameter is a ``pyro.param`` initialised from a copy of its value; a frozen one,
 ``requires_grad=False``, is a constant), and its ``pyro.param`` entries are
@@ -140,8 +146,7 @@ class BayesianNetwork(nn.Module):
         self.init_noise_scale = float(init_noise_scale)
         if min(self.init_prior_scale, self.init_noise_scale) <= 0:
             raise ValueError("init_prior_scale and init_noise_scale must be positive")
-        self.fit_hidden = bool(fit_hidden)
-        self.name = name
+        self.fit_hidden, self.name = bool(fit_hidden), name
         self.latent_shapes, self.hidden_names = split_parameters(net, latent)
         self.output_site = output_site(likelihood)
         self._batch_dependent = batch_dependent_modules(net)
@@ -211,7 +216,8 @@ class BayesianNetwork(nn.Module):
 
         def call(sample: Dict[str, Tensor], at: Optional[Dict[str, Tensor]] = ref) -> Tensor:
             with self._inputs.explaining(x, self.net):
-                out = network_output(self.net, {**hidden, **sample}, x, at)
+                out = network_output(self.net, {**hidden, **sample}, x, at,
+                                     tie_weights=self._weight_samples.tied)
             return likelihood_outputs(self.likelihood, out)
 
         with self.batch_norm_layers.evaluating(hidden):  # batch norms: running statistics

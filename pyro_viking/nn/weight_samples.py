@@ -26,7 +26,8 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LOOP_GRAD_WEIGHTS", "LOOP_OUTPUT_ELEMENTS", "WEIGHT_SAMPLES", "WeightSampleRunner"]
+__all__ = ["LOOP_GRAD_WEIGHTS", "LOOP_OUTPUT_ELEMENTS", "WEIGHT_SAMPLES", "WeightSampleRunner",
+           "has_tied_tensors"]
 
 WEIGHT_SAMPLES = ("auto", "vmap", "loop")
 #: ``weight_samples="auto"`` on CPU: weight samples run in a loop when one sample's
@@ -40,6 +41,13 @@ LOOP_GRAD_WEIGHTS = 100_000
 SampleCall = Callable[[Dict[str, Tensor]], Tensor]
 
 
+def has_tied_tensors(net: nn.Module) -> bool:
+    """Whether one tensor of ``net`` is a parameter or buffer under two names (tied weights)."""
+    named = [*net.named_parameters(remove_duplicate=False),
+             *net.named_buffers(remove_duplicate=False)]
+    return len({id(t) for _, t in named}) < len(named)
+
+
 class WeightSampleRunner:
     """How one network runs on batches of weight samples, and what it has learnt about that:
     whether vmap works on it, and the ``"auto"`` choice per input shape.
@@ -47,6 +55,11 @@ class WeightSampleRunner:
     :param net: the network (its ``nn.Linear`` and convolution layers are probed by ``"auto"``).
     :param mode: one of :data:`WEIGHT_SAMPLES`; ``ValueError`` otherwise.
     """
+
+    #: whether a parameter or buffer of the network is held under two names (weight tying):
+    #: only then must a ``functional_call`` untie them, a walk over the whole network (a runner
+    #: unpickled from before this attribute existed unties, as it did)
+    tied = True
 
     def __init__(self, net: nn.Module, mode: str = "auto") -> None:
         if mode not in WEIGHT_SAMPLES:
@@ -56,6 +69,7 @@ class WeightSampleRunner:
         self.vmappable = mode != "loop"
         self.layers = [m for m in net.modules()
                        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        self.tied = has_tied_tensors(net)
         self.vmap_for_shape: Dict[Tuple[int, ...], bool] = {}  # "auto": choice per input shape
 
     def run(self, latent: Dict[str, Tensor], shapes: Dict[str, torch.Size], x: Tensor,
@@ -65,6 +79,8 @@ class WeightSampleRunner:
         unbatched, else ``(*batch', B, ...)`` with ``batch'`` the broadcast batch without a
         trailing 1 (the data plate's dim). ``probe`` is the plain network (not linearised),
         which ``"auto"`` runs once per input shape to count layer outputs."""
+        if all(v.dim() == len(shapes[n]) for n, v in latent.items()):
+            return call(latent)  # unbatched (a training step): no shapes to broadcast
         batch = torch.broadcast_shapes(*(v.shape[:v.dim() - len(shapes[n])]
                                          for n, v in latent.items()))
         if not batch:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"MAP", "Ensemble", "IVON", "Laplace", "AutoNormal", "AutoLowRank", "VIKING"}
 KEYS = {"task", "method", "seed", "accuracy", "nll", "ece", "brier", "ood_auroc",
         "epoch_seconds", "predict_seconds"}
-TASKS = ("digits", "mnist1d", "diabetes", "boston", "concrete")
+TASKS = ("digits", "digits_resnet", "mnist1d", "diabetes", "boston", "concrete")
 REGRESSION = ("diabetes", "boston", "concrete")
 SHIFTS = (0, 2, 4, 8, 12)  # MNIST-1D's circular shifts of the test inputs
 
@@ -69,7 +69,9 @@ def test_quick_timing_writes_per_pass_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     timing = json.loads((tmp_path / "timing.json").read_text())["diabetes"]
     assert set(timing["seconds_per_epoch"]) == {"MAP", "IVON", "AutoNormal", "VIKING",
-                                                "AutoDelta"}
+                                                "VIKING module", "AutoDelta"}
     assert all(s > 0 for s in timing["seconds_per_epoch"].values())
     ratio = timing["seconds_per_epoch"]["VIKING"] / timing["seconds_per_epoch"]["IVON"]
     assert timing["viking_over_ivon"] == ratio and timing["device"] == "cpu"
+    module = timing["seconds_per_epoch"]["VIKING module"] / timing["seconds_per_epoch"]["IVON"]
+    assert timing["viking_module_over_ivon"] == module

@@ -1,5 +1,6 @@
 """The uncertainty benchmark's tasks (benchmarks/uq): MNIST-1D at its standard size with the
-authors' CNN, its shifted test inputs, and the regression tasks' per-seed splits.
+authors' CNN, its shifted test inputs, the regression tasks' per-seed splits, and digits with a
+residual CNN with batch norm.
 
 Skipped unless the optional data packages import (``bash benchmarks/uq/setup.sh``)."""
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ belongs to the checkout, not to the installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.uq.networks import CNN1d  # noqa: E402
+from benchmarks.uq.networks import CNN1d, SmallResNet  # noqa: E402
 from benchmarks.uq.tasks import load_task, quick_task, task_for_seed  # noqa: E402
 
 pytestmark = pytest.mark.dtype_independent
@@ -61,3 +62,22 @@ def test_regression_tasks_are_split_anew_per_seed(name, n_in):
 def test_classification_tasks_keep_one_split():
     digits = load_task("digits")
     assert task_for_seed(digits, 2, quick=False) is digits
+
+
+def test_digits_resnet_is_digits_with_a_batch_norm_resnet():
+    """The same tensors and split as ``digits``; the network: a stem, a block at C channels and
+    a strided block to 2C (1×1 shortcut), batch norms in training mode, one output per class."""
+    digits, resnet = load_task("digits"), load_task("digits_resnet")
+    for split in ("fit", "val", "test"):
+        assert torch.equal(getattr(digits, f"x_{split}"), getattr(resnet, f"x_{split}"))
+        assert torch.equal(getattr(digits, f"y_{split}"), getattr(resnet, f"y_{split}"))
+    assert torch.equal(digits.x_ood, resnet.x_ood)
+    net = resnet.make_net()
+    assert isinstance(net, SmallResNet) and net.training
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6  # stem, 2 in the first block, 2 + the shortcut's in the second
+    c = 16
+    convs = 9 * c + 2 * 9 * c * c + 9 * c * 2 * c + 9 * 2 * c * 2 * c + c * 2 * c
+    assert sum(p.numel() for p in net.parameters()) == convs + 2 * (c + 2 * c + 3 * 2 * c) + (
+        2 * c + 1) * 8
+    assert net(resnet.x_test[:5]).shape == (5, 8)

@@ -28,7 +28,6 @@ network's own weights get no gradient) takes the same steps as ``data_parallel_s
 """
 
 import os
-import socket
 
 import pyro
 import pytest
@@ -49,6 +48,7 @@ from pyro_viking.infer.distributed import (
     seed_rank,
     shard_loader,
 )
+from pyro_viking.infer.launch import free_port
 from pyro_viking.infer.module import setup_parameters
 
 WORLD = 2
@@ -58,11 +58,6 @@ NOISE_SEED = 11
 
 
 # -- process-group plumbing -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _entry(rank: int, worker, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -78,7 +73,7 @@ def _entry(rank: int, worker, port: int) -> None:
 
 
 def _spawn(worker) -> None:
-    mp.spawn(_entry, args=(worker, _free_port()), nprocs=WORLD, join=True)
+    mp.spawn(_entry, args=(worker, free_port()), nprocs=WORLD, join=True)
 
 
 # -- the separable construction -------------------------------------------------------------------

@@ -7,10 +7,12 @@ from torch import nn
 from torch.func import functional_call
 
 
-def flat_fn(model, x, loglik, extra=0, transform=None):
+def flat_fn(model, x, loglik, extra=0, transform=None, latent=None):
     """``fn(z)``: z sliced into the parameters of ``model`` (views), plus ``extra`` trailing
-    latents passed to ``loglik(out, z_extra)``; returns fn and a random point z."""
-    named = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+    latents passed to ``loglik(out, z_extra)``; returns fn and a random point z. ``latent``:
+    the names of the parameters in z (default all); the others are the module's constants."""
+    named = [(n, p.shape, p.numel()) for n, p in model.named_parameters()
+             if latent is None or n in latent]
     D = sum(k for _, _, k in named) + extra
 
     def fn(z):
@@ -22,7 +24,8 @@ def flat_fn(model, x, loglik, extra=0, transform=None):
             params = transform(params)
         return loglik(functional_call(model, params, (x,)), z[o:])
 
-    z = torch.cat([p.detach().flatten() for p in model.parameters()] + [0.3 * torch.randn(extra)])
+    z = torch.cat([p.detach().flatten() for n, p in model.named_parameters()
+                   if latent is None or n in latent] + [0.3 * torch.randn(extra)])
     assert z.numel() == D
     return fn, z
 
@@ -111,6 +114,102 @@ def frozen_first(B=9):
     return fn, torch.randn(11)
 
 
+def norms_mlp(B=8):
+    """LayerNorm on (B, E) and on (B, T, E) with a 2-D normalised shape, GroupNorm and RMSNorm."""
+
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.ln = nn.Linear(3, 12), nn.LayerNorm(12)
+            self.gn, self.ln2 = nn.GroupNorm(2, 4), nn.LayerNorm((3, 4), bias=False)
+            self.rms, self.head = nn.RMSNorm(12), nn.Linear(12, 4)
+
+        def forward(self, x):
+            h = torch.tanh(self.ln(self.inp(x)))  # (B, 12)
+            h = self.gn(h.view(-1, 4, 3)).transpose(1, 2)  # (B, 3, 4): 4 channels
+            h = torch.tanh(self.ln2(h)).reshape(-1, 12)
+            return self.head(self.rms(h))
+
+    model = Norms()
+    with torch.no_grad():  # affine parameters away from their (1, 0) initial values
+        for n, p in model.named_parameters():
+            if not n.startswith(("inp", "head")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return flat_fn(model, torch.randn(B, 3), classification)
+
+
+class Tokens(nn.Module):
+    """An embedding of (B, T) tokens (a padding row, repeated tokens) and a learned positional
+    embedding of the expanded positions (B, T), then a Linear on (B, T, E) and a 2-D head."""
+
+    def __init__(self, vocab=7, T=5, E=4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, E, padding_idx=0), nn.Embedding(T, E)
+        self.mix, self.head = nn.Linear(E, E), nn.Linear(E, 3)
+
+    def forward(self, t):
+        pos = torch.arange(t.shape[1]).expand(t.shape[0], -1)
+        h = torch.tanh(self.mix(self.tok(t) + self.pos(pos)))
+        return self.head(h.mean(1))
+
+
+def tokens(B=6, T=5, vocab=12):
+    t = torch.randint(0, vocab - 3, (B, T))  # the last three rows of the table are unused
+    t[0, :2] = 0  # padding tokens
+    t[1] = t[2]  # two data with the same tokens
+    return flat_fn(Tokens(vocab, T), t, classification)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention on (B, T, E) inputs (or (T, B, E): ``batch_first=False``), self or
+    cross (``"packed"``: other keys/values of width E; ``"separate"``: of another width, separate
+    projection weights), with an attention mask and key padding, mean-pooled."""
+
+    def __init__(self, E=6, heads=2, cross=False, batch_first=True, bias=True):
+        super().__init__()
+        kv = 5 if cross == "separate" else None
+        self.attn = nn.MultiheadAttention(E, heads, batch_first=batch_first, bias=bias,
+                                          kdim=kv, vdim=kv)
+        self.cross, self.head = cross, nn.Linear(E, 3)
+
+    def forward(self, x):
+        T = x.shape[1]
+        q = x[..., :6]
+        kv = {"separate": x[..., 1:], "packed": q.flip(1), False: q}[self.cross]
+        mask = torch.ones(T, T, dtype=torch.bool).triu(2)  # a banded attention mask
+        pad = torch.zeros(x.shape[0], T, dtype=torch.bool)
+        pad[0, -1] = True
+        if not self.attn.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        out, _ = self.attn(q, kv, kv, attn_mask=mask, key_padding_mask=pad)
+        out = out if self.attn.batch_first else out.transpose(0, 1)
+        return self.head(torch.tanh(out).mean(1))
+
+
+def attention(B=5, **kw):
+    return flat_fn(Attention(**kw), torch.randn(B, 4, 6), classification)
+
+
+class TransformerClassifier(nn.Module):
+    """Features (B, T, F) → Linear → + positional embedding → TransformerEncoderLayer
+    (dropout 0, batch first) → LayerNorm → mean over T → Linear head."""
+
+    def __init__(self, F=3, T=4, E=8, heads=2, norm_first=False, classes=3):
+        super().__init__()
+        self.inp, self.pos = nn.Linear(F, E), nn.Embedding(T, E)
+        self.layer = nn.TransformerEncoderLayer(E, heads, dim_feedforward=12, dropout=0.0,
+                                                batch_first=True, norm_first=norm_first)
+        self.norm, self.head = nn.LayerNorm(E), nn.Linear(E, classes)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        return self.head(self.norm(self.layer(self.inp(x) + self.pos(pos))).mean(1))
+
+
+def transformer(B=6, **kw):
+    return flat_fn(TransformerClassifier(**kw), torch.randn(B, 4, 3), classification)
+
+
 PROBLEMS = {
     "mlp_tanh": mlp_tanh,
     "mlp_784": mlp_784,
@@ -125,6 +224,14 @@ PROBLEMS = {
     "cnn3d": cnn3d,
     "seq_linear": seq_model,
     "frozen_first": frozen_first,
+    "norms": norms_mlp,
+    "embedding": tokens,
+    "attention_self": attention,
+    "attention_cross_seq_first": lambda: attention(cross="separate", batch_first=False),
+    "attention_cross_packed": lambda: attention(cross="packed"),
+    "attention_no_bias": lambda: attention(bias=False),
+    "transformer": transformer,
+    "transformer_norm_first": lambda: transformer(norm_first=True),
 }
 
 

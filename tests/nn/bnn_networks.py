@@ -1,6 +1,6 @@
 """Small networks and data shared by the ``BayesianNetwork`` tests (``tests/nn``): an MLP, 2-d and
-1-d CNNs, recurrent classifiers (no ``torch.vmap`` batching rule) and a batch norm in eval mode,
-each seeded, in a given dtype."""
+1-d CNNs, recurrent classifiers (no ``torch.vmap`` batching rule), a batch norm in eval mode and
+a small transformer, each seeded, in a given dtype."""
 
 import torch
 from pyro import poutine
@@ -58,7 +58,30 @@ def batchnorm_eval(dtype, out=3):
     return net.to(dtype).eval()
 
 
-NETS = {"mlp": (mlp, (4,)), "cnn": (cnn, (1, 4, 4)), "cnn1d": (cnn1d, (1, 6))}
+class Transformer(nn.Module):
+    """A small transformer classifier: tokens of ``F`` features (B, T, F) → Linear → + learned
+    positional embedding → one ``TransformerEncoderLayer`` (dropout 0, batch first) →
+    LayerNorm → mean over the T positions → Linear head."""
+
+    def __init__(self, out=3, F=2, T=3, E=8, heads=2):
+        super().__init__()
+        self.inp, self.pos = nn.Linear(F, E), nn.Embedding(T, E)
+        self.layer = nn.TransformerEncoderLayer(E, heads, dim_feedforward=16, dropout=0.0,
+                                                batch_first=True)
+        self.norm, self.head = nn.LayerNorm(E), nn.Linear(E, out)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self.head(self.norm(self.layer(self.inp(x) + self.pos(pos))).mean(1))
+
+
+def transformer(dtype, out=3):
+    torch.manual_seed(0)
+    return Transformer(out).to(dtype)
+
+
+NETS = {"mlp": (mlp, (4,)), "cnn": (cnn, (1, 4, 4)), "cnn1d": (cnn1d, (1, 6)),
+        "transformer": (transformer, (3, 2))}
 MORE_NETS = {**NETS, "gru": (gru, (3, 2)), "batchnorm_eval": (batchnorm_eval, (4,))}
 
 

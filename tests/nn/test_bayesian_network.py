@@ -145,7 +145,7 @@ def test_vectorised_particles_match_sequential_in_expectation(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "cnn1d"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "cnn1d", "transformer"])
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_autoviking_trains_on_the_layer_gram_backend(dtype, arch, vectorize):
     make, shape = NETS[arch]

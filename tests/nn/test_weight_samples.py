@@ -83,3 +83,21 @@ def test_auto_weight_samples_loop_for_many_weights_with_gradients(monkeypatch, d
             want = torch.autograd.grad(expected, list(W.values()), u)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w)
+
+
+def test_tied_weights_are_untied_by_the_network_call():
+    """``functional_call`` skips untying for networks without tied tensors (the common case);
+    a network whose two layers share one weight still runs both on the value given for it."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(3, 3, bias=False))
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Tanh(),
+                               torch.nn.Linear(3, 3, bias=False))
+    tied[2].weight = tied[0].weight
+    assert not weight_samples_module.has_tied_tensors(plain)
+    assert weight_samples_module.has_tied_tensors(tied)
+    bnn = BayesianNetwork(tied, "regression")
+    assert bnn._weight_samples.tied and list(bnn.latent_shapes) == ["0.weight"]
+    W, x = torch.randn(3, 3), torch.randn(5, 3)
+    out = bnn.forward_network({"0.weight": W}, x)
+    torch.testing.assert_close(out, torch.tanh(x @ W.T) @ W.T)

@@ -15,6 +15,7 @@ TUTORIALS = {
     "two_moons": ["two_moons_posterior.png"],
     "any_pyro_model": ["any_pyro_model_diabetes.png"],
     "vae": ["vae_max_pixel_std.png"],
+    "transformer": ["transformer_reliability.png"],
 }
 
 

@@ -181,18 +181,19 @@ class AutoViking(AutoContinuous):
 
     def project_training_data(self, *args, batches: Optional[Iterable] = None,
                               num_samples: int = 100, num_passes: int = 1, progress: bool = False,
-                              refresh_training_state: bool = False, **kwargs) -> Tensor:
+                              refresh_training_state: bool = False, distributed: bool = False,
+                              **kwargs) -> Tensor:
         """Project ``num_samples`` fresh samples onto the kernel of the *whole* training set's
         Jacobian by ``num_passes`` passes of alternating projections over its batches
         (``model_trace.inspection.training_batches``); cache ``(ε, k)`` for predictions;
-        ``refresh_training_state`` restarts the training chains from them. Returns ``k (S, D)``."""
+        ``refresh_training_state`` restarts the training chains from them. Returns ``k (S, D)``.
+        ``distributed``: the data are this rank's shard, ``training_projection.project_sharded``."""
         if self.prototype_trace is None:
             if batches is not None:
-                raise RuntimeError("call the guide once (e.g. one SVI step) before "
-                                   "project_training_data(batches=...)")
+                raise RuntimeError("call the guide once before project_training_data(batches=)")
             self._setup_prototype(*args, **kwargs)
         k = project_on_training_data(self, args, kwargs, batches, num_samples, num_passes,
-                                     progress, lazy=False)
+                                     progress, lazy=False, distributed=distributed)
         if refresh_training_state:
             self._state.restart_chains(k)
         return k

@@ -101,7 +101,7 @@ class SamplingState:
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # the most recent training draw
         self.noise: Optional[Tensor] = None  # (S, D) prediction noise ε
         self.kernel: Optional[Tensor] = None  # (S, D) its kernel part on the training data
-        self.counter, self.lazy, self.stale = 0, False, False
+        self.counter, self.lazy, self.stale, self.sharded = 0, False, False, False
         self._data: Optional[Tuple[tuple, dict]] = None
         self._predicting: Optional[Tuple[tuple, dict]] = None  # args of the last prediction
         self._varies, self._training, self._warned = False, False, set()
@@ -192,15 +192,18 @@ class SamplingState:
 
     # -- prediction -----------------------------------------------------------------------------
     def set_prediction_samples(self, noise: Tensor, kernel: Tensor, *, lazy: bool,
-                               append: bool = False) -> None:
+                               append: bool = False, sharded: bool = False) -> None:
         """Cache ``(ε, Pε)`` projected on the training data (``lazy``: by the guide itself;
-        ``append``: more samples for the current prediction run, the count goes on)."""
+        ``append``: more samples for the current prediction run, the count goes on;
+        ``sharded``: projected collectively on every rank's shard, which no rank re-projects
+        alone)."""
         if append and self.noise is not None:
             noise, kernel = torch.cat([self.noise, noise]), torch.cat([self.kernel, kernel])
         else:
             self.counter = 0
         self.noise, self.kernel = noise, kernel
         self.lazy, self.stale, self._training = lazy, False, False
+        self.sharded = sharded
         self._warned.discard("stale")
 
     def project(self, projectors: Iterable[Callable[[], KernelProjector]], num_samples: int,
@@ -226,7 +229,10 @@ class SamplingState:
         samples yet, samples projected at an older θ̂, or (when the guide projected them
         itself) fewer samples than one call asks for. Later calls cycle through them, as
         through those of :meth:`~pyro_viking.AutoViking.project_training_data` (projecting
-        costs about as much as predicting with that many samples)."""
+        costs about as much as predicting with that many samples). Never for samples
+        projected on every rank's shard: one rank alone would project on its shard only."""
+        if self.noise is not None and self.sharded:
+            return False
         if self.noise is None or self.stale:
             return True
         return self.lazy and self.counter + n > self.noise.shape[0] + self.PROBE_DRAWS
@@ -286,6 +292,7 @@ class SamplingState:
         return {**state, "_pending": {}}
 
     def __setstate__(self, state):
-        self.__dict__.update({"_pending": {}, "_committed": {}, "_draws": 0, **state})
+        self.__dict__.update({"_pending": {}, "_committed": {}, "_draws": 0, "sharded": False,
+                              **state})
 
 

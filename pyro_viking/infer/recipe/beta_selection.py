@@ -1,9 +1,15 @@
-"""Choose VIKING's KL weight β on a validation split: one :func:`~pyro_viking.fit_viking` per
-candidate (its tempered warm-up depends on β, so nothing is shared), scored by the validation
-NLL of the Bayesian model average
+"""Choose VIKING's KL weight β, and whether to train under the noise at all, on a validation
+split: one :func:`~pyro_viking.fit_viking` per candidate (β, recipe) (its tempered warm-up depends
+on β, so nothing is shared), scored by the validation NLL of the Bayesian model average
 
     NLL = −(1/N_val) Σ_i log( (1/S) Σ_s p(y_i | x_i, θ_s) ),   θ_s ~ q (projected on the
     training data, as for prediction).
+
+Recipes (the same number of training steps, so the same examples seen):
+
+* ``"elbo"``: the MAP warm-up, the curvature scales, then ``num_steps`` of the full ELBO;
+* ``"post-hoc"``: a MAP for all of those steps, then the curvature scales at it and no ELBO step
+  (``fit_viking(num_steps=0)``), the posterior at a converged MAP, as a post-hoc Laplace is.
 """
 
 from __future__ import annotations
@@ -17,28 +23,35 @@ import torch
 from pyro.infer import Predictive
 from pyro.util import get_rng_state, set_rng_state
 
+from pyro_viking.infer.recipe.engine import DEFAULT_ENGINE
 from pyro_viking.infer.recipe.fit import VikingFit, fit_viking
 from pyro_viking.infer.recipe.params import prior_scale_name
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.model_trace.layout import LatentLayout
 from pyro_viking.model_trace.rows import make_rows_fn, observed_data_frames
 
-__all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "select_beta", "validation_nll"]
+__all__ = ["BetaSelection", "DEFAULT_BETA_GRID", "DEFAULT_RECIPES", "RECIPES", "select_beta",
+           "validation_nll"]
 
 #: Candidates of :func:`select_beta` (Pyro's convention: β = 1 is the true ELBO); the β chosen
 #: on the uncertainty benchmark's tasks are in ``benchmarks/uq/README.md``.
-DEFAULT_BETA_GRID = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+DEFAULT_BETA_GRID = (1.0, 0.1, 0.01, 0.001)
+#: The recipes :func:`select_beta` can compare (module docstring)
+RECIPES = ("elbo", "post-hoc")
+#: What :func:`select_beta` compares by default: both (``benchmarks/uq/mechanism.md``)
+DEFAULT_RECIPES = RECIPES
 
 
 class BetaSelection(NamedTuple):
-    """``beta``: the choice; ``table``: one dict per candidate (``beta``, ``val_nll``,
-    ``val_nll_se``, ``image_scale``, ``kernel_scale``, ``prior_scale`` at the end of training);
-    ``fit``: the :class:`~pyro_viking.VikingFit` of the chosen β (Pyro's param store holds
-    its parameters on return)."""
+    """``beta``, ``recipe``: the choice; ``table``: one dict per candidate (``beta``,
+    ``recipe``, ``val_nll``, ``val_nll_se``, ``image_scale``, ``kernel_scale``,
+    ``prior_scale`` at the end of training); ``fit``: the :class:`~pyro_viking.VikingFit` of
+    the choice (Pyro's param store holds its parameters on return)."""
 
     beta: float
     table: List[Dict[str, float]]
     fit: VikingFit
+    recipe: str = "elbo"
 
 
 def validation_nll(model: Callable, guide, *args, num_samples: int = 32,
@@ -91,23 +104,35 @@ def select_beta(
     prior_scale_param: Optional[str] = None,
     progress: bool = True,
     fit_options: Optional[dict] = None,
+    recipes: Iterable[str] = DEFAULT_RECIPES,
+    engine: str = DEFAULT_ENGINE,
     **kwargs,
 ) -> BetaSelection:
-    """Fit VIKING for each β on the training data and keep the best validation NLL.
+    """Fit VIKING for each β and recipe on the training data and keep the best validation
+    NLL.
 
     :param model, args, kwargs, batches: the training call(s), as for
         :func:`~pyro_viking.fit_viking`.
     :param validation: the validation call: an argument tuple with the labels (e.g.
         ``(x_val, y_val)``), a kwargs dict, or an ``(args, kwargs)`` pair; not subsampled.
-    :param betas: the candidates.
-    :param num_steps, warmup_steps: as in :func:`~pyro_viking.fit_viking`.
+    :param betas: the candidate KL weights.
+    :param recipes: ``"elbo"`` and/or ``"post-hoc"`` (module docstring), each at every β.
+    :param num_steps, warmup_steps: as in :func:`~pyro_viking.fit_viking` (``"post-hoc"``:
+        a MAP of ``warmup_steps + num_steps`` steps; ``warmup_steps=None`` is
+        ``num_steps // 4``, as there).
     :param optim_factory: a fresh Pyro optimiser per phase (default ``Adam(lr=1e-3)``).
     :param num_samples: posterior samples for the validation NLL.
     :param fit_options: further :func:`~pyro_viking.fit_viking` arguments.
+    :param engine: what trains each fit (``fit_viking``'s ``engine``: ``"svi"``, ``"module"``
+        or ``"auto"``).
     """
     betas = [float(b) for b in betas]
     if not betas or any(not b >= 0 for b in betas):
         raise ValueError(f"betas must be one or more non-negative KL weights, got {betas}")
+    recipes = list(recipes)
+    if not recipes or any(r not in RECIPES for r in recipes):
+        raise ValueError(f"recipes must be one or more of {RECIPES}, got {recipes}")
+    total = (num_steps // 4 if warmup_steps is None else warmup_steps) + num_steps
     make_optim = optim_factory or (lambda: pyro.optim.Adam({"lr": 1e-3}))
     store = pyro.get_param_store()
     start, rng = _snapshot(store), get_rng_state()
@@ -115,27 +140,28 @@ def select_beta(
     val_args, val_kwargs = batch_call(tuple(validation) if isinstance(validation, list)
                                     else validation)
     table, fits, states = [], [], []
-    for beta in betas:
+    for recipe, beta in [(r, b) for r in recipes for b in betas]:
         # every candidate starts from the same store and random numbers: its fit is the one
-        # it would get alone, whatever the order of betas
+        # it would get alone, whatever the order of the candidates
         store.set_state(copy.deepcopy(start))
         set_rng_state(rng)
-        fit = fit_viking(model, *args, batches=batches, num_steps=num_steps,
-                         warmup_steps=warmup_steps, beta=beta, optim=make_optim(),
+        steps = dict(num_steps=num_steps, warmup_steps=warmup_steps) if recipe == "elbo" \
+            else dict(num_steps=0, warmup_steps=total)
+        fit = fit_viking(model, *args, batches=batches, **steps, beta=beta, optim=make_optim(),
                          prior_scale_param=prior_scale_param, progress=progress,
-                         **(fit_options or {}), **kwargs)
+                         **{"engine": engine, **(fit_options or {})}, **kwargs)
         fit.guide.project_training_data(*args, batches=batches, num_samples=num_samples, **kwargs)
         nll = validation_nll(model, fit.guide, *val_args, num_samples=num_samples, **val_kwargs)
-        table.append(dict(beta=beta, val_nll=float(nll.mean()),
+        table.append(dict(beta=beta, recipe=recipe, val_nll=float(nll.mean()),
                           val_nll_se=float(nll.std() / math.sqrt(len(nll))),
                           image_scale=float(fit.guide.image_scale.detach()),
                           kernel_scale=float(fit.guide.kernel_scale),
-                          prior_scale=float(store[name]) if name in store else math.nan))
+                          prior_scale=float(store[name].detach()) if name in store else math.nan))
         fits.append(fit)
         states.append(_snapshot(store))
     best = min(range(len(table)), key=lambda i: table[i]["val_nll"])
     store.set_state(states[best])
-    return BetaSelection(table[best]["beta"], table, fits[best])
+    return BetaSelection(table[best]["beta"], table, fits[best], table[best]["recipe"])
 
 
 def _snapshot(store) -> dict:

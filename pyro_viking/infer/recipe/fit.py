@@ -5,7 +5,9 @@ r"""The VIKING recipe as one call: MAP warm-up → scales from curvature → ful
     guide.project_training_data(x, y)                  # before Predictive
     samples = Predictive(model, guide=guide, num_samples=100)(x_test)
 
-Phases (each a plain :class:`~pyro.infer.SVI` loop with the optimiser you pass):
+Phases (each a loop of training steps with the optimiser you pass: the ELBO as a PyTorch module
+stepped by ``torch.optim`` optimisers built from it, or :class:`~pyro.infer.SVI`, which takes the
+same steps; ``engine=``, :mod:`~pyro_viking.infer.recipe.engine`):
 
 1. **MAP warm-up** (``warmup_steps``; :mod:`~pyro_viking.infer.recipe.warmup`):
    :class:`~pyro.infer.autoguide.AutoDelta` with :class:`~pyro.infer.Trace_ELBO`; a learned
@@ -48,7 +50,6 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI
 from pyro.infer.autoguide import init_to_value
 from pyro.optim import PyroOptim
 
@@ -59,6 +60,7 @@ from pyro_viking.infer.recipe.arguments import (
     check_training_data,
     reset_owned_params,
 )
+from pyro_viking.infer.recipe.engine import DEFAULT_ENGINE, make_stepper, resolve_engine
 from pyro_viking.infer.recipe.initial_scales import initial_scales
 from pyro_viking.infer.recipe.params import prior_scale_name, set_positive_param, with_scale_lr
 from pyro_viking.infer.recipe.scale_init import CurvatureStatistics
@@ -125,6 +127,7 @@ def fit_viking(
     curvature_batches: int = 8,
     num_label_samples: int = 4,
     progress: bool = True,
+    engine: str = DEFAULT_ENGINE,
     **kwargs,
 ) -> VikingFit:
     """Fit an :class:`~pyro_viking.AutoViking` guide to ``model`` with the VIKING recipe.
@@ -162,11 +165,17 @@ def fit_viking(
     :param curvature_batches, num_label_samples: batches and Monte Carlo labels per batch of
         the curvature estimate (:func:`~pyro_viking.infer.recipe.scale_init.curvature_statistics`).
     :param progress: tqdm progress bars.
+    :param engine: what takes the steps of every phase: ``"svi"`` (Pyro's ``SVI``),
+        ``"module"`` (the ELBO module and ``torch.optim`` optimisers built from ``optim``; a
+        ``ValueError`` names an optimiser it cannot take) or ``"auto"`` (the default:
+        ``"module"`` where ``optim`` allows it, else ``"svi"``); the same steps and results
+        (:mod:`~pyro_viking.infer.recipe.engine`).
     """
     check_steps(num_steps=num_steps, warmup_steps=warmup_steps, scales_steps=scales_steps)
     check_training_data(model, args, batches)
     reset_owned_params(model)
     optim = optim or pyro.optim.Adam({"lr": 1e-3})
+    engine = resolve_engine(engine, optim)
     name = prior_scale_name(model, prior_scale_param)
     history = new_history()
     if map_values is None:
@@ -175,7 +184,8 @@ def fit_viking(
         map_values = fit_map(model, *args, batches=batches, num_steps=warmup, optim=optim,
                              prior_scale_param=name, init_loc_fn=init_loc_fn,
                              progress=progress, history=history,
-                             prior_weight=beta if temper_warmup else 1.0, **kwargs)
+                             prior_weight=beta if temper_warmup else 1.0, engine=engine,
+                             **kwargs)
     if init_scales:
         set_noise_scale_at_map(model, map_values, *args, batches=batches,
                                num_batches=curvature_batches, **kwargs)
@@ -188,7 +198,7 @@ def fit_viking(
     else:
         store = pyro.get_param_store()
         init = {"image_scale": init_image_scale, "kernel_scale": math.nan,
-                "prior_scale": float(store[name]) if name in store else math.nan}
+                "prior_scale": float(store[name].detach()) if name in store else math.nan}
     options = dict(init_image_scale=init["image_scale"], kernel_scale=kernel_scale, gamma=gamma,
                    grad_through_projection=False)
     if kernel_scale == "learned" and init_scales:
@@ -201,11 +211,11 @@ def fit_viking(
     if scales_steps:
         frozen = poutine.block(guide, hide_fn=lambda msg: msg["type"] == "param"
                                and msg["name"].endswith(".loc"))
-        run_phase(SVI(model, frozen, optim, elbo), calls, scales_steps, "scales", history,
-                  record, progress, image_scale=options["init_image_scale"])
+        run_phase(make_stepper(engine, model, frozen, optim, elbo), calls, scales_steps,
+                  "scales", history, record, progress, image_scale=options["init_image_scale"])
     start = history["image_scale"][-1] if scales_steps else options["init_image_scale"]
-    run_phase(SVI(model, guide, optim, elbo), calls, num_steps, "elbo", history, record, progress,
-              image_scale=start)
+    run_phase(make_stepper(engine, model, guide, optim, elbo), calls, num_steps, "elbo",
+              history, record, progress, image_scale=start)
     if guide.prototype_trace is None:  # no ELBO step: set the guide up on one training call
         a, kw = next(calls)
         with poutine.block():

@@ -1,14 +1,16 @@
-"""One phase of the VIKING recipe as a plain SVI loop: the model's training calls (its own
-arguments, or batches cycled as often as needed), the steps, and the history they leave."""
+"""One phase of the VIKING recipe as a plain loop of training steps (``SVI``, or the ELBO module
+of :mod:`~pyro_viking.infer.recipe.engine`): the model's training calls (its own arguments, or
+batches cycled as often as needed), the steps, and the history they leave."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 from pyro.infer import SVI
 
+from pyro_viking.infer.recipe.engine import ModuleStepper
 from pyro_viking.model_trace.inspection import batch_call
 
 __all__ = ["COLLAPSE_FRACTION", "DIVERGENCE_WINDOW", "HISTORY_KEYS", "check_divergence",
@@ -48,12 +50,14 @@ def first_call(args: tuple, kwargs: dict, batches: Optional[Iterable]) -> Tuple[
     return batch_call(next(iter(batches))) if batches is not None else (args, kwargs)
 
 
-def run_phase(svi: SVI, calls: Iterator, steps: int, phase: str, history: Dict[str, list],
-              record: Callable[[], Tuple[float, float, float]], progress: bool,
-              image_scale: float = math.nan) -> None:
-    """``steps`` SVI steps on the next ``calls``; appends to ``history`` the phase name, the
-    loss and ``record()``'s ``(image_scale, kernel_scale, prior_scale)`` of each step, and stops
-    a diverged phase (:func:`check_divergence`; ``image_scale``: σ_im before the first step)."""
+def run_phase(svi: Union[SVI, ModuleStepper], calls: Iterator, steps: int, phase: str,
+              history: Dict[str, list], record: Callable[[], Tuple[float, float, float]],
+              progress: bool, image_scale: float = math.nan) -> None:
+    """``steps`` training steps (``svi.step``: ``SVI`` or a
+    :class:`~pyro_viking.infer.recipe.engine.ModuleStepper`) on the next ``calls``; appends to
+    ``history`` the phase name, the loss and ``record()``'s ``(image_scale, kernel_scale,
+    prior_scale)`` of each step, and stops a diverged phase (:func:`check_divergence`;
+    ``image_scale``: σ_im before the first step)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc=f"VIKING {phase}", disable=not progress, leave=False)

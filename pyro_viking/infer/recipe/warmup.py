@@ -1,4 +1,4 @@
-"""The MAP warm-up of the VIKING recipe: :func:`fit_map` (SVI with
+"""The MAP warm-up of the VIKING recipe: :func:`fit_map` (SVI, or the ELBO module, with
 :class:`~pyro.infer.autoguide.AutoDelta`, the prior optionally β-tempered) and
 :func:`set_noise_scale_at_map` (a :class:`~pyro_viking.BayesianNetwork`'s learned regression
 noise scale set to its maximum-likelihood value at the MAP)."""
@@ -11,11 +11,12 @@ from typing import Callable, Dict, Iterable, Optional
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_median
 from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
 
+from pyro_viking.infer.recipe.engine import DEFAULT_ENGINE, make_stepper
 from pyro_viking.infer.recipe.params import hide_param, prior_scale_name, set_positive_param
 from pyro_viking.infer.recipe.svi_loop import first_call, new_history, run_phase, training_calls
 from pyro_viking.model_trace.inspection import batch_call
@@ -51,8 +52,9 @@ def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_step
             optim: Optional[PyroOptim] = None, prior_scale_param: Optional[str] = None,
             prior_weight: float = 1.0, init_loc_fn: Optional[Callable] = None,
             progress: bool = True, history: Optional[Dict[str, list]] = None,
-            **kwargs) -> Dict[str, torch.Tensor]:
+            engine: str = DEFAULT_ENGINE, **kwargs) -> Dict[str, torch.Tensor]:
     """MAP by SVI with :class:`~pyro.infer.autoguide.AutoDelta`; returns ``{site: θ̂}``.
+    ``engine``: what takes the steps (:mod:`~pyro_viking.infer.recipe.engine`).
 
     The loss is ``−log p(y | θ) − prior_weight · log p(θ)``. With ``prior_weight = β`` its
     minimiser is the mean the β-tempered ELBO prefers (the ELBO's ``β α ‖θ̂‖²/2``), up to
@@ -67,7 +69,8 @@ def fit_map(model: Callable, *args, batches: Optional[Iterable] = None, num_step
     if prior_weight != 1.0:
         target = _WeightPrior(prior_weight)(target)
     guide = AutoDelta(hide_param(model, name), init_loc_fn=_init_loc_fn(model, init_loc_fn))
-    svi = SVI(target, guide, optim or pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi = make_stepper(engine, target, guide, optim or pyro.optim.Adam({"lr": 1e-3}),
+                       Trace_ELBO())
     history = history if history is not None else new_history()
     nan = float("nan")
     prior = (lambda: float(pyro.param(name).detach())) if name else (lambda: nan)

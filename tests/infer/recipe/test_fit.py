@@ -85,7 +85,8 @@ def test_fit_viking_returns_guide_and_history(dtype):
     assert float(fit.guide.kernel_scale) == pytest.approx(h["prior_scale"][-1], rel=0.02)
 
 
-def test_fixed_prior_and_batches():
+@pytest.mark.parametrize("engine", ["svi", "module"])
+def test_fixed_prior_and_batches(engine):
     """An iterable of batches (the model scales its likelihood itself) and a fixed prior."""
     dtype = torch.float64
     x, y = moons(dtype)
@@ -97,7 +98,8 @@ def test_fixed_prior_and_batches():
 
     batches = [(x[i], y[i], i) for i in torch.arange(len(x)).chunk(2)]
     fit = fit_viking(batched, batches=batches, num_steps=10, warmup_steps=20, beta=0.3,
-                     optim=pyro.optim.Adam({"lr": 1e-2}), progress=False, curvature_batches=2)
+                     optim=pyro.optim.Adam({"lr": 1e-2}), progress=False, curvature_batches=2,
+                     engine=engine)
     assert fit.init["prior_scale"] == pytest.approx(0.7)
     assert float(fit.guide.kernel_scale) == pytest.approx(0.7)
     assert fit.statistics.num_batches == 2
@@ -130,10 +132,13 @@ def test_select_beta_and_validation_nll():
     choice = select_beta(model, xt, yt, 40, validation=(xv, yv), betas=[1.0, 0.03],
                          num_steps=30, warmup_steps=100, num_samples=8, prior_scale_param=PRIOR,
                          optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}), progress=False)
-    assert [r["beta"] for r in choice.table] == [1.0, 0.03]
-    assert choice.beta == min(choice.table, key=lambda r: r["val_nll"])["beta"]
+    # every recipe at every β (the defaults: the full ELBO and the posterior at a MAP)
+    assert [(r["recipe"], r["beta"]) for r in choice.table] == [
+        ("elbo", 1.0), ("elbo", 0.03), ("post-hoc", 1.0), ("post-hoc", 0.03)]
+    best = min(choice.table, key=lambda r: r["val_nll"])
+    assert (choice.recipe, choice.beta) == (best["recipe"], best["beta"])
     # the param store holds the chosen fit: its guide reports the chosen run's scales
-    row = next(r for r in choice.table if r["beta"] == choice.beta)
+    row = best
     image_scale = float(choice.fit.guide.image_scale.detach())
     assert image_scale == pytest.approx(row["image_scale"], rel=1e-5)
     # validation_nll is the NLL of the Bayesian model average of the predicted probabilities
@@ -145,17 +150,19 @@ def test_select_beta_and_validation_nll():
     torch.testing.assert_close(nll, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_scales_lr_factor_and_scales_phase():
+@pytest.mark.parametrize("engine", ["svi", "module"])
+def test_scales_lr_factor_and_scales_phase(engine):
     """`scales_lr_factor=0` freezes σ_im and the prior scale in the ELBO phase; the optional
     scales-only phase leaves θ̂ at the MAP while the scales train."""
     fit = _fit(torch.float32, 1e-2, num_steps=10, warmup_steps=30, scales_steps=10,
-               scales_lr_factor=0.0)
+               scales_lr_factor=0.0, engine=engine)
     h = fit.history
     assert h["phase"] == ["map"] * 30 + ["scales"] * 10 + ["elbo"] * 10
     assert len(set(h["image_scale"][30:])) == 1  # lr 0 for the scales, in both phases
     assert len(set(h["prior_scale"][30:])) == 1
 
-    fit = _fit(torch.float32, 1e-2, num_steps=0, warmup_steps=30, scales_steps=10)
+    fit = _fit(torch.float32, 1e-2, num_steps=0, warmup_steps=30, scales_steps=10,
+               engine=engine)
     h = fit.history
     assert len(set(h["image_scale"][30:])) > 1
     loc = fit.guide.loc.detach()
@@ -164,7 +171,8 @@ def test_scales_lr_factor_and_scales_phase():
     torch.testing.assert_close(loc, map_loc)
 
 
-def test_no_elbo_steps_gives_the_posterior_at_the_map(default_dtype):
+@pytest.mark.parametrize("engine", ["svi", "module"])
+def test_no_elbo_steps_gives_the_posterior_at_the_map(default_dtype, engine):
     """``num_steps=0``: the guide is set up at the MAP with the curvature scales (no ELBO
     step) and predicts right away."""
     pyro.clear_param_store()
@@ -173,7 +181,7 @@ def test_no_elbo_steps_gives_the_posterior_at_the_map(default_dtype):
     model = TinyBNN(default_dtype)
     fit = fit_viking(model, x, y, 48, num_steps=0, warmup_steps=100, beta=0.1,
                      prior_scale_param=PRIOR, optim=pyro.optim.Adam({"lr": 1e-2}),
-                     progress=False, curvature_batches=4)
+                     progress=False, curvature_batches=4, engine=engine)
     guide = fit.guide
     assert set(fit.history["phase"]) == {"map"}
     map_loc = torch.cat([fit.map_values[n].reshape(-1) for n in
@@ -248,7 +256,7 @@ def test_select_beta_on_a_subsampling_bayesian_network(default_dtype):
     net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)).to(default_dtype)
     bnn = BayesianNetwork(net, prior_scale="learned", batch_size=64)
     res = select_beta(bnn, x[:200], y[:200], validation=(x[200:], y[200:]), betas=(0.1, 0.001),
-                      num_steps=30, warmup_steps=60, progress=False,
+                      num_steps=30, warmup_steps=60, progress=False, recipes=("elbo",),
                       optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}))
     assert res.beta in (0.1, 0.001) and all(math.isfinite(r["val_nll"]) for r in res.table)
     whole = BayesianNetwork(net, prior_scale="learned", batch_size=None)  # same names

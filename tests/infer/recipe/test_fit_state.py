@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pyro_viking import BayesianNetwork, fit_viking, select_beta
+from pyro_viking.infer.recipe.beta_selection import validation_nll
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -157,7 +158,7 @@ def test_select_beta_does_not_depend_on_the_order_of_betas(default_dtype):
         pyro.set_rng_seed(0)
         bnn = BayesianNetwork(copy.deepcopy(net), prior_scale="learned", batch_size=16)
         return select_beta(bnn, x, y, validation=(xv, yv), betas=betas, num_steps=20,
-                           warmup_steps=20, num_samples=8, progress=False,
+                           warmup_steps=20, num_samples=8, progress=False, recipes=("elbo",),
                            optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}))
 
     a, b = run((0.1, 0.001)), run((0.001, 0.1))
@@ -172,7 +173,7 @@ def test_select_beta_does_not_depend_on_the_order_of_betas(default_dtype):
     alone = select_beta(BayesianNetwork(copy.deepcopy(net), prior_scale="learned",
                                         batch_size=16),
                         x, y, validation=(xv, yv), betas=(a.beta,), num_steps=20,
-                        warmup_steps=20, num_samples=8, progress=False,
+                        warmup_steps=20, num_samples=8, progress=False, recipes=("elbo",),
                         optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}))
     assert alone.table[0]["val_nll"] == pytest.approx(rows_a[a.beta]["val_nll"], rel=1e-6)
     # the store holds the chosen fit's parameters on return
@@ -188,12 +189,45 @@ def test_select_beta_refuses_empty_candidates_and_scores_zero_elbo_steps(default
     bnn = BayesianNetwork(_net(), prior_scale="learned", batch_size=16)
     with pytest.raises(ValueError, match="betas"):
         select_beta(bnn, x, y, validation=(xv, yv), betas=(), progress=False)
+    with pytest.raises(ValueError, match="recipes"):
+        select_beta(bnn, x, y, validation=(xv, yv), recipes=("laplace",), progress=False)
     result = select_beta(bnn, x, y, validation=(xv, yv), betas=(0.1, 0.01), num_steps=0,
-                         warmup_steps=20, num_samples=4, progress=False)
+                         warmup_steps=20, num_samples=4, progress=False, recipes=("elbo",))
     assert len(result.table) == 2
     for row in result.table:
         assert torch.isfinite(torch.tensor(row["val_nll"]))
         assert row["image_scale"] > 0 and row["kernel_scale"] > 0
+
+
+def test_select_beta_post_hoc_candidate_is_the_map_of_the_whole_budget(default_dtype):
+    """A ``"post-hoc"`` candidate of ``select_beta`` is ``fit_viking(num_steps=0)`` after a MAP
+    of ``warmup_steps + num_steps`` steps (the same examples as the ``"elbo"`` candidate):
+    the same validation NLL and scales as that fit made by hand with the same seed."""
+    x, y = _data()
+    xv, yv = _data(40, seed=2)
+    net = _net()
+
+    def bnn():
+        return BayesianNetwork(copy.deepcopy(net), prior_scale="learned", batch_size=16)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    result = select_beta(bnn(), x, y, validation=(xv, yv), betas=(0.1,), num_steps=15,
+                         warmup_steps=10, num_samples=8, progress=False,
+                         recipes=("post-hoc",),
+                         optim_factory=lambda: pyro.optim.Adam({"lr": 1e-2}))
+    assert result.recipe == "post-hoc" and result.fit.history["phase"].count("map") == 25
+    assert result.fit.history["phase"].count("elbo") == 0
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = bnn()
+    fit = fit_viking(model, x, y, num_steps=0, warmup_steps=25, beta=0.1, progress=False,
+                     optim=pyro.optim.Adam({"lr": 1e-2}))
+    fit.guide.project_training_data(x, y, num_samples=8)
+    nll = validation_nll(model, fit.guide, xv, yv, num_samples=8)
+    assert result.table[0]["val_nll"] == pytest.approx(float(nll.mean()), rel=1e-6)
+    assert result.table[0]["image_scale"] == pytest.approx(
+        float(fit.guide.image_scale.detach()), rel=1e-6)
 
 
 def test_the_post_hoc_recipe_trains_its_map(default_dtype):
