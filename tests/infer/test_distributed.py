@@ -28,6 +28,7 @@ network's own weights get no gradient) takes the same steps as ``data_parallel_s
 """
 
 import os
+import tempfile
 
 import pyro
 import pytest
@@ -48,7 +49,6 @@ from pyro_viking.infer.distributed import (
     seed_rank,
     shard_loader,
 )
-from pyro_viking.infer.launch import free_port
 from pyro_viking.infer.module import setup_parameters
 
 WORLD = 2
@@ -59,12 +59,12 @@ NOISE_SEED = 11
 
 # -- process-group plumbing -----------------------------------------------------------------------
 
-def _entry(rank: int, worker, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, worker, store: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     pyro.enable_validation(True)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file rendezvous: no TCP port to race for with other process groups of the suite
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         with pyro.settings.context(module_local_params=True):
             worker(rank)
@@ -73,7 +73,8 @@ def _entry(rank: int, worker, port: int) -> None:
 
 
 def _spawn(worker) -> None:
-    mp.spawn(_entry, args=(worker, free_port()), nprocs=WORLD, join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_entry, args=(worker, os.path.join(folder, "store")), nprocs=WORLD, join=True)
 
 
 # -- the separable construction -------------------------------------------------------------------
