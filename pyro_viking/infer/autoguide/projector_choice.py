@@ -3,7 +3,10 @@
 Backends (``backend=``):
 
 * ``"layer_gram"`` — :class:`~pyro_viking.linalg.layer_gram.LayerGramJacobian`: exact,
-  per-layer Gram of ``nn.Linear``/``nn.Conv{1,2,3}d`` networks (one forward + one backward);
+  per-layer Gram (one forward + one backward) of networks built from ``nn.Linear``,
+  ``nn.Conv{1,2,3}d``, batch norm in eval mode, ``nn.LayerNorm``/``GroupNorm``/``RMSNorm``,
+  ``nn.Embedding`` and ``nn.MultiheadAttention`` (``pyro_viking.linalg.layer_rules``), with the
+  other parameters' columns from per-example gradients;
 * ``"per_example"`` — :class:`~pyro_viking.linalg.per_example.PerExampleJacobian`: the dense
   ``(B, D)`` Jacobian from vectorised per-example gradients;
 * ``"matrix_free"`` — :class:`~pyro_viking.linalg.operators.FunctionalJacobian` with CG;
