@@ -27,14 +27,12 @@ different noise, after training steps every parameter is the same on both ranks,
 network's own weights get no gradient) takes the same steps as ``data_parallel_step``.
 """
 
-import os
-import tempfile
 
 import pyro
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_groups import init_group, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
@@ -63,8 +61,7 @@ def _entry(rank: int, worker, store: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     pyro.enable_validation(True)
-    # a file rendezvous: no TCP port to race for with other process groups of the suite
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_group(rank, WORLD, store)
     try:
         with pyro.settings.context(module_local_params=True):
             worker(rank)
@@ -73,8 +70,7 @@ def _entry(rank: int, worker, store: str) -> None:
 
 
 def _spawn(worker) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_entry, args=(worker, os.path.join(folder, "store")), nprocs=WORLD, join=True)
+    run_ranks(_entry, WORLD, worker)
 
 
 # -- the separable construction -------------------------------------------------------------------

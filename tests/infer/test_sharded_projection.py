@@ -19,21 +19,19 @@ The single-process checks: ``distributed=True`` outside a process group is the e
 on the process's own rows.
 """
 
-import os
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from problems import linreg, linreg_data
+from process_groups import FORK_IF_AVAILABLE, init_group, run_ranks
 from pyro.infer import Predictive
 from torch import nn
 
 from pyro_viking import AutoViking, BayesianNetwork, TraceViking_ELBO
 from pyro_viking.infer.distributed import average_gradients, broadcast_parameters
-from pyro_viking.infer.launch import free_port
 from pyro_viking.infer.module import setup_parameters
 
 WORLD, S = 2, 12  # processes, projected samples
@@ -41,12 +39,11 @@ WORLD, S = 2, 12  # processes, projected samples
 
 # -- process-group plumbing -----------------------------------------------------------------------
 
-def _entry(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, store: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     pyro.enable_validation(True)
-    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_group(rank, WORLD, store)
     try:
         for check in (_bnn_after_data_parallel_training, _plain_model, _subsampled_plate,
                       _refusals):
@@ -203,9 +200,7 @@ def test_two_ranks_on_halves_project_and_predict_as_one_process_on_all_rows():
     # imports torch._dynamo, seconds per fresh process)
     import torch._dynamo  # noqa: F401
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_entry, args=(free_port(),), nprocs=WORLD, join=True,
-                       start_method=method)
+    run_ranks(_entry, WORLD, start_method=FORK_IF_AVAILABLE)
 
 
 # -- one process ----------------------------------------------------------------------------------

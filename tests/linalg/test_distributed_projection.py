@@ -14,16 +14,14 @@ One process: :class:`StackedJacobian` against its dense matrix, and outside a pr
 sharded projector is the local one.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from problems import dense_projector, jacobian_with_rank
+from process_groups import FORK_IF_AVAILABLE, init_group, run_ranks
 
-from pyro_viking.infer.launch import free_port
 from pyro_viking.linalg import ConvergenceWarning, DenseProjector, PerExampleJacobian
 from pyro_viking.linalg.distributed_projection import (
     ShardedJacobian,
@@ -51,11 +49,10 @@ def _problem():
 
 
 
-def _entry(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, store: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_group(rank, WORLD, store)
     try:
         _checks(rank)
     finally:
@@ -137,9 +134,7 @@ def _checks(rank: int) -> None:
 
 @pytest.mark.dtype_independent
 def test_two_ranks_project_on_the_union_of_their_rows():
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_entry, args=(free_port(),), nprocs=WORLD, join=True,
-                       start_method=method)
+    run_ranks(_entry, WORLD, start_method=FORK_IF_AVAILABLE)
 
 
 # -- one process ----------------------------------------------------------------------------------
