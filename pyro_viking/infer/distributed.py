@@ -49,6 +49,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pyro_viking.linalg.distributed_projection import world
+
 __all__ = ["average_gradients", "broadcast_parameters", "check_num_data",
            "data_parallel_step", "rank_and_world_size", "rank_seed", "seed_rank",
            "shard_loader"]
@@ -56,9 +58,7 @@ __all__ = ["average_gradients", "broadcast_parameters", "check_num_data",
 
 def rank_and_world_size() -> Tuple[int, int]:
     """``(rank, W)`` in the current process group; ``(0, 1)`` outside one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return world()
 
 
 def rank_seed(seed: int, rank: Optional[int] = None) -> int:
