@@ -24,7 +24,7 @@ from pyro.infer import Predictive
 from pyro.util import get_rng_state, set_rng_state
 
 from pyro_viking.infer.recipe.engine import DEFAULT_ENGINE
-from pyro_viking.infer.recipe.fit import VikingFit, fit_viking
+from pyro_viking.infer.recipe.fit import VikingFit, default_warmup_steps, fit_viking
 from pyro_viking.infer.recipe.params import prior_scale_name
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.model_trace.layout import LatentLayout
@@ -118,8 +118,8 @@ def select_beta(
     :param betas: the candidate KL weights.
     :param recipes: ``"elbo"`` and/or ``"post-hoc"`` (module docstring), each at every β.
     :param num_steps, warmup_steps: as in :func:`~pyro_viking.fit_viking` (``"post-hoc"``:
-        a MAP of ``warmup_steps + num_steps`` steps; ``warmup_steps=None`` is
-        ``num_steps // 4``, as there).
+        a MAP of the ``"elbo"`` candidate's warm-up plus ``num_steps`` steps, the warm-up's
+        default as there, :func:`~pyro_viking.infer.recipe.fit.default_warmup_steps`).
     :param optim_factory: a fresh Pyro optimiser per phase (default ``Adam(lr=1e-3)``).
     :param num_samples: posterior samples for the validation NLL.
     :param fit_options: further :func:`~pyro_viking.fit_viking` arguments.
@@ -132,7 +132,7 @@ def select_beta(
     recipes = list(recipes)
     if not recipes or any(r not in RECIPES for r in recipes):
         raise ValueError(f"recipes must be one or more of {RECIPES}, got {recipes}")
-    total = (num_steps // 4 if warmup_steps is None else warmup_steps) + num_steps
+    total = default_warmup_steps(num_steps, warmup_steps) + num_steps
     make_optim = optim_factory or (lambda: pyro.optim.Adam({"lr": 1e-3}))
     store = pyro.get_param_store()
     start, rng = _snapshot(store), get_rng_state()

@@ -67,7 +67,8 @@ from pyro_viking.infer.recipe.scale_init import CurvatureStatistics
 from pyro_viking.infer.recipe.svi_loop import new_history, run_phase, training_calls
 from pyro_viking.infer.recipe.warmup import fit_map, set_noise_scale_at_map
 
-__all__ = ["DEFAULT_BETA", "POST_HOC_WARMUP_STEPS", "VikingFit", "fit_viking"]
+__all__ = ["DEFAULT_BETA", "POST_HOC_WARMUP_STEPS", "VikingFit", "default_warmup_steps",
+           "fit_viking"]
 
 #: Default KL weight (Pyro's convention: the plate already scales the likelihood by N/B, so
 #: β = 1 is the true ELBO), chosen on the validation splits of the uncertainty benchmark
@@ -78,6 +79,14 @@ DEFAULT_BETA = 0.001
 #: MAP warm-up steps of ``fit_viking(..., num_steps=0)`` (the posterior at a MAP) when
 #: ``warmup_steps`` is not given (otherwise the warm-up is a quarter of ``num_steps``)
 POST_HOC_WARMUP_STEPS = 1000
+
+
+def default_warmup_steps(num_steps: int, warmup_steps: Optional[int] = None) -> int:
+    """The MAP warm-up steps of ``fit_viking(num_steps=..., warmup_steps=...)``: those given,
+    else ``num_steps // 4``, else (no ELBO step) :data:`POST_HOC_WARMUP_STEPS`."""
+    if warmup_steps is not None:
+        return warmup_steps
+    return num_steps // 4 if num_steps else POST_HOC_WARMUP_STEPS
 
 
 @dataclass
@@ -179,8 +188,7 @@ def fit_viking(
     name = prior_scale_name(model, prior_scale_param)
     history = new_history()
     if map_values is None:
-        warmup = warmup_steps if warmup_steps is not None else \
-            num_steps // 4 if num_steps else POST_HOC_WARMUP_STEPS
+        warmup = default_warmup_steps(num_steps, warmup_steps)
         map_values = fit_map(model, *args, batches=batches, num_steps=warmup, optim=optim,
                              prior_scale_param=name, init_loc_fn=init_loc_fn,
                              progress=progress, history=history,

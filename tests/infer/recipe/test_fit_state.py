@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from pyro_viking import BayesianNetwork, fit_viking, select_beta
+from pyro_viking.infer.recipe import fit as recipe_fit
 from pyro_viking.infer.recipe.beta_selection import validation_nll
+from pyro_viking.infer.recipe.fit import default_warmup_steps
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -228,6 +230,26 @@ def test_select_beta_post_hoc_candidate_is_the_map_of_the_whole_budget(default_d
     assert result.table[0]["val_nll"] == pytest.approx(float(nll.mean()), rel=1e-6)
     assert result.table[0]["image_scale"] == pytest.approx(
         float(fit.guide.image_scale.detach()), rel=1e-6)
+
+
+def test_select_beta_candidates_share_fit_vikings_warm_up_default(default_dtype, monkeypatch):
+    """Without ``warmup_steps`` both recipes take ``fit_viking``'s default warm-up
+    (``default_warmup_steps``), the post-hoc one then ``num_steps`` more MAP steps: with
+    ``num_steps=0`` both are a MAP of ``POST_HOC_WARMUP_STEPS`` steps, not one of none."""
+    assert default_warmup_steps(40) == 10 and default_warmup_steps(40, 3) == 3
+    monkeypatch.setattr(recipe_fit, "POST_HOC_WARMUP_STEPS", 6)
+    assert default_warmup_steps(0) == 6
+    x, y = _data()
+    xv, yv = _data(40, seed=2)
+    fits = {}
+    for recipe in ("elbo", "post-hoc"):
+        pyro.clear_param_store()
+        fits[recipe] = select_beta(
+            BayesianNetwork(_net(), prior_scale="learned", batch_size=16), x, y,
+            validation=(xv, yv), betas=(0.1,), num_steps=0, num_samples=4, progress=False,
+            recipes=(recipe,)).fit
+    for fit in fits.values():
+        assert fit.history["phase"].count("map") == 6
 
 
 def test_the_post_hoc_recipe_trains_its_map(default_dtype):
