@@ -34,10 +34,7 @@ from typing import Dict, List
 if __package__ in (None, ""):  # run as a script: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import pyro  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 from benchmarks.uq.ablations import _scores  # noqa: E402
 from benchmarks.uq.protocol import budget_for  # noqa: E402
@@ -61,13 +58,10 @@ def recipes(epochs: int) -> Dict[str, dict]:
     }
 
 
-def _loss(task, bnn, values: Dict[str, torch.Tensor], x, y) -> torch.Tensor:
-    """Per-datum NLL of the network at the given latent values ``{param name: tensor}``."""
-    out = functional_call(bnn.net, values, (x,))
-    if task.classification:
-        return F.cross_entropy(out, y, reduction="none")
-    noise = pyro.param(bnn.noise_scale_name).detach()
-    return -torch.distributions.Normal(out.squeeze(-1), noise).log_prob(y)
+def _loss(bnn, values: Dict[str, torch.Tensor], x, y) -> torch.Tensor:
+    """Per-datum NLL of the network at the latent values ``{param name: tensor}``: the model's
+    own rows, as its training step computes them."""
+    return -bnn.row_log_likelihood(bnn.forward_network(values, x), y)
 
 
 @torch.no_grad()
@@ -86,10 +80,10 @@ def departure(task, fitted, num_samples: int = 16) -> dict:
     def params(z):
         return {n[len(prefix):]: v for n, v in layout.unpack(z).items()}
 
-    base = _loss(task, bnn, params(loc), x, y).mean()
+    base = _loss(bnn, params(loc), x, y).mean()
     out = {"train_nll_at_mean": float(base)}
     for kind, noise in (("kernel", sk * k), ("image", si * (e - k))):
-        gaps = [_loss(task, bnn, params(loc + noise[s]), x, y).mean() - base
+        gaps = [_loss(bnn, params(loc + noise[s]), x, y).mean() - base
                 for s in range(num_samples)]
         out[f"train_nll_gap_{kind}"] = float(torch.stack(gaps).mean())
         out[f"rel_norm_{kind}"] = float(noise.norm(dim=1).mean() / loc.norm())
@@ -98,7 +92,7 @@ def departure(task, fitted, num_samples: int = 16) -> dict:
         idx = part.reshape(-1)
         mask = torch.zeros_like(loc)
         mask[idx] = 1.0
-        gaps = [_loss(task, bnn, params(loc + mask * sk * k[s]), x, y).mean() - base
+        gaps = [_loss(bnn, params(loc + mask * sk * k[s]), x, y).mean() - base
                 for s in range(num_samples)]
         rel = (sk * k[:, idx]).norm(dim=1).mean() / loc[idx].norm().clamp_min(1e-12)
         layers[name[len(prefix):]] = {"gap": float(torch.stack(gaps).mean()), "rel": float(rel)}
