@@ -222,16 +222,23 @@ def ghost_rmv(g: Ghost, U: Tensor, out: Tensor) -> None:
         out[:, g.bias_cols] = U @ _ghost_bias_rows(g)
 
 
-def ghost_gram(g: Ghost) -> Tensor:
+def ghost_gram(g: Ghost, h: Optional[Ghost] = None) -> Tensor:
     """``J Jᵀ`` ``(B, B)`` of one ghost in float64: ``(G Gᵀ) ⊙ (A Aᵀ [+ 1])``, over the ``B·T``
-    positions and summed over position pairs, ``Σ_{t,s} (g_it·g_js)(a_it·a_js [+ 1])``."""
+    positions and summed over position pairs, ``Σ_{t,s} (g_it·g_js)(a_it·a_js [+ 1])``; with a
+    second ghost ``h`` of the same layer (its Jacobian ``J_h``), the cross-Gram ``J J_hᵀ``:
+    ``(G G_hᵀ) ⊙ (A A_hᵀ [+ 1])``."""
     B = g.G.shape[0]
     G = g.G.reshape(-1, g.G.shape[-1]).to(torch.float64)
     A = g.A.reshape(-1, g.A.shape[-1]).to(torch.float64)
-    AA = A @ A.T
+    if h is None:
+        Gh, Ah = G, A
+    else:
+        Gh = h.G.reshape(-1, h.G.shape[-1]).to(torch.float64)
+        Ah = A if h.A is g.A else h.A.reshape(-1, h.A.shape[-1]).to(torch.float64)
+    AA = A @ Ah.T
     if g.bias_cols is not None:
         AA += 1.0
-    K = (G @ G.T) * AA
+    K = (G @ Gh.T) * AA
     return K if g.G.dim() == 2 else K.view(B, -1, B, K.shape[1] // B).sum((1, 3))
 
 

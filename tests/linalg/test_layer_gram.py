@@ -324,3 +324,55 @@ def test_projection_through_layer_gram_gradcheck():
         return KernelProjector(LayerGramJacobian(fn, t), solver="eigh")(e)
 
     assert torch.autograd.gradcheck(project, (E, z.clone().requires_grad_()))
+
+
+def _two_label_sets(model, x, num_classes):
+    """``fn(z)`` of ``model`` on ``x`` with two sets of labels (the rows of a Monte Carlo
+    Fisher), and the point z."""
+    named = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+    z = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def rows_for(y):
+        def fn(z):
+            params, o = {}, 0
+            for n, s, k in named:
+                params[n], o = z[o:o + k].view(s), o + k
+            out = functional_call(model, params, (x,))
+            return out.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+        return fn
+
+    B = x.shape[0]
+    return [rows_for(torch.randint(0, num_classes, (B,))) for _ in range(2)], z
+
+
+@pytest.mark.parametrize("net, shape", [
+    (lambda: nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)), (7, 4)),
+    (lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(4 * 5, 3)), (7, 2, 10)),
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)), (7, 5, 4)),
+])
+def test_cross_gram_matches_dense(net, shape):
+    """``J_a J_bᵀ`` of one network at one point with two label sets (the curvature estimate's
+    Monte Carlo Fisher): ghosts (on (B, in) and on sequences), conv blocks and norm rows."""
+    model = net()
+    x = torch.randn(*shape)
+    if len(shape) == 3 and isinstance(model[0], nn.Linear):  # a sequence: pool it to (B, 3)
+        model = nn.Sequential(*model, nn.Flatten(), nn.LazyLinear(3))
+        model(x)
+    (fa, fb), z = _two_label_sets(model, x, 3)
+    a, b = LayerGramJacobian(fa, z), LayerGramJacobian(fb, z)
+    Ja = torch.autograd.functional.jacobian(fa, z)
+    Jb = torch.autograd.functional.jacobian(fb, z)
+    assert not torch.allclose(Ja, Jb)  # the label sets differ
+    torch.testing.assert_close(a.cross_gram(b), Ja @ Jb.T, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(b.cross_gram(a), Jb @ Ja.T, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(a.cross_gram(a), a.gram(), atol=TOL, rtol=TOL)
+
+
+def test_cross_gram_refuses_other_layers():
+    (fa, _), z = _two_label_sets(nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)),
+                                 torch.randn(7, 4), 3)
+    (fc, _), zc = _two_label_sets(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+                                  torch.randn(7, 4), 3)
+    with pytest.raises(LayerGramNotApplicable, match="layers differ"):
+        LayerGramJacobian(fa, z).cross_gram(LayerGramJacobian(fc, zc))

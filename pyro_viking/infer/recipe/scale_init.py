@@ -60,8 +60,10 @@ Jacobian or likelihood Hessian. With ``G = J Jᵀ`` and ``C = J J̃ᵀ``:
     tr(H (I − P)) ≈ (1/S) Σ_s Σ_i w_i c_{s,i}ᵀ G⁺ c_{s,i},   tr(H) ≈ (1/S) Σ_s Σ_i w_i ‖g̃_{s,i}‖²,
 
 (``(I − P) g = Jᵀ G⁺ J g``), ``K = tr H − A``; ``G⁺`` is the eigen-thresholded pseudo-inverse
-(float64) and ``r`` its numerical rank. Cost per batch: ``1 + S`` per-example Jacobians
-``(B, D)``; the relative Monte Carlo error of ``A`` is about ``√(2 / (S · B · batches))``.
+(float64) and ``r`` its numerical rank. Cost per batch: ``1 + S`` per-example Jacobians, built
+as the guide's projector builds them (the layer Gram where it applies: one forward and backward
+each, with ``G`` and ``C`` from the layers' pieces; else dense ``(B, D)``); the relative Monte
+Carlo error of ``A`` is about ``√(2 / (S · B · batches))``.
 
 **Beyond the linearisation, along the kernel.** ``σ_im`` is small, so the image term is well
 described by the quadratic model; ``σ_ker`` is not: with the loss Jacobian the kernel is flat
@@ -88,6 +90,12 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from pyro_viking.linalg.layer_gram import (
+    LayerGramJacobian,
+    LayerGramNotApplicable,
+    select_jacobian_backend,
+)
+from pyro_viking.linalg.operators import JacobianOperator
 from pyro_viking.linalg.per_example import PerExampleJacobian
 from pyro_viking.linalg.solvers import default_rcond, eigh_factor
 from pyro_viking.model_trace.inspection import batch_call
@@ -267,6 +275,34 @@ def _row_weights(sites, like: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def _jacobian(rows: Callable[[Tensor], Tensor], z: Tensor) -> JacobianOperator:
+    """The per-example Jacobian of one batch's rows at ``z``, by the backend the guide's
+    projector picks (:func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`: the layer
+    Gram where it applies, else the dense one; the dense one, vmapped, where the rule would
+    choose matrix-free CG, which has no Gram)."""
+    jac = select_jacobian_backend(rows, z)
+    return PerExampleJacobian(rows, z, vectorize=True) if jac is None else jac
+
+
+def _dense64(jac: JacobianOperator) -> Tensor:
+    """``J`` ``(B, D)`` in float64 (a layer-Gram operator's rows ``I J``: exact copies)."""
+    if isinstance(jac, PerExampleJacobian):
+        return jac.J.double()
+    eye = torch.eye(jac.shape[0], dtype=jac.dtype, device=jac.device)
+    return jac.rmv(eye).double()
+
+
+def _cross_gram(jac: JacobianOperator, other: JacobianOperator) -> Tensor:
+    """``J J_oᵀ`` ``(B, B)`` in float64 (from the layers' pieces when both are layer-Gram
+    operators of the same layers, else from the dense matrices)."""
+    if isinstance(jac, LayerGramJacobian) and isinstance(other, LayerGramJacobian):
+        try:
+            return jac.cross_gram(other)
+        except LayerGramNotApplicable:
+            pass
+    return _dense64(jac) @ _dense64(other).T
+
+
 def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid,
                   num_kernel_samples):
     """``(A, T = tr H, r, c(grid))`` of one batch (float64 Python floats; ``c`` may be None)."""
@@ -277,14 +313,12 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
     if not sites:
         raise ValueError("the model has no observed site: no likelihood, no curvature")
     w = _row_weights(sites, z)
-    # as the guide's projector builds J: vmapped, or one reverse pass per row if vmap fails
-    jac = PerExampleJacobian(make_rows_fn(model, layout, args, kwargs, subsample=subsample), z,
-                             vectorize=True)
-    J = jac.J.double()
-    if J.shape[0] != w.shape[0]:
-        raise ValueError(f"{J.shape[0]} likelihood rows but {w.shape[0]} row weights")
+    rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
+    jac = _jacobian(rows, z)  # as the guide's projector builds J
+    if jac.shape[0] != w.shape[0]:
+        raise ValueError(f"{jac.shape[0]} likelihood rows but {w.shape[0]} row weights")
     if rcond is None:  # the guide's projector threshold, so r is the rank its KL uses
-        rcond = default_rcond(J.shape[0], z.dtype)
+        rcond = default_rcond(jac.shape[0], z.dtype)
     evals, evecs, keep = eigh_factor(jac.gram(), rcond)
     basis = evecs[:, keep] / evals[keep].sqrt()  # G⁺ = basis basisᵀ on the numerical range
     image, total = 0.0, 0.0
@@ -292,24 +326,25 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
         labels = {site["name"]: site["fn"].sample() for site in sites}
         fn = make_rows_fn(poutine.condition(model, data=labels), layout, args, kwargs,
                           subsample=subsample)
-        Jt = PerExampleJacobian(fn, z, vectorize=True).J.double()
-        coef = basis.T @ (J @ Jt.T)  # (rank, B): coordinates of (I − P) g̃_i
+        jt = _jacobian(fn, z)
+        coef = basis.T @ _cross_gram(jac, jt)  # (rank, B): coordinates of (I − P) g̃_i
         image += float((w * coef.pow(2).sum(0)).sum())
-        total += float((w * Jt.pow(2).sum(1)).sum())
+        total += float((w * jt.gram().diagonal()).sum())  # Σ_i w_i ‖g̃_i‖²
     curve = None
     if grid is not None:
-        rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
-        curve = _kernel_curve(rows, z, J, basis, w, grid, num_kernel_samples)
+        curve = _kernel_curve(rows, z, jac, basis, w, grid, num_kernel_samples)
     return image / num_label_samples, total / num_label_samples, int(keep.sum()), curve
 
 
-def _kernel_curve(rows: Callable[[Tensor], Tensor], z: Tensor, J: Tensor, basis: Tensor,
-                  w: Tensor, grid, num_samples: int) -> list:
+def _kernel_curve(rows: Callable[[Tensor], Tensor], z: Tensor, jac: JacobianOperator,
+                  basis: Tensor, w: Tensor, grid, num_samples: int) -> list:
     """``c(v)`` at the kernel variances ``grid`` (module docstring): the weighted likelihood
     cost of ``z + √v k`` over ``num_samples`` kernel draws ``k = P ε``, the same for every
-    ``v``; ``J`` ``(B, D)`` and ``basis`` (``G⁺ = basis basisᵀ``) in float64."""
+    ``v``; ``jac`` the batch's Jacobian operator and ``basis`` (``G⁺ = basis basisᵀ``, float64)."""
     eps = torch.randn(num_samples, z.shape[0], dtype=torch.float64, device=z.device)
-    kernel = (eps - (eps @ J.T) @ basis @ basis.T @ J).to(z.dtype)  # rows of P ε
+    eps = eps.to(jac.dtype)
+    coef = (jac.mv(eps).double() @ basis) @ basis.T  # (S, B): J⁺ᵀ-coordinates of (I − P) ε
+    kernel = (eps - jac.rmv(coef.to(jac.dtype))).to(z.dtype)  # rows of P ε
     roots = torch.tensor(grid, dtype=z.dtype, device=z.device).sqrt()
     Z = (z + roots[:, None, None] * kernel).reshape(-1, z.shape[0])  # (grid · samples, D)
     with torch.no_grad():

@@ -175,3 +175,39 @@ def test_curvature_statistics_without_vmap_under_no_grad(monkeypatch, default_dt
     assert got.kernel_trace == pytest.approx(want.kernel_trace, abs=1e-6 * want.image_trace)
     rounding = 100 * torch.finfo(default_dtype).eps * X.shape[0]  # vmapped vs looped rows
     assert got.kernel_curve == pytest.approx(want.kernel_curve, abs=rounding)
+
+
+@pytest.mark.float64_only
+def test_curvature_statistics_through_the_layer_gram_match_the_dense_route(monkeypatch):
+    """A network's statistics come from the layer Gram (the guide's backend: ``G``, the
+    cross-Gram ``J J̃ᵀ`` and ``‖g̃_i‖²`` from the layers' pieces) and equal those of dense
+    per-example Jacobians under one seed."""
+    from pyro_viking import BayesianNetwork
+    from pyro_viking.infer.recipe import scale_init
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(30, 3), torch.randint(0, 4, (30,))
+    bnn = BayesianNetwork(net, "classification", prior_scale=1.0, batch_size=10)
+    loc = {bnn.site_name(n): p.detach() for n, p in net.named_parameters()}
+    built = []
+    real = scale_init._jacobian
+
+    def spy(rows, z):
+        jac = real(rows, z)
+        built.append(type(jac).__name__)
+        return jac
+
+    monkeypatch.setattr(scale_init, "_jacobian", spy)
+    kw = dict(num_batches=3, num_label_samples=2, num_kernel_samples=2)
+    pyro.set_rng_seed(3)
+    got = curvature_statistics(bnn, loc, x, y, **kw)
+    assert set(built) == {"LayerGramJacobian"}
+    monkeypatch.setattr(scale_init, "select_jacobian_backend", lambda rows, z: None)
+    monkeypatch.setattr(scale_init, "_jacobian", real)
+    pyro.set_rng_seed(3)
+    want = curvature_statistics(bnn, loc, x, y, **kw)
+    assert got.image_dim == want.image_dim == 10
+    assert got.image_trace == pytest.approx(want.image_trace, rel=1e-10)
+    assert got.kernel_trace == pytest.approx(want.kernel_trace, rel=1e-10)
+    assert got.kernel_curve == pytest.approx(want.kernel_curve, rel=1e-8, abs=1e-12)
