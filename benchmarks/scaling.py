@@ -3,9 +3,12 @@
     python benchmarks/scaling.py --device cpu --world-sizes 1 2        # gloo, one thread a rank
     python benchmarks/scaling.py --device cuda --world-sizes 1 2 4     # nccl, one GPU a rank
 
-The network is the largest of the uncertainty benchmark, the MNIST-1D authors' 1-D CNN
-(``benchmarks/uq/networks.py``: ``CNN1d``, 32 channels, 10 classes) on MNIST-1D's 4,000
-training sequences (``mnist1d`` package, generated offline), as a
+``--network`` picks one of two networks of the uncertainty benchmark
+(``benchmarks/uq/networks.py``): ``cnn1d``, the MNIST-1D authors' 1-D CNN (``CNN1d``, 32
+channels, 10 classes) on MNIST-1D's 4,000 training sequences (``mnist1d`` package, generated
+offline), or ``resnet``, the largest network of the benchmark, ``digits_resnet``'s residual CNN
+(``SmallResNet``, 16 channels, 8 classes) on its fit split of the digits images, with its batch
+norms frozen (eval mode: running statistics, as the benchmark and the README train it). Either as a
 :class:`~pyro_viking.BayesianNetwork` (every weight latent, learned prior scale) with an
 :class:`~pyro_viking.AutoViking` guide, trained on the module path
 (``TraceViking_ELBO(beta)(bnn, guide)``, ``torch.optim.Adam``) with
@@ -49,8 +52,13 @@ from torch.utils.data import TensorDataset
 if __package__ in (None, ""):  # run as a script: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.uq.classification_tasks import MNIST1D_CHANNELS, mnist1d_arrays  # noqa: E402
-from benchmarks.uq.networks import CNN1d  # noqa: E402
+from benchmarks.uq.classification_tasks import (  # noqa: E402
+    IN_CLASSES,
+    MNIST1D_CHANNELS,
+    RESNET_CHANNELS,
+    mnist1d_arrays,
+)
+from benchmarks.uq.networks import CNN1d, SmallResNet  # noqa: E402
 from pyro_viking import AutoViking, BayesianNetwork, TraceViking_ELBO  # noqa: E402
 from pyro_viking.infer.distributed import (  # noqa: E402
     average_gradients,
@@ -61,13 +69,40 @@ from pyro_viking.infer.distributed import (  # noqa: E402
 from pyro_viking.infer.launch import launch  # noqa: E402
 from pyro_viking.infer.module import setup_parameters  # noqa: E402
 
-NUM_CLASSES = 10
 OUT = Path(__file__).resolve().parent / "scaling"
+
+
+def make_network(name: str) -> torch.nn.Module:
+    """The ``--network`` (built in each rank: a module-level function, which ``spawn`` can
+    pickle by name): the 1-D CNN, or the residual CNN with its batch norms frozen (eval mode:
+    running statistics, as the benchmark and the README train it)."""
+    if name == "cnn1d":
+        return CNN1d(10, MNIST1D_CHANNELS)
+    return SmallResNet(IN_CLASSES, RESNET_CHANNELS).eval()
+
+
+def network_data(name: str):
+    """``(x, y, description)``: the training data of the ``--network``'s task."""
+    if name == "cnn1d":
+        x_train, y_train, _, _ = mnist1d_arrays()
+        x, y = torch.as_tensor(x_train), torch.as_tensor(y_train, dtype=torch.long)
+        return x, y, f"CNN1d(10, {MNIST1D_CHANNELS}) on MNIST-1D ({len(x)} training sequences)"
+    from benchmarks.uq.tasks import load_task
+
+    task = load_task("digits_resnet")
+    return task.x_fit, task.y_fit, (
+        f"SmallResNet({IN_CLASSES}, {RESNET_CHANNELS}), batch norms frozen, on digits "
+        f"({len(task.x_fit)} training images)")
+
+
+#: ``--network`` choices
+NETWORKS = ("cnn1d", "resnet")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--network", choices=NETWORKS, default="cnn1d")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=128, help="global minibatch B")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
@@ -109,7 +144,7 @@ def train_rank(rank: int, world_size: int, x: torch.Tensor, y: torch.Tensor,
     loader = shard_loader(TensorDataset(torch.arange(len(x))), config["batch_size"],
                           seed=config["seed"])
     pyro.set_rng_seed(config["seed"])
-    bnn = BayesianNetwork(CNN1d(NUM_CLASSES, MNIST1D_CHANNELS).to(device), "classification",
+    bnn = BayesianNetwork(make_network(config["network"]).to(device), "classification",
                           prior_scale="learned", num_data=len(x))
     guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
     elbo = TraceViking_ELBO(beta=config["beta"])(bnn, guide)
@@ -158,10 +193,9 @@ def measure(args: argparse.Namespace) -> dict:
     if args.device == "cuda" and max(args.world_sizes) > torch.cuda.device_count():
         raise SystemExit(f"--device cuda: {torch.cuda.device_count()} GPUs for "
                          f"world sizes {args.world_sizes}")
-    x_train, y_train, _, _ = mnist1d_arrays()
-    x, y = torch.as_tensor(x_train), torch.as_tensor(y_train, dtype=torch.long)
-    config = {k: getattr(args, k) for k in ("device", "batch_size", "steps", "rounds", "warmup",
-                                            "repeats", "beta", "lr", "seed")}
+    x, y, network = network_data(args.network)
+    config = {k: getattr(args, k) for k in ("device", "network", "batch_size", "steps", "rounds",
+                                            "warmup", "repeats", "beta", "lr", "seed")}
     backend = "nccl" if args.device == "cuda" else "gloo"
     for world in args.world_sizes:
         if args.batch_size % world:
@@ -195,8 +229,7 @@ def measure(args: argparse.Namespace) -> dict:
         r["efficiency"] = None if single is None else r["examples_per_s"] / (
             r["world_size"] * single)
     return {"device": args.device, "backend": backend, "config": config,
-            "network": f"CNN1d({NUM_CLASSES}, {MNIST1D_CHANNELS}) on MNIST-1D "
-                       f"({len(x)} training sequences)",
+            "network": network,
             "threads_per_rank": 1 if args.device == "cpu" else None,
             "cpu_count": os.cpu_count(), "machine": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
@@ -236,7 +269,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     report = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scaling_{args.device}"
+    stem = args.out / f"scaling_{args.device}" if args.network == "cnn1d" else \
+        args.out / f"scaling_{args.device}_{args.network}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     if not args.no_figure:
         figure(report, stem.with_suffix(".png"))
