@@ -82,6 +82,18 @@ class KernelImageNormalBase(TorchDistribution):
         return self._log_density((kernel_noise ** 2).sum(-1) + (image_noise ** 2).sum(-1))
 
 
+def _check_arguments(loc: Tensor, kernel_scale: Tensor, image_scale: Tensor) -> None:
+    """``ValueError`` unless both scales are positive and ``loc`` is finite."""
+    for name, s in (("kernel_scale", kernel_scale), ("image_scale", image_scale)):
+        if not torch._C._get_tracing_state() and not bool((s > 0).all()):
+            raise ValueError(f"{name} must be positive (σ > 0), got {s.detach().cpu()}")
+    # one reduction instead of an elementwise pass (the exact test only when it fails)
+    if not bool(torch.isfinite(loc.detach().sum())) \
+            and not bool(torch.isfinite(loc.detach()).all()):
+        raise ValueError(f"loc must be finite; got non-finite values in loc of shape "
+                         f"{tuple(loc.shape)}")
+
+
 class KernelImageNormal(KernelImageNormalBase):
     r"""Gaussian on ``R^D`` with covariance ``Σ = σ_ker² P + σ_im² (I − P)``.
 
@@ -125,14 +137,8 @@ class KernelImageNormal(KernelImageNormalBase):
                              f"got {rank_estimator!r}")
         kernel_scale = torch.as_tensor(kernel_scale, dtype=loc.dtype, device=loc.device)
         image_scale = torch.as_tensor(image_scale, dtype=loc.dtype, device=loc.device)
-        for name, s in (("kernel_scale", kernel_scale), ("image_scale", image_scale)):
-            if not torch._C._get_tracing_state() and not bool((s > 0).all()):
-                raise ValueError(f"{name} must be positive (σ > 0), got {s.detach().cpu()}")
-        # one reduction instead of an elementwise pass (the exact test only when it fails)
-        if not bool(torch.isfinite(loc.detach().sum())) \
-                and not bool(torch.isfinite(loc.detach()).all()):
-            raise ValueError(f"loc must be finite; got non-finite values in loc of shape "
-                             f"{tuple(loc.shape)}")
+        if validate_args is not False:  # (False: the caller has checked, e.g. AutoViking)
+            _check_arguments(loc, kernel_scale, image_scale)
         try:  # (scalar scales, every training step: torch.broadcast_shapes is slow Python)
             batch_shape = loc.shape[:-1] if kernel_scale.dim() == image_scale.dim() == 0 \
                 else torch.broadcast_shapes(loc.shape[:-1], kernel_scale.shape, image_scale.shape)

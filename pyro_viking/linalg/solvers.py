@@ -12,8 +12,7 @@ its residual and a remedy (:class:`ConvergenceWarning`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,25 +29,48 @@ class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
 
 
-@dataclass
 class SolveInfo:
     """Diagnostics of one solve.
 
     :ivar method: ``"cg"``, ``"eigh"`` or ``"cholesky"`` (``"cholesky->eigh"`` on fallback).
     :ivar iterations: iterations run (0 for direct solvers).
     :ivar residual: largest relative residual ``‖r_k − Λ_k G‖ / ‖r_k‖`` over the K columns.
-        For ``R = V Jᵀ`` this equals the projection accuracy ``‖J P v‖ / ‖J v‖``.
+        For ``R = V Jᵀ`` this equals the projection accuracy ``‖J P v‖ / ‖J v‖``. A direct
+        solver passes it as a function, evaluated when first read (a training step never
+        reads it: it would cost a product with G and a device synchronisation per solve).
     :ivar converged: whether every column met the tolerance.
     :ivar rank: numerical rank of G (direct solvers), else ``None``.
     :ivar refinements: iterative-refinement passes the projection applied after this solve.
     """
 
-    method: str
-    iterations: int
-    residual: float
-    converged: bool
-    rank: Optional[int] = None
-    refinements: int = 0
+    __slots__ = ("method", "iterations", "_residual", "converged", "rank", "refinements")
+
+    def __init__(self, method: str, iterations: int, residual: Union[float, Callable[[], float]],
+                 converged: bool, rank: Optional[int] = None, refinements: int = 0):
+        self.method, self.iterations, self._residual = method, iterations, residual
+        self.converged, self.rank, self.refinements = converged, rank, refinements
+
+    @property
+    def residual(self) -> float:
+        if callable(self._residual):
+            self._residual = float(self._residual())
+        return self._residual
+
+    @residual.setter
+    def residual(self, value: float) -> None:
+        self._residual = value
+
+    def _fields(self) -> tuple:
+        return (self.method, self.iterations, self.residual, self.converged, self.rank,
+                self.refinements)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SolveInfo) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        names = ("method", "iterations", "residual", "converged", "rank", "refinements")
+        return "SolveInfo(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields())) \
+            + ")"
 
 
 def _relative_residual(R: Tensor, Lam: Tensor, matvec: Callable[[Tensor], Tensor]) -> float:
@@ -174,7 +196,7 @@ def eigh_solve(
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
     R64 = R.to(G.dtype)
     Lam = ((R64 @ U) * inv) @ U.T
-    info = SolveInfo("eigh", 0, _relative_residual(R64, Lam, lambda X: X @ G), True,
+    info = SolveInfo("eigh", 0, lambda: _relative_residual(R64, Lam, lambda X: X @ G), True,
                      int(keep.sum()))
     return Lam.to(R.dtype), info
 
@@ -193,12 +215,12 @@ def cholesky_factor(G: Tensor, *, rcond: Optional[float] = None,
     Every pivot bounds an eigenvalue from above (``L_ii² ≥ λ_min``), so a small pivot always
     means a small eigenvalue; a false alarm only costs an eigendecomposition."""
     L, status = torch.linalg.cholesky_ex(G)
-    if int(status) != 0:
-        return None
     B = G.shape[-1]
     rc = default_rcond(B, jac_dtype or G.dtype) if rcond is None else rcond
     tol = max(rc, CHOLESKY_PIVOT_FLOOR) * G.diagonal().max()
-    return None if bool(L.diagonal().pow(2).min() <= tol) else L
+    # one synchronisation for both tests (a failed factorisation's pivots are not read)
+    singular = (status != 0) | ~(L.diagonal().pow(2).min() > tol)
+    return None if bool(singular) else L
 
 
 def cholesky_solve(
@@ -219,5 +241,6 @@ def cholesky_solve(
     B = G.shape[-1]
     R64 = R.to(G.dtype)
     Lam = torch.cholesky_solve(R64.T, L).T
-    info = SolveInfo("cholesky", 0, _relative_residual(R64, Lam, lambda X: X @ G), True, B)
+    info = SolveInfo("cholesky", 0, lambda: _relative_residual(R64, Lam, lambda X: X @ G), True,
+                     B)
     return Lam.to(R.dtype), info
