@@ -17,20 +17,26 @@ optimisers. Parameters stay where Pyro keeps them (the param store, shared with 
 modules), so a fit leaves the store as ``SVI`` does.
 
 The optimiser state of a ``PyroOptim`` lives, for this engine, in the :class:`TorchOptimisers`
-kept for it (:func:`torch_optimisers`, for as long as the ``PyroOptim`` lives), not in its
-``optim_objs``: phases of one fit that share the ``PyroOptim`` share it, as under ``SVI``.
+kept for it (:func:`torch_optimisers`, for as long as the ``PyroOptim`` lives): phases of one fit
+that share the ``PyroOptim`` share it, as under ``SVI``. It is shared with the ``PyroOptim``'s
+own per-parameter optimisers both ways: a parameter that the ``PyroOptim`` already holds state
+for (``SVI`` stepped it, or ``set_state``/``load`` gave it) continues from that state, and after
+each phase (:meth:`ModuleStepper.sync`) the ``PyroOptim`` holds one optimiser per parameter
+sharing this engine's state, so ``get_state``/``save`` and an ``SVI`` that takes over see what
+``SVI`` would have left.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 from pyro.infer.elbo import ELBO
 from pyro.optim import PyroOptim
+from pyro.optim.optim import _load_state_dict
 from pyro.params.param_store import (
     module_from_param_with_module_name,
     normalize_param_name,
@@ -54,7 +60,7 @@ DEFAULT_ENGINE = "auto"
 def module_optimiser_problem(optim) -> Optional[str]:
     """Why ``optim`` cannot drive the ``"module"`` engine, or ``None`` when it can: it must be a
     plain :class:`~pyro.optim.PyroOptim` (``pyro.optim.Adam``, ``ClippedAdam``, ``SGD``, ...)
-    wrapping a ``torch.optim.Optimizer`` other than ``LBFGS``, with no state loaded into it."""
+    wrapping a ``torch.optim.Optimizer`` other than ``LBFGS``."""
     name = type(optim).__name__
     inner = getattr(optim, "pt_scheduler_constructor", None)  # pyro.optim's schedulers
     name = f"{name}({inner.__name__})" if isinstance(inner, type) else name
@@ -66,8 +72,6 @@ def module_optimiser_problem(optim) -> Optional[str]:
         return f"the optimiser's constructor {ctor!r} is not a torch.optim.Optimizer class"
     if issubclass(ctor, torch.optim.LBFGS):
         return "LBFGS needs a closure, which neither engine passes"
-    if optim._state_waiting_to_be_consumed:
-        return "the optimiser holds state loaded with PyroOptim.set_state or load"
     return None
 
 
@@ -147,25 +151,63 @@ class TorchOptimisers:
                              [p for p in group if id(p) not in read]):
                     self._rebuild(optimiser, part)
                 del self._created[optimiser]
-        new: List[tuple] = []  # (arguments, clip arguments, parameters)
+        # (arguments, clip arguments, the PyroOptim's group hyperparameters, parameters, their
+        # PyroOptim states): grouped by all three
+        new: List[tuple] = []
         for name, p in params.items():
-            if p in self.owner or any(p is q for *_, ps in new for q in ps):
+            if p in self.owner or any(p is q for *_, ps, _ in new for q in ps):
                 continue
             args = _optim_args(self.optim.pt_optim_args,
                                getattr(self.optim, "pt_optim_args_argc", 1), name)
             clip = _optim_args(self.optim.pt_clip_args, 2, name)
-            match = next((g for g in new if _same(g[0], args) and _same(g[1], clip)), None)
+            state, group = self._pyro_state(name, p)
+            match = next((g for g in new if _same(g[0], args) and _same(g[1], clip)
+                          and _same(g[2], group)), None)
             if match is None:
-                new.append((args, clip, [p]))
+                new.append((args, clip, group, [p], [state]))
             else:
-                match[2].append(p)
-        for args, clip, ps in new:
-            optimiser = self.optim.pt_optim_constructor(ps, **args)
+                match[3].append(p)
+                match[4].append(state)
+        for args, clip, group, ps, states in new:
+            optimiser = self.optim.pt_optim_constructor([{"params": ps, **(group or {})}],
+                                                        **args)
             self._created[optimiser] = args
-            for p in ps:
+            for p, state in zip(ps, states):
                 self.owner[p], self.clip[p] = optimiser, clip
+                if state is not None:  # shared: the PyroOptim's optimiser sees every step
+                    optimiser.state[p] = state
         self._plans.clear()  # the groups changed: every cached plan is stale
         return list({id(o): o for o in (self.owner[p] for p in params.values())}.values())
+
+    def _pyro_state(self, name: str, p: Tensor) -> Tuple[Optional[dict], Optional[dict]]:
+        """``(state, group hyperparameters)`` of ``p`` in the ``PyroOptim``'s own optimiser for
+        it (made from state loaded into the ``PyroOptim`` where it has none yet, as its
+        ``__call__`` would), or ``(None, None)``."""
+        optim = self.optim
+        own = optim.optim_objs.get(p)
+        if own is None:
+            loaded = optim._state_waiting_to_be_consumed.pop(name, None)
+            if loaded is None:
+                return None, None
+            own = optim.optim_objs[p] = optim._get_optim(p)
+            optim.grad_clip[p] = optim._get_grad_clip(p)
+            _load_state_dict(own, loaded)
+        return own.state[p], {k: v for k, v in own.param_groups[0].items() if k != "params"}
+
+    def sync(self) -> None:
+        """Give the ``PyroOptim`` one optimiser per parameter stepped here (as ``SVI`` leaves
+        it), holding this engine's state for it (the same tensors) and its group's current
+        hyperparameters (e.g. a decayed learning rate): its ``get_state``, ``save`` and an
+        ``SVI`` that takes over continue from here."""
+        optim = self.optim
+        for p, optimiser in self.owner.items():
+            own = optim.optim_objs.get(p)
+            if own is None:
+                own = optim.optim_objs[p] = optim._get_optim(p)
+                optim.grad_clip[p] = optim._get_grad_clip(p)
+            group = next(g for g in optimiser.param_groups if any(q is p for q in g["params"]))
+            own.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+            own.state[p] = optimiser.state[p]
 
     def _rebuild(self, optimiser: torch.optim.Optimizer, params: List[Tensor]) -> None:
         """A new optimiser of ``params`` (part of ``optimiser``'s group) with the group's
@@ -219,6 +261,11 @@ class ModuleStepper:
             loss.backward()
         self.optimisers.step(params)
         return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+
+    def sync(self) -> None:
+        """Hand the optimiser state to the Pyro optimiser (:meth:`TorchOptimisers.sync`): after
+        the last step of a phase, for ``optim.get_state()``, ``optim.save`` or ``SVI``."""
+        self.optimisers.sync()
 
 
 def make_stepper(engine: str, model: Callable, guide: Callable, optim: PyroOptim,

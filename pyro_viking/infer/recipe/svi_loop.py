@@ -57,7 +57,8 @@ def run_phase(svi: Union[SVI, ModuleStepper], calls: Iterator, steps: int, phase
     :class:`~pyro_viking.infer.recipe.engine.ModuleStepper`) on the next ``calls``; appends to
     ``history`` the phase name, the loss and ``record()``'s ``(image_scale, kernel_scale,
     prior_scale)`` of each step, and stops a diverged phase (:func:`check_divergence`;
-    ``image_scale``: σ_im before the first step)."""
+    ``image_scale``: σ_im before the first step). A :class:`~pyro_viking.infer.recipe.engine.
+    ModuleStepper` hands its optimiser state to the Pyro optimiser at the end (``sync``)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc=f"VIKING {phase}", disable=not progress, leave=False)
@@ -71,6 +72,8 @@ def run_phase(svi: Union[SVI, ModuleStepper], calls: Iterator, steps: int, phase
         check_divergence(history, start, svi.optim, image_scale)
         if bar.n % 20 == 0:
             bar.set_postfix(loss=f"{loss:.4g}", sigma_im=f"{im:.3g}", sigma_ker=f"{ker:.3g}")
+    if isinstance(svi, ModuleStepper):  # the Pyro optimiser holds the state, as after SVI
+        svi.sync()
 
 
 #: σ_im falling below this fraction of its value at the start of a phase, while the loss grows,

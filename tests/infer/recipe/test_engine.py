@@ -166,8 +166,9 @@ def test_select_beta_takes_the_engine(default_dtype):
 
 def test_module_fit_serves_prediction_and_pickling(default_dtype):
     """After a module fit (user's default dtype too): the store holds the entries an SVI fit
-    leaves, the Pyro optimiser's own per-parameter optimisers were never used, and the guide
-    predicts, gives its median, projects on the training data, and survives a pickle."""
+    leaves, the Pyro optimiser holds the state of what was trained (one optimiser per parameter,
+    as after SVI), and the guide predicts, gives its median, projects on the training data, and
+    survives a pickle."""
     x, y = _data("regression")
     optim = pyro.optim.Adam({"lr": 1e-2})
 
@@ -179,8 +180,8 @@ def test_module_fit_serves_prediction_and_pickling(default_dtype):
     model = make_model()
     fit = fit_viking(model, x, y, num_steps=10, warmup_steps=10, progress=False, optim=optim,
                      engine="module")
-    assert not optim.optim_objs
     keys = set(pyro.get_param_store().keys())
+    assert {"AutoViking.loc", "AutoViking.image_scale"} <= set(optim.get_state())
     _, svi_store = _fit("svi", make_model, x, y, num_steps=10, warmup_steps=10)
     assert keys == set(svi_store)
     guide = fit.guide
@@ -267,3 +268,82 @@ def test_a_parameter_read_in_some_steps_keeps_its_own_state(default_dtype):
         values.append(losses + [float(pyro.param("a")), float(pyro.param("b"))])
     assert values[1] == pytest.approx(values[0], rel=1e-12)
     assert values[0][-1] != pytest.approx(2.0)  # b trained
+
+
+@pytest.mark.float64_only
+@pytest.mark.parametrize("case", ["classification, learned prior scale",
+                                  "ClippedAdam with decay, learned noise, no curvature start"])
+def test_module_engine_leaves_the_optimiser_state_svi_leaves(case, default_dtype):
+    """After a fit, the Pyro optimiser's ``get_state`` (what ``save`` writes) holds the same
+    per-parameter states and (decayed) learning rates on both engines."""
+    make_model, likelihood, options = CASES[case]
+    x, y = _data(likelihood)
+    states = []
+    for engine in ("svi", "module"):
+        optim = options.get("optim", lambda: pyro.optim.Adam({"lr": 1e-2}))()
+        _fit(engine, make_model, x, y, **{**options, "optim": lambda: optim})  # noqa: B023
+        states.append(optim.get_state())
+    svi, module = states
+    assert svi and module.keys() == svi.keys()
+    for name, want in svi.items():
+        got = module[name]
+        assert got["param_groups"] == want["param_groups"], name
+        assert got["state"][0].keys() == want["state"][0].keys()
+        for key, value in want["state"][0].items():
+            torch.testing.assert_close(got["state"][0][key], value, **TOL, msg=f"{name} {key}")
+
+
+@pytest.mark.float64_only
+def test_module_engine_resumes_from_a_loaded_optimiser_state(default_dtype):
+    """Training resumed from a saved param store and optimiser state takes the steps of an
+    uninterrupted ``SVI`` run on either engine (a loaded state no longer sends ``auto`` to
+    ``SVI``); and ``SVI`` takes over from the module engine's state."""
+
+    def model():
+        loc = pyro.param("a", torch.tensor(1.0))
+        scale = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+        pyro.sample("z", dist.Normal(loc, scale), obs=torch.tensor(0.5))
+
+    def guide():
+        pass
+
+    def run(stepper_of, steps):
+        optim = _clipped_adam()
+        stepper = stepper_of(optim)
+        return optim, [stepper.step() for _ in range(steps)]
+
+    def svi(optim):
+        return pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
+
+    def module(optim):
+        return ModuleStepper(model, guide, optim, pyro.infer.Trace_ELBO())
+
+    pyro.clear_param_store()
+    _, straight = run(svi, 12)
+    straight += [float(pyro.param("a")), float(pyro.param("s"))]
+
+    pyro.clear_param_store()
+    optim, first = run(svi, 5)
+    saved = io.BytesIO()  # as optim.save and the param store's save write them
+    torch.save((optim.get_state(), pyro.get_param_store().get_state()), saved)
+    for stepper_of in (svi, module):
+        saved.seek(0)
+        saved_optim, saved_store = torch.load(saved, weights_only=False)
+        pyro.get_param_store().set_state(saved_store)
+        optim = _clipped_adam()
+        optim.set_state(saved_optim)
+        assert resolve_engine("auto", optim) == "module"
+        stepper = stepper_of(optim)
+        rest = [stepper.step() for _ in range(7)]
+        got = first + rest + [float(pyro.param("a")), float(pyro.param("s"))]
+        assert got == pytest.approx(straight, rel=1e-12), stepper_of.__name__
+
+    pyro.clear_param_store()  # module engine for 5 steps, then SVI on its optimiser
+    optim = _clipped_adam()
+    stepper = module(optim)
+    first = [stepper.step() for _ in range(5)]
+    stepper.sync()  # (fit_viking's phases end with it)
+    takeover = svi(optim)
+    rest = [takeover.step() for _ in range(7)]
+    got = first + rest + [float(pyro.param("a")), float(pyro.param("s"))]
+    assert got == pytest.approx(straight, rel=1e-12)
