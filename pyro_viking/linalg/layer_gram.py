@@ -49,7 +49,7 @@ caller can fall back to :class:`~pyro_viking.linalg.per_example.PerExampleJacobi
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -251,22 +251,11 @@ class LayerGramJacobian(JacobianOperator):
             self._gram = K
         return self._gram
 
-    def cross_gram(self, other: LayerGramJacobian) -> Tensor:
-        """``J J_oᵀ`` ``(B, B)`` in float64 with the Jacobian ``J_o`` of ``other``: the same
-        network at the same z on the same inputs, other rows (e.g. other labels), so that both
-        have the same layers (pieces on the same columns, the same inputs ``A_l``); then layer
-        by layer ``(G_l G_{o,l}ᵀ) ⊙ (A_l A_lᵀ + 1)`` and ``J_b J_{o,b}ᵀ``.
-        :class:`LayerGramNotApplicable` when the pieces do not match."""
-        if other.shape != self.shape or not (_same_pieces(self._ghosts, other._ghosts)
-                                             and _same_pieces(self._blocks, other._blocks)):
-            raise LayerGramNotApplicable("the two operators' layers differ: no cross-Gram")
-        B = self.shape[0]
-        K = torch.zeros(B, B, dtype=torch.float64, device=self.device)
-        for g, h in zip(self._ghosts, other._ghosts):
-            K += ghost_gram(g, h)
-        for b, c in zip(self._blocks, other._blocks):
-            K += b.J.to(torch.float64) @ c.J.to(torch.float64).T
-        return K
+    @property
+    def pieces(self) -> Tuple[List[Ghost], List[Block]]:
+        """The factored Jacobian (detached): the ghosts ``(A_l, G_l)`` of the Linear layers and
+        the explicit blocks, each on its columns of z (:mod:`~pyro_viking.linalg.cross_gram`)."""
+        return self._ghosts, self._blocks
 
     def release_graph(self) -> None:
         self._graph_pieces = None
@@ -314,28 +303,6 @@ class LayerGramJacobian(JacobianOperator):
             except LayerGramNotApplicable:
                 pass  # e.g. a non-contiguous z: the generic route below
         return autograd_bilinear(self.fn, self.z, U, V)
-
-
-def _same_cols(a, b) -> bool:
-    if isinstance(a, slice) or isinstance(b, slice) or a is None or b is None:
-        return a == b
-    return a.shape == b.shape and bool(torch.equal(a, b))
-
-
-def _same_pieces(mine: list, theirs: list) -> bool:
-    """Pieces of two operators on the same columns, one for one (ghosts: the same input
-    shapes and bias columns)."""
-    if len(mine) != len(theirs):
-        return False
-    for p, q in zip(mine, theirs):
-        if type(p) is not type(q) or not _same_cols(p.cols, q.cols):
-            return False
-        if isinstance(p, Ghost) and (p.A.shape != q.A.shape or p.G.shape != q.G.shape
-                                     or p.bias_cols != q.bias_cols):
-            return False
-        if isinstance(p, Block) and p.J.shape != q.J.shape:
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------- selection

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pyro_viking.linalg import KernelProjector
+from pyro_viking.linalg.cross_gram import cross_gram, dense64, pieces_match
 from pyro_viking.linalg.layer_gram import (
     LayerGramJacobian,
     LayerGramNotApplicable,
@@ -361,18 +362,31 @@ def test_cross_gram_matches_dense(net, shape):
         model(x)
     (fa, fb), z = _two_label_sets(model, x, 3)
     a, b = LayerGramJacobian(fa, z), LayerGramJacobian(fb, z)
+    assert pieces_match(a, b)
     Ja = torch.autograd.functional.jacobian(fa, z)
     Jb = torch.autograd.functional.jacobian(fb, z)
     assert not torch.allclose(Ja, Jb)  # the label sets differ
-    torch.testing.assert_close(a.cross_gram(b), Ja @ Jb.T, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(b.cross_gram(a), Jb @ Ja.T, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(a.cross_gram(a), a.gram(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(cross_gram(a, b), Ja @ Jb.T, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(cross_gram(b, a), Jb @ Ja.T, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(cross_gram(a, a), a.gram(), atol=TOL, rtol=TOL)
+    # a dense operator on either side: the dense product
+    dense = PerExampleJacobian(fb, z)
+    torch.testing.assert_close(cross_gram(a, dense), Ja @ Jb.T, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(dense64(a), Ja, atol=TOL, rtol=TOL)
 
 
-def test_cross_gram_refuses_other_layers():
+def test_cross_gram_of_other_layers_is_the_dense_product():
     (fa, _), z = _two_label_sets(nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)),
                                  torch.randn(7, 4), 3)
-    (fc, _), zc = _two_label_sets(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
-                                  torch.randn(7, 4), 3)
-    with pytest.raises(LayerGramNotApplicable, match="layers differ"):
-        LayerGramJacobian(fa, z).cross_gram(LayerGramJacobian(fc, zc))
+    net = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3))
+    (fc, _), zc = _two_label_sets(net, torch.randn(7, 4), 3)
+    a = LayerGramJacobian(fa, z)
+    c = LayerGramJacobian(fc, z + 0.1 * torch.randn_like(z))
+    c2 = LayerGramJacobian(fc, zc)
+    assert pieces_match(a, c2)  # the same layers on the same columns (Flatten has none)
+    Ja = torch.autograd.functional.jacobian(fa, z)
+    Jc = torch.autograd.functional.jacobian(fc, c.z)
+    torch.testing.assert_close(cross_gram(a, c), Ja @ Jc.T, atol=TOL, rtol=TOL)
+    wider = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    (fw, _), zw = _two_label_sets(wider, torch.randn(7, 4), 3)
+    assert not pieces_match(a, LayerGramJacobian(fw, zw))

@@ -90,13 +90,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_viking.linalg.layer_gram import (
-    LayerGramJacobian,
-    LayerGramNotApplicable,
-    select_jacobian_backend,
-)
+from pyro_viking.linalg.cross_gram import batch_jacobian, cross_gram
 from pyro_viking.linalg.operators import JacobianOperator
-from pyro_viking.linalg.per_example import PerExampleJacobian
 from pyro_viking.linalg.solvers import default_rcond, eigh_factor
 from pyro_viking.model_trace.inspection import batch_call
 from pyro_viking.model_trace.layout import LatentLayout
@@ -275,34 +270,6 @@ def _row_weights(sites, like: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _jacobian(rows: Callable[[Tensor], Tensor], z: Tensor) -> JacobianOperator:
-    """The per-example Jacobian of one batch's rows at ``z``, by the backend the guide's
-    projector picks (:func:`~pyro_viking.linalg.layer_gram.select_jacobian_backend`: the layer
-    Gram where it applies, else the dense one; the dense one, vmapped, where the rule would
-    choose matrix-free CG, which has no Gram)."""
-    jac = select_jacobian_backend(rows, z)
-    return PerExampleJacobian(rows, z, vectorize=True) if jac is None else jac
-
-
-def _dense64(jac: JacobianOperator) -> Tensor:
-    """``J`` ``(B, D)`` in float64 (a layer-Gram operator's rows ``I J``: exact copies)."""
-    if isinstance(jac, PerExampleJacobian):
-        return jac.J.double()
-    eye = torch.eye(jac.shape[0], dtype=jac.dtype, device=jac.device)
-    return jac.rmv(eye).double()
-
-
-def _cross_gram(jac: JacobianOperator, other: JacobianOperator) -> Tensor:
-    """``J J_oᵀ`` ``(B, B)`` in float64 (from the layers' pieces when both are layer-Gram
-    operators of the same layers, else from the dense matrices)."""
-    if isinstance(jac, LayerGramJacobian) and isinstance(other, LayerGramJacobian):
-        try:
-            return jac.cross_gram(other)
-        except LayerGramNotApplicable:
-            pass
-    return _dense64(jac) @ _dense64(other).T
-
-
 def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid,
                   num_kernel_samples):
     """``(A, T = tr H, r, c(grid))`` of one batch (float64 Python floats; ``c`` may be None)."""
@@ -314,7 +281,7 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
         raise ValueError("the model has no observed site: no likelihood, no curvature")
     w = _row_weights(sites, z)
     rows = make_rows_fn(model, layout, args, kwargs, subsample=subsample)
-    jac = _jacobian(rows, z)  # as the guide's projector builds J
+    jac = batch_jacobian(rows, z)  # as the guide's projector builds J
     if jac.shape[0] != w.shape[0]:
         raise ValueError(f"{jac.shape[0]} likelihood rows but {w.shape[0]} row weights")
     if rcond is None:  # the guide's projector threshold, so r is the rank its KL uses
@@ -326,8 +293,8 @@ def _batch_traces(model, layout, z, args, kwargs, num_label_samples, rcond, grid
         labels = {site["name"]: site["fn"].sample() for site in sites}
         fn = make_rows_fn(poutine.condition(model, data=labels), layout, args, kwargs,
                           subsample=subsample)
-        jt = _jacobian(fn, z)
-        coef = basis.T @ _cross_gram(jac, jt)  # (rank, B): coordinates of (I − P) g̃_i
+        jt = batch_jacobian(fn, z)
+        coef = basis.T @ cross_gram(jac, jt)  # (rank, B): coordinates of (I − P) g̃_i
         image += float((w * coef.pow(2).sum(0)).sum())
         total += float((w * jt.gram().diagonal()).sum())  # Σ_i w_i ‖g̃_i‖²
     curve = None

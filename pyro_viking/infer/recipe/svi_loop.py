@@ -57,8 +57,8 @@ def run_phase(svi: Union[SVI, ModuleStepper], calls: Iterator, steps: int, phase
     :class:`~pyro_viking.infer.recipe.engine.ModuleStepper`) on the next ``calls``; appends to
     ``history`` the phase name, the loss and ``record()``'s ``(image_scale, kernel_scale,
     prior_scale)`` of each step, and stops a diverged phase (:func:`check_divergence`;
-    ``image_scale``: σ_im before the first step). A :class:`~pyro_viking.infer.recipe.engine.
-    ModuleStepper` hands its optimiser state to the Pyro optimiser at the end (``sync``)."""
+    ``image_scale``: σ_im before the first step). A ``ModuleStepper`` hands its optimiser
+    state to the Pyro optimiser at the end (``sync``)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc=f"VIKING {phase}", disable=not progress, leave=False)

@@ -184,6 +184,7 @@ def test_curvature_statistics_through_the_layer_gram_match_the_dense_route(monke
     per-example Jacobians under one seed."""
     from pyro_viking import BayesianNetwork
     from pyro_viking.infer.recipe import scale_init
+    from pyro_viking.linalg.per_example import PerExampleJacobian
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
@@ -191,20 +192,19 @@ def test_curvature_statistics_through_the_layer_gram_match_the_dense_route(monke
     bnn = BayesianNetwork(net, "classification", prior_scale=1.0, batch_size=10)
     loc = {bnn.site_name(n): p.detach() for n, p in net.named_parameters()}
     built = []
-    real = scale_init._jacobian
+    real = scale_init.batch_jacobian
 
     def spy(rows, z):
         jac = real(rows, z)
         built.append(type(jac).__name__)
         return jac
 
-    monkeypatch.setattr(scale_init, "_jacobian", spy)
+    monkeypatch.setattr(scale_init, "batch_jacobian", spy)
     kw = dict(num_batches=3, num_label_samples=2, num_kernel_samples=2)
     pyro.set_rng_seed(3)
     got = curvature_statistics(bnn, loc, x, y, **kw)
     assert set(built) == {"LayerGramJacobian"}
-    monkeypatch.setattr(scale_init, "select_jacobian_backend", lambda rows, z: None)
-    monkeypatch.setattr(scale_init, "_jacobian", real)
+    monkeypatch.setattr(scale_init, "batch_jacobian", lambda rows, z: PerExampleJacobian(rows, z))
     pyro.set_rng_seed(3)
     want = curvature_statistics(bnn, loc, x, y, **kw)
     assert got.image_dim == want.image_dim == 10
