@@ -27,9 +27,12 @@ thread, so W ranks on W free cores is the fair comparison; the
 ``allreduce_share`` is the fraction of rank 0's time inside ``average_gradients`` (the
 all-reduce, including waiting for the slower rank; CPU only: NCCL calls return before the
 reduction ends). The load average of the machine is recorded before and after each run.
+``--bound`` also times, in the main process (one thread on CPU), a step on ``B / W`` rows
+against one on ``B`` rows, without communication: ``T(B) / T(B / W)`` bounds what W ranks can
+reach (``step_ms_at_rows``, ``speedup_bound``; the dotted line of the figure).
 
-Writes ``scaling_<device>.json`` and ``scaling_<device>.png`` (throughput against W with the
-ideal line, and efficiency) to ``--out`` (default ``benchmarks/scaling/``).
+Writes ``scaling_<device>[_<network>].json`` and ``.png`` (throughput against W with the ideal
+line, and efficiency) to ``--out`` (default ``benchmarks/scaling/``).
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-figure", action="store_true", help="JSON only")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time one process's step at B / W rows (no communication): "
+                             "the speed-up bound T(B) / T(B / W) of W ranks")
     return parser.parse_args(argv)
 
 
@@ -134,6 +140,64 @@ def _steps(loader, x: torch.Tensor, y: torch.Tensor):
         epoch += 1
 
 
+def _elbo_module(config: dict, num_data: int, device: torch.device):
+    """``(ELBO module, guide)`` of the ``--network`` (module-local parameters)."""
+    pyro.settings.set(module_local_params=True)
+    bnn = BayesianNetwork(make_network(config["network"]).to(device), "classification",
+                          prior_scale="learned", num_data=num_data)
+    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
+    return TraceViking_ELBO(beta=config["beta"])(bnn, guide), guide
+
+
+def step_times(x: torch.Tensor, y: torch.Tensor, config: dict, rows: List[int]) -> Dict[int, float]:
+    """Milliseconds per training step (the module path, without communication) at each number
+    of ``rows``, one process, the steps of each size timed in turn (``--rounds`` rounds of
+    ``--steps`` steps, medians): a rank's step at ``B / W`` rows against one process's at ``B``
+    bounds the speed-up of W ranks, ``T(B) / T(B / W)``, whatever the communication costs."""
+    device = torch.device("cuda" if config["device"] == "cuda" else "cpu")
+    x, y = x.to(device), y.to(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as each rank
+    try:
+        return _step_times(x, y, config, rows, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step_times(x, y, config: dict, rows: List[int], device: torch.device) -> Dict[int, float]:
+    steps = {}
+    for n in rows:
+        pyro.set_rng_seed(config["seed"])
+        elbo, _ = _elbo_module(config, len(x), device)
+        gen = torch.Generator(device=device).manual_seed(n)
+
+        def batch(n=n, gen=gen):
+            idx = torch.randint(0, len(x), (n,), generator=gen, device=device)
+            return x[idx], y[idx]
+
+        setup_parameters(elbo, *batch())
+        optimizer = torch.optim.Adam(elbo.parameters(), lr=config["lr"])
+
+        def step(elbo=elbo, optimizer=optimizer, batch=batch):
+            optimizer.zero_grad()
+            elbo(*batch()).backward()
+            optimizer.step()
+
+        for _ in range(config["warmup"]):
+            step()
+        steps[n] = (step, [])
+    for _ in range(config["rounds"]):
+        for step, times in steps.values():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(config["steps"]):
+                step()
+            _sync(device)
+            times.append(1e3 * (time.perf_counter() - t0) / config["steps"])
+    return {n: statistics.median(times) for n, (_, times) in steps.items()}
+
+
 def train_rank(rank: int, world_size: int, x: torch.Tensor, y: torch.Tensor,
                config: dict) -> dict:
     """One rank's timed training (run by :func:`launch`): returns its round throughputs,
@@ -144,10 +208,7 @@ def train_rank(rank: int, world_size: int, x: torch.Tensor, y: torch.Tensor,
     loader = shard_loader(TensorDataset(torch.arange(len(x))), config["batch_size"],
                           seed=config["seed"])
     pyro.set_rng_seed(config["seed"])
-    bnn = BayesianNetwork(make_network(config["network"]).to(device), "classification",
-                          prior_scale="learned", num_data=len(x))
-    guide = AutoViking(bnn, init_loc_fn=bnn.init_loc_fn)
-    elbo = TraceViking_ELBO(beta=config["beta"])(bnn, guide)
+    elbo, guide = _elbo_module(config, len(x), device)
     seed_rank(config["seed"])
     batches = _steps(loader, x, y)
     setup_parameters(elbo, *next(batches))
@@ -228,6 +289,12 @@ def measure(args: argparse.Namespace) -> dict:
     for r in rows:
         r["efficiency"] = None if single is None else r["examples_per_s"] / (
             r["world_size"] * single)
+    if args.bound:  # one process: a rank's step at B / W rows against B rows
+        rows_per_rank = {args.batch_size // w for w in args.world_sizes}
+        ms = step_times(x, y, config, sorted(rows_per_rank | {args.batch_size}))
+        for r in rows:
+            r["step_ms_at_rows"] = ms[args.batch_size // r["world_size"]]
+            r["speedup_bound"] = ms[args.batch_size] / r["step_ms_at_rows"]
     return {"device": args.device, "backend": backend, "config": config,
             "network": network,
             "threads_per_rank": 1 if args.device == "cpu" else None,
@@ -250,6 +317,9 @@ def figure(report: dict, path: Path) -> None:
     if rows[0]["efficiency"] is not None:
         single = rows[0]["examples_per_s"] / (rows[0]["efficiency"] * rows[0]["world_size"])
         left.plot(ws, [w * single for w in ws], "k--", lw=1, label="ideal (W × W=1)")
+        if "speedup_bound" in rows[0]:
+            left.plot(ws, [r["speedup_bound"] * single for r in rows], "g:", lw=1.5,
+                      label="bound: one process's step at B / W rows")
         right.plot(ws, [r["efficiency"] for r in rows], "o-")
         right.axhline(1.0, color="k", ls="--", lw=1)
     left.set(xlabel="ranks W", ylabel="examples / s (all ranks)", xticks=ws)
@@ -277,8 +347,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     for r in report["results"]:
         eff = "n/a" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
         share = "n/a" if r["allreduce_share"] is None else f"{r['allreduce_share']:.2f}"
+        bound = "" if "speedup_bound" not in r else (
+            f", one process's step at {args.batch_size // r['world_size']} rows "
+            f"{r['step_ms_at_rows']:.1f} ms (speed-up bound {r['speedup_bound']:.2f}×)")
         print(f"W = {r['world_size']}: {r['examples_per_s']:.0f} ex/s, efficiency {eff}, "
-              f"all-reduce share {share}")
+              f"all-reduce share {share}{bound}")
     print(f"wrote {stem}.json" + ("" if args.no_figure else f" and {stem}.png"))
 
 
