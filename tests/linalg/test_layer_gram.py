@@ -375,7 +375,9 @@ def test_cross_gram_matches_dense(net, shape):
     torch.testing.assert_close(dense64(a), Ja, atol=TOL, rtol=TOL)
 
 
-def test_cross_gram_of_other_layers_is_the_dense_product():
+def test_cross_gram_at_another_point_and_which_layers_match():
+    """The pieces' cross-Gram holds for two points of one network (``J(z) J(z')ᵀ``); networks
+    of other widths do not match (their pair is multiplied densely)."""
     (fa, _), z = _two_label_sets(nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)),
                                  torch.randn(7, 4), 3)
     net = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3))
