@@ -15,7 +15,10 @@ returns rank 0's return value to the caller::
 notebook cell (``"spawn"`` re-imports it by name in each process, which fails for a notebook's
 ``__main__``); CUDA cannot be used in a forked child of a process that has initialised it, so
 ``backend="nccl"``, or a parent that has used CUDA, gets ``"spawn"`` (``fn`` and ``args`` must
-then be importable and picklable).
+then be importable and picklable). Either way a rank ends with ``os._exit`` once ``fn`` has
+returned and the process group is destroyed (a spawned rank's ``atexit`` handlers do not run): a
+spawned interpreter's teardown can abort in gloo's or DDP's native threads after the work
+succeeded.
 
 **Errors.** A worker's exception is sent back as its traceback text: :func:`launch` ends the
 other ranks (which may be waiting for the failed one inside a collective) and raises
@@ -98,6 +101,12 @@ def _worker(rank: int, world_size: int, fn: Callable, args: tuple, backend: str,
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    # Done: leave at once, as a forked rank does anyway (multiprocessing ends it with os._exit).
+    # A spawned rank's interpreter teardown can abort in gloo's or DDP's native threads
+    # ("terminate called without an active exception") after its work succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _first_error(folder: str, processes: List[Any], failed: int) -> WorkerError:
