@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pyro_viking.linalg.layer_calls import Block, Ghost
 from pyro_viking.linalg.layer_gram import LayerGramJacobian, select_jacobian_backend
-from pyro_viking.linalg.layer_pieces import ghost_gram
+from pyro_viking.linalg.layer_pieces import pieces_gram
 from pyro_viking.linalg.operators import JacobianOperator
 from pyro_viking.linalg.per_example import PerExampleJacobian
 
@@ -73,11 +73,5 @@ def cross_gram(a: JacobianOperator, b: JacobianOperator) -> Tensor:
     """``J_a J_bᵀ`` ``(B, B)`` in float64 (module docstring)."""
     if isinstance(a, LayerGramJacobian) and isinstance(b, LayerGramJacobian) \
             and pieces_match(a, b):
-        (ga, ba), (gb, bb) = a.pieces, b.pieces
-        K = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
-        for g, h in zip(ga, gb):
-            K += ghost_gram(g, h)
-        for p, q in zip(ba, bb):
-            K += p.J.to(torch.float64) @ q.J.to(torch.float64).T
-        return K
+        return pieces_gram(*a.pieces, a.shape[0], a.device, other=b.pieces)
     return dense64(a) @ dense64(b).T

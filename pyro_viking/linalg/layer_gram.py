@@ -66,10 +66,10 @@ from pyro_viking.linalg.layer_pieces import (
     detached,
     factor_layers,
     factored_mv,
-    ghost_gram,
     ghost_rmv,
     output_grads,
     piece_cotangents,
+    pieces_gram,
     record_forward,
     validate_calls,
 )
@@ -241,14 +241,7 @@ class LayerGramJacobian(JacobianOperator):
         """``J Jᵀ = Σ_l (G_l G_lᵀ) ⊙ (A_l A_lᵀ [+ 1]) + Σ_blocks J_b J_bᵀ`` in float64
         ``(B, B)`` (``+ 1``: the layer's bias)."""
         if self._gram is None:
-            B = self.shape[0]
-            K = torch.zeros(B, B, dtype=torch.float64, device=self.device)
-            for g in self._ghosts:
-                K += ghost_gram(g)
-            for b in self._blocks:
-                J = b.J.to(torch.float64)
-                K += J @ J.T
-            self._gram = K
+            self._gram = pieces_gram(self._ghosts, self._blocks, self.shape[0], self.device)
         return self._gram
 
     @property

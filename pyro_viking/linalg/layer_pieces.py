@@ -38,7 +38,7 @@ from pyro_viking.linalg.per_example import evaluate_rows
 __all__ = [
     "Block", "Ghost", "LayerGramNotApplicable", "RowFn", "check_overlaps", "datum_rows",
     "default_check_tol", "detached", "factor_layers", "factored_mv", "ghost_gram", "ghost_rmv",
-    "output_grads", "piece_cotangents", "record_forward", "validate_calls",
+    "output_grads", "piece_cotangents", "pieces_gram", "record_forward", "validate_calls",
 ]
 
 RowFn = Callable[[Tensor], Tensor]
@@ -230,7 +230,7 @@ def ghost_gram(g: Ghost, h: Optional[Ghost] = None) -> Tensor:
     B = g.G.shape[0]
     G = g.G.reshape(-1, g.G.shape[-1]).to(torch.float64)
     A = g.A.reshape(-1, g.A.shape[-1]).to(torch.float64)
-    if h is None:
+    if h is None or h is g:
         Gh, Ah = G, A
     else:
         Gh = h.G.reshape(-1, h.G.shape[-1]).to(torch.float64)
@@ -240,6 +240,21 @@ def ghost_gram(g: Ghost, h: Optional[Ghost] = None) -> Tensor:
         AA += 1.0
     K = (G @ Gh.T) * AA
     return K if g.G.dim() == 2 else K.view(B, -1, B, K.shape[1] // B).sum((1, 3))
+
+
+def pieces_gram(ghosts: List[Ghost], blocks: List[Block], B: int, device: torch.device,
+                other: Optional[Tuple[List[Ghost], List[Block]]] = None) -> Tensor:
+    """``J J_oᵀ`` ``(B, B)`` in float64 from the pieces of J and of ``J_o`` (``other``: pieces
+    of the same layers, one for one; ``None``: J itself): :func:`ghost_gram` per ghost plus
+    ``J_b J_{o,b}ᵀ`` per block."""
+    o_ghosts, o_blocks = (ghosts, blocks) if other is None else other
+    K = torch.zeros(B, B, dtype=torch.float64, device=device)
+    for g, h in zip(ghosts, o_ghosts):
+        K += ghost_gram(g, h)
+    for b, c in zip(blocks, o_blocks):
+        J = b.J.to(torch.float64)
+        K += J @ (J if c is b else c.J.to(torch.float64)).T
+    return K
 
 
 def factored_mv(ghosts: List[Ghost], blocks: List[Block], V: Tensor, B: int) -> Tensor:
