@@ -183,28 +183,31 @@ class TorchOptimisers:
         """``(state, group hyperparameters)`` of ``p`` in the ``PyroOptim``'s own optimiser for
         it (made from state loaded into the ``PyroOptim`` where it has none yet, as its
         ``__call__`` would), or ``(None, None)``."""
-        optim = self.optim
-        own = optim.optim_objs.get(p)
+        own = self.optim.optim_objs.get(p)
         if own is None:
-            loaded = optim._state_waiting_to_be_consumed.pop(name, None)
+            loaded = self.optim._state_waiting_to_be_consumed.pop(name, None)
             if loaded is None:
                 return None, None
-            own = optim.optim_objs[p] = optim._get_optim(p)
-            optim.grad_clip[p] = optim._get_grad_clip(p)
+            own = self._own_optimiser(p)
             _load_state_dict(own, loaded)
         return own.state[p], {k: v for k, v in own.param_groups[0].items() if k != "params"}
+
+    def _own_optimiser(self, p: Tensor) -> torch.optim.Optimizer:
+        """The ``PyroOptim``'s own optimiser of ``p``, made (with its clipping) as its
+        ``__call__`` makes one where it has none."""
+        optim = self.optim
+        if p not in optim.optim_objs:
+            optim.optim_objs[p] = optim._get_optim(p)
+            optim.grad_clip[p] = optim._get_grad_clip(p)
+        return optim.optim_objs[p]
 
     def sync(self) -> None:
         """Give the ``PyroOptim`` one optimiser per parameter stepped here (as ``SVI`` leaves
         it), holding this engine's state for it (the same tensors) and its group's current
         hyperparameters (e.g. a decayed learning rate): its ``get_state``, ``save`` and an
         ``SVI`` that takes over continue from here."""
-        optim = self.optim
         for p, optimiser in self.owner.items():
-            own = optim.optim_objs.get(p)
-            if own is None:
-                own = optim.optim_objs[p] = optim._get_optim(p)
-                optim.grad_clip[p] = optim._get_grad_clip(p)
+            own = self._own_optimiser(p)
             group = next(g for g in optimiser.param_groups if any(q is p for q in g["params"]))
             own.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
             own.state[p] = optimiser.state[p]
