@@ -204,7 +204,6 @@ def train_rank(rank: int, world_size: int, x: torch.Tensor, y: torch.Tensor,
     its all-reduce share and its last loss (rank 0's reach the caller)."""
     device = torch.device(f"cuda:{rank}" if config["device"] == "cuda" else "cpu")
     x, y = x.to(device), y.to(device)
-    pyro.settings.set(module_local_params=True)
     loader = shard_loader(TensorDataset(torch.arange(len(x))), config["batch_size"],
                           seed=config["seed"])
     pyro.set_rng_seed(config["seed"])
