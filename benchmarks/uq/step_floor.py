@@ -211,7 +211,7 @@ class FloorStep:
         return float(loss.detach())
 
 
-def _floor_epoch(task, budget, fns) -> callable:
+def _floor_epoch(task, budget):
     net, _, _ = train_map(task, 0, 1.0, replace(budget, epochs=2))  # the others' start
     floor = FloorStep(net, "classification" if task.classification else "regression",
                       len(task.x_fit), budget.batch_size, budget.lr)
@@ -229,7 +229,7 @@ def run(task_name: str, rounds: int) -> dict:
     task = load_task(task_name)
     budget = budget_for(task_name, False)
     fns = {k: v for k, v in _epoch_fns(task, budget).items() if k in ("IVON", "VIKING module")}
-    fns["floor"], floor = _floor_epoch(task, budget, fns)
+    fns["floor"], floor = _floor_epoch(task, budget)
     steps = {"IVON": math.ceil(len(task.x_fit) / budget.batch_size),
              "VIKING module": math.ceil(len(task.x_fit) / budget.batch_size),
              "floor": len(task.x_fit) // budget.batch_size}
